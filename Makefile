@@ -1,0 +1,24 @@
+# owl-jax: `make demo` and `make test` are all a newcomer needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: setup.py requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+demo: install
+	$(PY) -m owl_jax.demo $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info demo_out

@@ -1,0 +1,1 @@
+"""owl-jax: mPLUG-Owl in JAX/Flax."""

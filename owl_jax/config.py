@@ -1,0 +1,208 @@
+"""Model configuration: dataclasses mirroring the official `config.json`, and readers for it.
+
+Every size is read from the file; nothing falls back to 7B values when the file says otherwise.
+The dataclass defaults are the released 7B values and are used only when building a config
+in code (e.g. `OwlConfig()` for the real model, or `tiny()` for tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractorConfig:
+    hidden_size: int = 1024
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 16
+    intermediate_size: int = 2816
+    layer_norm_eps: float = 1e-6  # used only by ffn_ln; the other LNs are built with 1e-5
+    encoder_hidden_size: int = 1024
+    attention_probs_dropout_prob: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class OwlConfig:
+    vision: VisionConfig = VisionConfig()
+    abstractor: AbstractorConfig = AbstractorConfig()
+    text: TextConfig = TextConfig()
+    num_query_tokens: int = 64
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM sequence slots one image occupies: the queries plus the end-of-image token."""
+        return self.num_query_tokens + 1
+
+    def replace(self, **kw) -> "OwlConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def tiny(vocab_size: int = 256, **text_kw) -> OwlConfig:
+    """A small config with non-default sizes everywhere, for tests and demos."""
+    return OwlConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                            num_attention_heads=4, image_size=28, patch_size=14),
+        abstractor=AbstractorConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=48, encoder_hidden_size=32),
+        text=TextConfig(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=256), **text_kw}),
+        num_query_tokens=4,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The official config.json
+
+
+def _pick(cls, d: dict, name: str, required: tuple[str, ...]):
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"config.json {name} is missing {missing}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in fields and v is not None})
+
+
+def from_official_dict(d: dict, preprocessor: dict | None = None) -> OwlConfig:
+    """Builds an OwlConfig from the official composite `config.json` (as a dict)."""
+    for block in ("vision_config", "visual_abstractor_config", "text_config"):
+        if not isinstance(d.get(block), dict):
+            raise ValueError(f"config.json has no `{block}` block: not an mPLUG-Owl config")
+    vision = _pick(VisionConfig, d["vision_config"], "vision_config",
+                   ("hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "image_size", "patch_size"))
+    abstractor = _pick(AbstractorConfig, d["visual_abstractor_config"], "visual_abstractor_config",
+                       ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                        "intermediate_size"))
+    t = dict(d["text_config"])
+    if isinstance(t.get("rope_scaling"), dict) or isinstance(t.get("rope_parameters"), dict):
+        rp = t.get("rope_parameters") or {}
+        if rp.get("rope_theta") is not None:
+            t.setdefault("rope_theta", rp["rope_theta"])
+    text = _pick(TextConfig, t, "text_config",
+                 ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads"))
+    if text.pad_token_id is None or text.pad_token_id < 0:
+        text = dataclasses.replace(text, pad_token_id=0)
+    kw: dict[str, Any] = dict(vision=vision, abstractor=abstractor, text=text,
+                              num_query_tokens=int(d.get("num_query_tokens", 64)))
+    if preprocessor:
+        kw.update(image_mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
+                  image_std=tuple(preprocessor.get("image_std", CLIP_STD)))
+        size = _preprocessor_size(preprocessor)
+        if size is not None and size != vision.image_size:
+            raise ValueError(f"preprocessor_config.json resizes to {size} but "
+                             f"vision_config.image_size is {vision.image_size}")
+    return OwlConfig(**kw)
+
+
+def _preprocessor_size(p: dict) -> int | None:
+    if "resolution" in p:
+        return int(p["resolution"])
+    size = p.get("size")
+    if isinstance(size, dict):
+        return int(size.get("shortest_edge") or size.get("height"))
+    if isinstance(size, int):
+        return size
+    return None
+
+
+def to_official_dict(cfg: OwlConfig) -> dict:
+    """The official composite config.json for `cfg` (loadable by MplugOwlConfig)."""
+    t = dataclasses.asdict(cfg.text)
+    t["num_key_value_heads"] = cfg.text.kv_heads
+    text = dict(t, model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                tie_word_embeddings=False, initializer_range=0.02, use_cache=True)
+    vision = dict(dataclasses.asdict(cfg.vision), model_type="mplug_owl_vision_model",
+                  hidden_act="quick_gelu", attention_dropout=0.0, initializer_range=0.02,
+                  initializer_factor=1.0, projection_dim=768, use_flash_attn=False)
+    abstractor = dict(dataclasses.asdict(cfg.abstractor), model_type="mplug_owl_visual_abstract",
+                      initializer_range=0.02)
+    return {
+        "architectures": ["MplugOwlForConditionalGeneration"],
+        "model_type": "mplug-owl",
+        "num_query_tokens": cfg.num_query_tokens,
+        "use_decoder_only_language_model": True,
+        "tie_word_embeddings": False,
+        "vision_config": vision,
+        "visual_abstractor_config": abstractor,
+        "text_config": text,
+        "torch_dtype": "float32",
+    }
+
+
+def preprocessor_dict(cfg: OwlConfig) -> dict:
+    return {"resolution": cfg.vision.image_size, "image_mean": list(cfg.image_mean),
+            "image_std": list(cfg.image_std)}
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_official(directory: str) -> OwlConfig:
+    """Reads `config.json` and (if present) `preprocessor_config.json` from a directory."""
+    pre_path = os.path.join(directory, "preprocessor_config.json")
+    pre = _read_json(pre_path) if os.path.exists(pre_path) else None
+    return from_official_dict(_read_json(os.path.join(directory, "config.json")), pre)
+
+
+def save_official(cfg: OwlConfig, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(to_official_dict(cfg), f, indent=2)
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump(preprocessor_dict(cfg), f, indent=2)

@@ -1,0 +1,163 @@
+"""Building blocks shared by the ViT, the abstractor and LLaMA.
+
+Every parameter is created with logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`, `norm`,
+`layers`); `owl_jax.sharding` maps them onto mesh axes. Nothing here knows the mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype
+Axes = Sequence[str | None]
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Axes):
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
+
+
+def constrain(x, axes: Axes):
+    """Activation sharding hint by logical names (a no-op outside a mesh with rules)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """LoRA on a Dense: y = x W + (alpha / rank) * dropout(x) A B."""
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class Dense(nn.Module):
+    """A Dense layer with logical axis names on its kernel and an optional LoRA adapter.
+
+    `kernel` is [in, out] (the transpose of a PyTorch Linear weight).
+    """
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    lora: LoraSpec | None = None
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        d_in = x.shape[-1]
+        kernel = param_with_axes(self, "kernel", self.kernel_init, (d_in, self.features),
+                                 self.param_dtype, self.axes)
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                                   self.param_dtype, self.axes[1:])
+            y = y + bias.astype(self.dtype)
+        if self.lora is not None:
+            # PEFT's init: A Kaiming-uniform, B zero, so training starts at the base model.
+            a = param_with_axes(self, "lora_a", nn.initializers.variance_scaling(
+                1 / 3, "fan_in", "uniform", in_axis=0, out_axis=1),
+                (d_in, self.lora.rank), self.param_dtype, (self.axes[0], None))
+            b = param_with_axes(self, "lora_b", nn.initializers.zeros,
+                                (self.lora.rank, self.features), self.param_dtype,
+                                (None, self.axes[1]))
+            h = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic)
+            y = y + (h @ a.astype(self.dtype) @ b.astype(self.dtype)) * self.lora.scale
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 and cast back to the input dtype (the official LayerNormFp32)."""
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), self.param_dtype,
+                                ("norm",))
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), self.param_dtype,
+                               ("norm",))
+        h = x.astype(jnp.float32)
+        mean = h.mean(-1, keepdims=True)
+        var = jnp.square(h - mean).mean(-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        h = h * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return h.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm: fp32 statistics, cast to the input dtype, then times the weight."""
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), self.param_dtype,
+                                ("norm",))
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * h.astype(x.dtype)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding, HF "rotate_half" convention (q/k weights in HF layout).
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos/sin [B, L, head_dim] for integer positions [B, L], computed in fp32 as HF does and
+    rounded to the activation dtype."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, L, H, D]; cos/sin: [B, L, D]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Attention core
+
+
+def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div"):
+    """Multi-head attention. q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask bool [B, Lq, Lk].
+
+    `scale_after` mirrors the reference op order: "div" is `(q.k) / sqrt(D)` (LLaMA, abstractor),
+    "mul" is `(q.k) * D**-0.5` (the ViT). Softmax runs in fp32 for LLaMA and in the activation
+    dtype for the ViT and the abstractor, as the official model does.
+    """
+    b, lq, h, d = q.shape
+    hkv = k.shape[2]
+    if hkv != h:  # grouped-query attention: each kv head serves h // hkv query heads
+        k = jnp.repeat(k, h // hkv, axis=2)
+        v = jnp.repeat(v, h // hkv, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    if scale_after == "div":
+        s = s / jnp.asarray(math.sqrt(d), s.dtype)
+    else:
+        s = s * jnp.asarray(d ** -0.5, s.dtype)
+    if softmax_fp32:
+        s = s.astype(jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask[:, None], s, jnp.finfo(s.dtype).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)

@@ -1,0 +1,203 @@
+"""LLaMA decoder with HF LlamaForCausalLM numerics and names.
+
+Rotate-half RoPE (q/k kernels in HF layout), fp32 RMSNorm statistics, fp32 softmax, untied head.
+
+Two ways to run the layers:
+- unrolled (`layers_{i}` params): supports a KV cache for decoding;
+- `scan_layers=True`: one scanned (and optionally rematerialised) block with params stacked on a
+  leading `layers` axis, for training at scale. `owl_jax.models.owl.scan_params` /
+  `unscan_params` convert between the two layouts.
+
+The attention mask is passed in ready-made (bool [B, Lq, Lk]) so that callers decide causality,
+padding and packing (segment ids); see `owl_jax.models.masks`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from owl_jax.config import TextConfig
+from owl_jax.models.layers import (Dense, LoraSpec, RMSNorm, apply_rope, attention, constrain,
+                                   rope_cos_sin)
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class LlamaAttention(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
+    lora_targets: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, deterministic=True):
+        c = self.cfg
+        h, hkv, hd = c.num_attention_heads, c.kv_heads, c.head_dim
+
+        def proj(name, features, axes):
+            lora = self.lora if name in self.lora_targets else None
+            return Dense(features, axes, use_bias=False, dtype=self.dtype,
+                         param_dtype=self.param_dtype, lora=lora, name=name)
+
+        b, l, _ = x.shape
+        q = proj("q_proj", h * hd, ("embed", "heads"))(x, deterministic).reshape(b, l, h, hd)
+        k = proj("k_proj", hkv * hd, ("embed", "kv"))(x, deterministic).reshape(b, l, hkv, hd)
+        v = proj("v_proj", hkv * hd, ("embed", "kv"))(x, deterministic).reshape(b, l, hkv, hd)
+        q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_len", "act_heads", None))
+        k = apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            # Write this chunk at cache_index, attend over the whole preallocated buffer; the mask
+            # hides slots that are not written yet.
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                             (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                             (0, cache_index, 0, 0))
+            new_cache = {"k": k, "v": v}
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        o = attention(q, k, v, mask=mask, softmax_fp32=True)
+        o = proj("o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, l, h * hd),
+                                                              deterministic)
+        return o, new_cache
+
+
+class LlamaMLP(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora: LoraSpec | None = None
+    lora_targets: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        c = self.cfg
+
+        def proj(name, features, axes):
+            lora = self.lora if name in self.lora_targets else None
+            return Dense(features, axes, use_bias=False, dtype=self.dtype,
+                         param_dtype=self.param_dtype, lora=lora, name=name)
+
+        g = proj("gate_proj", c.intermediate_size, ("embed", "mlp"))(x, deterministic)
+        u = proj("up_proj", c.intermediate_size, ("embed", "mlp"))(x, deterministic)
+        hmid = constrain(jax.nn.silu(g) * u, ("act_batch", "act_len", "act_mlp"))
+        return proj("down_proj", c.hidden_size, ("mlp", "embed"))(hmid, deterministic)
+
+
+class LlamaLayer(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    lora: LoraSpec | None = None
+    lora_targets: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, deterministic=True):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                  lora_targets=self.lora_targets)
+        eps = self.cfg.rms_norm_eps
+        a, new_cache = LlamaAttention(self.cfg, **kw, name="self_attn")(
+            RMSNorm(eps, self.param_dtype, name="input_layernorm")(x), cos, sin, mask, cache,
+            cache_index, deterministic)
+        x = x + a
+        x = x + LlamaMLP(self.cfg, **kw, name="mlp")(
+            RMSNorm(eps, self.param_dtype, name="post_attention_layernorm")(x), deterministic)
+        return constrain(x, ("act_batch", "act_len", "act_embed")), new_cache
+
+
+class _ScanBody(nn.Module):
+    """LlamaLayer adapted to nn.scan's (carry, xs) -> (carry, ys) signature."""
+    cfg: TextConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    lora: LoraSpec | None
+    lora_targets: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, deterministic):
+        x, _ = LlamaLayer(self.cfg, self.dtype, self.param_dtype, self.lora, self.lora_targets,
+                          name="layer")(x, cos, sin, mask, deterministic=deterministic)
+        return x, None
+
+
+class Llama(nn.Module):
+    cfg: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    lora: LoraSpec | None = None
+    lora_targets: tuple[str, ...] = ()
+
+    def setup(self):
+        c = self.cfg
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                        ("vocab", "embed")))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
+                  lora_targets=self.lora_targets)
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.scan_layers:
+            body = _ScanBody
+            if self.remat_policy != "none":
+                body = nn.remat(body, policy=policy, prevent_cse=False, static_argnums=(5,))
+            self.layers = nn.scan(
+                body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(**kw, cfg=c, name="layers")
+        else:
+            layer = LlamaLayer
+            if self.remat_policy != "none":
+                layer = nn.remat(LlamaLayer, policy=policy, static_argnums=(7,))
+            self.layers = [layer(c, **kw, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+        self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+
+    def embed(self, ids):
+        return self.embed_tokens(ids)
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, deterministic=True,
+                 return_hidden=False):
+        """x: input embeddings [B, L, D]; positions [B, L]; mask bool [B, L, Lk].
+
+        With `cache` (a list of {"k", "v"} [B, S, Hkv, hd] per layer), the chunk is written at
+        `cache_index` and Lk == S. Returns (logits [B, L, V], new cache or None).
+        """
+        c = self.cfg
+        x = constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, self.dtype)
+        new_cache = None
+        if self.scan_layers:
+            if cache is not None:
+                raise ValueError("decoding with a KV cache needs scan_layers=False")
+            x, _ = self.layers(x, cos, sin, mask, deterministic)
+        else:
+            new_cache = [] if cache is not None else None
+            for i, layer in enumerate(self.layers):
+                x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index,
+                              deterministic)
+                if cache is not None:
+                    new_cache.append(lc)
+        x = self.norm(x)
+        if return_hidden:
+            return x, new_cache
+        logits = self.lm_head(x)
+        return constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+
+    def head(self, x):
+        """Final norm + lm_head on hidden states (for callers that slice before the head)."""
+        return self.lm_head(self.norm(x))
+
+
+def init_cache(cfg: TextConfig, batch: int, length: int, dtype=jnp.float32):
+    shape = (batch, length, cfg.kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(cfg.num_hidden_layers)]

@@ -1,0 +1,131 @@
+"""The composed mPLUG-Owl model: ViT -> abstractor -> 65 tokens spliced into LLaMA's input.
+
+Param tree (mirrors the official state_dict top level, one module per official prefix):
+  vision_model/...   query_tokens [1, Q, Dv]   abstractor/...   language_model/...
+"""
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from owl_jax.config import OwlConfig
+from owl_jax.models.abstractor import Abstractor
+from owl_jax.models.layers import LoraSpec, param_with_axes
+from owl_jax.models.llama import Llama
+from owl_jax.models.masks import segment_mask, segment_positions
+from owl_jax.models.vit import VisionTransformer
+
+
+def splice_images(text_embeds, input_ids, image_embeds):
+    """Writes image tokens into the slots the prompt reserves (ids < 0).
+
+    text_embeds [B, L, D]; input_ids [B, L] with one run of `T` negative ids per image;
+    image_embeds [N, T, D], images ordered by appearance across the batch (row-major), as the
+    official `pixel_values`. Slot k of the batch (in row-major order) takes image k // T, token
+    k % T. Rows may hold any number of images, including none.
+    """
+    b, l, d = text_embeds.shape
+    n, t, _ = image_embeds.shape
+    is_slot = (input_ids < 0).reshape(-1)
+    k = jnp.cumsum(is_slot) - 1
+    img = jnp.clip(k // t, 0, n - 1)
+    tok = k % t
+    picked = image_embeds[img, tok].astype(text_embeds.dtype)
+    out = jnp.where(is_slot[:, None], picked, text_embeds.reshape(-1, d))
+    return out.reshape(b, l, d)
+
+
+class Owl(nn.Module):
+    cfg: OwlConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    lora: LoraSpec | None = None
+    lora_targets: tuple[str, ...] = ()
+
+    def setup(self):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        remat = self.remat_policy != "none"
+        self.vision_model = VisionTransformer(c.vision, **kw, remat=remat)
+        self.query_tokens = param_with_axes(
+            self, "query_tokens", nn.initializers.normal(0.02),
+            (1, c.num_query_tokens, c.abstractor.hidden_size), self.param_dtype,
+            (None, None, "embed"))
+        self.abstractor = Abstractor(c.abstractor, c.text.hidden_size, **kw, remat=remat)
+        self.language_model = Llama(c.text, **kw, scan_layers=self.scan_layers,
+                                    remat_policy=self.remat_policy, lora=self.lora,
+                                    lora_targets=self.lora_targets)
+
+    def encode_images(self, pixel_values, deterministic: bool = True):
+        """pixel_values [N, H, W, 3] (normalized, NHWC) -> [N, Q + 1, D_text]."""
+        feats = self.vision_model(pixel_values)
+        q = jnp.broadcast_to(self.query_tokens, (feats.shape[0],) + self.query_tokens.shape[1:])
+        return self.abstractor(q, feats, deterministic)
+
+    def embed(self, input_ids, image_embeds=None):
+        """Token embeddings with image tokens spliced in. Negative ids never reach the table."""
+        x = self.language_model.embed(jnp.maximum(input_ids, 0))
+        if image_embeds is not None:
+            x = splice_images(x, input_ids, image_embeds)
+        return x
+
+    def __call__(self, input_ids, pixel_values=None, segment_ids=None, positions=None,
+                 deterministic: bool = True, return_hidden: bool = False):
+        """Training / scoring forward over full sequences. Returns logits [B, L, V].
+
+        segment_ids [B, L] (default: all ones) separates packed samples: attention and RoPE
+        positions never cross a segment. Padding may use segment 0.
+        """
+        image_embeds = None
+        if pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values, deterministic)
+        x = self.embed(input_ids, image_embeds)
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        logits, _ = self.language_model(x, positions, segment_mask(segment_ids),
+                                        deterministic=deterministic, return_hidden=return_hidden)
+        return logits
+
+    def decode(self, embeds, positions, mask, cache, cache_index):
+        """One cached LLM step over a chunk of embeddings (prefill or a generated token)."""
+        return self.language_model(embeds, positions, mask, cache, cache_index)
+
+    def embed_tokens(self, ids):
+        return self.language_model.embed(ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Param layout helpers
+
+
+_LAYER = re.compile(r"^layers_(\d+)$")
+
+
+def scan_params(params):
+    """Unrolled LLM layers (`layers_{i}`) -> one stacked `layers/layer` subtree (for scan)."""
+    lm = dict(params["language_model"])
+    idx = sorted(int(_LAYER.match(k).group(1)) for k in lm if _LAYER.match(k))
+    if not idx:
+        return params
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[lm.pop(f"layers_{i}") for i in idx])
+    lm["layers"] = {"layer": stacked}
+    return {**params, "language_model": lm}
+
+
+def unscan_params(params):
+    """Inverse of `scan_params`."""
+    lm = dict(params["language_model"])
+    if "layers" not in lm:
+        return params
+    stacked = lm.pop("layers")["layer"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+        lm[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return {**params, "language_model": lm}
