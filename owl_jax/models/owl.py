@@ -22,20 +22,26 @@ from owl_jax.models.vit import VisionTransformer
 def splice_images(text_embeds, input_ids, image_embeds):
     """Writes image tokens into the slots the prompt reserves (ids < 0).
 
-    text_embeds [B, L, D]; input_ids [B, L] with one run of `T` negative ids per image;
-    image_embeds [N, T, D], images ordered by appearance across the batch (row-major), as the
-    official `pixel_values`. Slot k of the batch (in row-major order) takes image k // T, token
-    k % T. Rows may hold any number of images, including none.
+    text_embeds [B, L, D]; input_ids [B, L] with one run of T negative ids per image.
+    image_embeds either
+      [N, T, D]: a flat list ordered by appearance across the batch, row-major, as the
+        official `pixel_values`; slot k of the batch takes image k // T, token k % T; or
+      [B, M, T, D]: M images per row (unused ones are padding); slot k of row b takes image
+        (b, k // T). This form shards with the batch, so training uses it.
+    Rows may hold any number of images, including none.
     """
     b, l, d = text_embeds.shape
-    n, t, _ = image_embeds.shape
-    is_slot = (input_ids < 0).reshape(-1)
-    k = jnp.cumsum(is_slot) - 1
-    img = jnp.clip(k // t, 0, n - 1)
-    tok = k % t
-    picked = image_embeds[img, tok].astype(text_embeds.dtype)
-    out = jnp.where(is_slot[:, None], picked, text_embeds.reshape(-1, d))
-    return out.reshape(b, l, d)
+    t = image_embeds.shape[-2]
+    is_slot = input_ids < 0
+    if image_embeds.ndim == 3:
+        k = jnp.cumsum(is_slot.reshape(-1)).reshape(b, l) - 1
+        img = jnp.clip(k // t, 0, image_embeds.shape[0] - 1)
+        picked = image_embeds[img, k % t]
+    else:
+        k = jnp.cumsum(is_slot, axis=1) - 1
+        img = jnp.clip(k // t, 0, image_embeds.shape[1] - 1)
+        picked = image_embeds[jnp.arange(b)[:, None], img, k % t]
+    return jnp.where(is_slot[..., None], picked.astype(text_embeds.dtype), text_embeds)
 
 
 class Owl(nn.Module):
@@ -62,10 +68,12 @@ class Owl(nn.Module):
                                     lora_targets=self.lora_targets)
 
     def encode_images(self, pixel_values, deterministic: bool = True):
-        """pixel_values [N, H, W, 3] (normalized, NHWC) -> [N, Q + 1, D_text]."""
-        feats = self.vision_model(pixel_values)
+        """pixel_values [..., H, W, 3] (normalized, NHWC) -> [..., Q + 1, D_text]."""
+        lead = pixel_values.shape[:-3]
+        feats = self.vision_model(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
         q = jnp.broadcast_to(self.query_tokens, (feats.shape[0],) + self.query_tokens.shape[1:])
-        return self.abstractor(q, feats, deterministic)
+        out = self.abstractor(q, feats, deterministic)
+        return out.reshape(*lead, *out.shape[1:])
 
     def embed(self, input_ids, image_embeds=None):
         """Token embeddings with image tokens spliced in. Negative ids never reach the table."""
