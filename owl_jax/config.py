@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -138,8 +139,10 @@ def from_official_dict(d: dict, preprocessor: dict | None = None) -> OwlConfig:
                   image_std=tuple(preprocessor.get("image_std", CLIP_STD)))
         size = _preprocessor_size(preprocessor)
         if size is not None and size != vision.image_size:
-            raise ValueError(f"preprocessor_config.json resizes to {size} but "
-                             f"vision_config.image_size is {vision.image_size}")
+            # The ViT only takes its own size (its position table is sized for it), so that is
+            # what images are resized to; say so rather than fail on a copied hub file.
+            warnings.warn(f"preprocessor_config.json says {size} px but vision_config.image_size "
+                          f"is {vision.image_size}; images are resized to {vision.image_size}")
     return OwlConfig(**kw)
 
 
