@@ -37,6 +37,11 @@ class BadImage(Exception):
 
 def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Opens and fully decodes `data`; returns an RGB PIL image. Raises BadImage."""
+    return open_image_info(data, max_pixels)[0]
+
+
+def open_image_info(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image, str, str]:
+    """(RGB image, stored format e.g. "JPEG", stored mode e.g. "CMYK"). Raises BadImage."""
     if not data:
         raise BadImage("missing_image", "no image bytes")
     limit = max_pixels or DEFAULT_MAX_PIXELS
@@ -53,9 +58,10 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         raise BadImage("decompression_bomb", f"{w}x{h} = {w * h} pixels > limit {limit}")
     if w <= 0 or h <= 0:
         raise BadImage("corrupt_image", f"size {w}x{h}")
+    fmt, mode = img.format or "", img.mode
     try:
         img.load()
-        return to_rgb(img)
+        return to_rgb(img), fmt, mode
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}"
         reason = "truncated_image" if "truncated" in msg or "broken data" in msg else "corrupt_image"

@@ -85,12 +85,13 @@ class Checks:
         return self.filters.check_meta(raw.meta)
 
     def open_image(self, raw: RawSample):
-        """PIL RGB image of a sample that passed check_raw; raises BadImage (incl. size filters)."""
-        img = imgs.open_image(raw.image, self.max_pixels)
+        """(PIL RGB image, stored format, stored mode) of a sample that passed check_raw;
+        raises BadImage (also for the size filters)."""
+        img, fmt, mode = imgs.open_image_info(raw.image, self.max_pixels)
         reason = self.filters.check_size(img.width, img.height)
         if reason:
             raise imgs.BadImage(reason, f"{img.width}x{img.height}")
-        return img
+        return img, fmt, mode
 
 
 def example_dict(raw: RawSample, image) -> dict[str, Any]:
@@ -125,7 +126,7 @@ class SampleStream:
                 image = None
                 if self.decode:
                     try:
-                        image = np.asarray(self.checks.open_image(raw))
+                        image = np.asarray(self.checks.open_image(raw)[0])
                     except imgs.BadImage as e:
                         self._skip(e.reason, raw.where, e.detail)
                         continue

@@ -1,0 +1,1 @@
+"""Console entry points: owl-data, owl-train, owl-generate, owl-eval (see setup.py)."""
