@@ -1,0 +1,1 @@
+"""Helpers that build tiny real artefacts (tokenizers, data) for tests and demos."""
