@@ -1,0 +1,231 @@
+"""The one table between official mPLUG-Owl state_dict keys and owl_jax param paths.
+
+Each `Entry` names an official PyTorch key, the matching leaf of our unrolled param tree, how the
+tensor is transformed between the two, and the PyTorch shape the config implies. Every size comes
+from the `OwlConfig`, so a checkpoint is checked against its own config.json, never against 7B
+defaults.
+
+Transforms (PyTorch -> JAX; the inverse is applied on export):
+- "linear": Linear weight [out, in] -> Dense kernel [in, out] (transpose);
+- "conv":   Conv2d weight [O, I, kh, kw] -> HWIO [kh, kw, I, O];
+- "plain":  identity (biases, norm weights -> `scale`, embeddings, tokens);
+- "buffer": a derived, non-learned buffer (LLaMA `rotary_emb.inv_freq`): skipped on import,
+  recomputed on export (transformers 4.28.1 keeps it persistent, so strict loading needs it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from owl_jax.config import OwlConfig, TextConfig
+
+LINEAR, CONV, PLAIN, BUFFER = "linear", "conv", "plain", "buffer"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    torch_key: str
+    path: tuple[str, ...]      # our param path; () for buffers
+    kind: str
+    torch_shape: tuple[int, ...]
+
+    @property
+    def jax_shape(self) -> tuple[int, ...]:
+        return jax_shape(self.kind, self.torch_shape)
+
+    @property
+    def path_str(self) -> str:
+        return "/".join(self.path)
+
+
+def jax_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == LINEAR:
+        return (shape[1], shape[0])
+    if kind == CONV:
+        return (shape[2], shape[3], shape[1], shape[0])
+    return tuple(shape)
+
+
+def to_jax(kind: str, x: np.ndarray) -> np.ndarray:
+    """PyTorch layout -> our layout. Returns a fresh C-contiguous array (never a view of `x`, so
+    the caller may drop the source tensor / memory map)."""
+    if kind == LINEAR:
+        return np.ascontiguousarray(x.T)
+    if kind == CONV:
+        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+    return np.array(x, copy=True)
+
+
+def to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+    """Our layout -> PyTorch layout (fresh C-contiguous array)."""
+    if kind == LINEAR:
+        return np.ascontiguousarray(x.T)
+    if kind == CONV:
+        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+    return np.array(x, copy=True)
+
+
+def rope_inv_freq(text: TextConfig) -> np.ndarray:
+    """`1 / theta ** (arange(0, d, 2) / d)` in float32, as HF LlamaRotaryEmbedding builds it."""
+    d = text.head_dim
+    exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
+    return (1.0 / (np.float32(text.rope_theta) ** exponent)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+class _Table:
+    def __init__(self):
+        self.entries: list[Entry] = []
+
+    def add(self, key, path, kind, shape):
+        self.entries.append(Entry(key, tuple(path.split("/")) if path else (), kind, tuple(shape)))
+
+    def linear(self, key, path, out, inp, bias=True):
+        self.add(key + ".weight", path + "/kernel", LINEAR, (out, inp))
+        if bias:
+            self.add(key + ".bias", path + "/bias", PLAIN, (out,))
+
+    def norm(self, key, path, d, bias=True):
+        self.add(key + ".weight", path + "/scale", PLAIN, (d,))
+        if bias:
+            self.add(key + ".bias", path + "/bias", PLAIN, (d,))
+
+
+def _vision(t: _Table, cfg: OwlConfig):
+    v = cfg.vision
+    d, k = v.hidden_size, "vision_model."
+    t.add(k + "embeddings.cls_token", "vision_model/embeddings/cls_token", PLAIN, (1, 1, d))
+    t.add(k + "embeddings.position_embedding", "vision_model/embeddings/position_embedding",
+          PLAIN, (1, v.num_positions, d))
+    t.add(k + "embeddings.patch_embed.weight", "vision_model/embeddings/patch_embed/kernel", CONV,
+          (d, v.num_channels, v.patch_size, v.patch_size))
+    t.norm(k + "embeddings.pre_layernorm", "vision_model/embeddings/pre_layernorm", d)
+    for i in range(v.num_hidden_layers):
+        tk, tp = f"{k}encoder.layers.{i}.", f"vision_model/layers_{i}/"
+        t.norm(tk + "input_layernorm", tp + "input_layernorm", d)
+        # Fused QKV, rows interleaved per head ([heads, 3, head_dim]); kept fused as is.
+        t.linear(tk + "self_attn.query_key_value", tp + "self_attn/query_key_value", 3 * d, d)
+        t.linear(tk + "self_attn.dense", tp + "self_attn/dense", d, d)
+        t.norm(tk + "post_attention_layernorm", tp + "post_attention_layernorm", d)
+        t.linear(tk + "mlp.fc1", tp + "mlp/fc1", v.intermediate_size, d)
+        t.linear(tk + "mlp.fc2", tp + "mlp/fc2", d, v.intermediate_size)
+    t.norm(k + "post_layernorm", "vision_model/post_layernorm", d)
+
+
+def _abstractor(t: _Table, cfg: OwlConfig):
+    a, dt = cfg.abstractor, cfg.text.hidden_size
+    d, dk, f = a.hidden_size, a.encoder_hidden_size, a.intermediate_size
+    for i in range(a.num_hidden_layers):
+        tk, tp = f"abstractor.encoder.layers.{i}.crossattention.", f"abstractor/layers_{i}/"
+        t.norm(tk + "norm1", tp + "norm1", d)
+        t.norm(tk + "normk", tp + "normk", dk)
+        t.linear(tk + "attention.query", tp + "query", d, d)
+        t.linear(tk + "attention.key", tp + "key", d, dk)
+        t.linear(tk + "attention.value", tp + "value", d, dk)
+        t.linear(tk + "output.out_proj", tp + "out_proj", d, d)
+        t.norm(tk + "output.norm2", tp + "norm2", d)
+        t.linear(tk + "output.mlp.w1", tp + "w1", f, d)
+        t.linear(tk + "output.mlp.w3", tp + "w3", f, d)
+        t.norm(tk + "output.mlp.ffn_ln", tp + "ffn_ln", f)
+        t.linear(tk + "output.mlp.w2", tp + "w2", d, f)
+    t.linear("abstractor.visual_fc", "abstractor/visual_fc", dt, d)
+    t.add("abstractor.vit_eos", "abstractor/vit_eos", PLAIN, (1, 1, dt))
+
+
+def llama_table(t: _Table, text: TextConfig, key_prefix: str = "language_model.",
+                with_buffers: bool = True):
+    """HF LlamaForCausalLM keys (4.28.1 names) under `key_prefix` -> `language_model/...`."""
+    d, f, hd = text.hidden_size, text.intermediate_size, text.head_dim
+    q, kv = text.num_attention_heads * hd, text.kv_heads * hd
+    k = key_prefix
+    t.add(k + "model.embed_tokens.weight", "language_model/embed_tokens/embedding", PLAIN,
+          (text.vocab_size, d))
+    for i in range(text.num_hidden_layers):
+        tk, tp = f"{k}model.layers.{i}.", f"language_model/layers_{i}/"
+        t.linear(tk + "self_attn.q_proj", tp + "self_attn/q_proj", q, d, bias=False)
+        t.linear(tk + "self_attn.k_proj", tp + "self_attn/k_proj", kv, d, bias=False)
+        t.linear(tk + "self_attn.v_proj", tp + "self_attn/v_proj", kv, d, bias=False)
+        t.linear(tk + "self_attn.o_proj", tp + "self_attn/o_proj", d, q, bias=False)
+        if with_buffers:
+            t.add(tk + "self_attn.rotary_emb.inv_freq", "", BUFFER, (hd // 2,))
+        t.linear(tk + "mlp.gate_proj", tp + "mlp/gate_proj", f, d, bias=False)
+        t.linear(tk + "mlp.up_proj", tp + "mlp/up_proj", f, d, bias=False)
+        t.linear(tk + "mlp.down_proj", tp + "mlp/down_proj", d, f, bias=False)
+        t.norm(tk + "input_layernorm", tp + "input_layernorm", d, bias=False)
+        t.norm(tk + "post_attention_layernorm", tp + "post_attention_layernorm", d, bias=False)
+    t.norm(k + "model.norm", "language_model/norm", d, bias=False)
+    t.linear(k + "lm_head", "language_model/lm_head", text.vocab_size, d, bias=False)
+
+
+def official_entries(cfg: OwlConfig) -> list[Entry]:
+    """Every key of `MplugOwlForConditionalGeneration.state_dict()` for `cfg`, in state_dict
+    order (the top-level `query_tokens` Parameter first, then the children)."""
+    if cfg.abstractor.encoder_hidden_size != cfg.vision.hidden_size:
+        raise ValueError(f"visual_abstractor_config.encoder_hidden_size "
+                         f"({cfg.abstractor.encoder_hidden_size}) != vision_config.hidden_size "
+                         f"({cfg.vision.hidden_size})")
+    t = _Table()
+    t.add("query_tokens", "query_tokens", PLAIN,
+          (1, cfg.num_query_tokens, cfg.abstractor.hidden_size))
+    _vision(t, cfg)
+    _abstractor(t, cfg)
+    llama_table(t, cfg.text)
+    return t.entries
+
+
+def hf_llama_entries(text: TextConfig) -> list[Entry]:
+    """Keys of a plain HF `LlamaForCausalLM` checkpoint (no buffers; newer transformers never
+    save `inv_freq`)."""
+    t = _Table()
+    llama_table(t, text, key_prefix="", with_buffers=False)
+    return t.entries
+
+
+def param_entries(cfg: OwlConfig) -> list[Entry]:
+    """The entries that hold learned weights (everything but buffers)."""
+    return [e for e in official_entries(cfg) if e.kind != BUFFER]
+
+
+# --------------------------------------------------------------------------------------------
+# Nested-dict helpers for the param tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def pop_path(tree: dict, path: tuple[str, ...]):
+    """Removes and returns a leaf, pruning dicts left empty (frees memory as export streams)."""
+    parents = []
+    node = tree
+    for p in path[:-1]:
+        parents.append((node, p))
+        node = node[p]
+    value = node.pop(path[-1])
+    for parent, key in reversed(parents):
+        if parent[key]:
+            break
+        del parent[key]
+    return value
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out

@@ -1,0 +1,214 @@
+"""Official mPLUG-Owl PyTorch checkpoints <-> owl_jax checkpoint directories.
+
+torch -> jax: validate every key and shape against config.json first (nothing is written if the
+checkpoint does not fit), then stream tensor by tensor: each tensor is transformed into a fresh
+array and the torch tensor / memory map is dropped, so peak host memory is about one copy of the
+model plus one source shard.
+
+jax -> torch: restore the host tree, then pop each leaf as it is converted and written into the
+current shard, so peak memory again stays near one model copy plus one shard.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+from tqdm import tqdm
+
+from convert import keymap, lora as lora_lib
+from convert.torch_io import CheckpointError, CheckpointReader, ShardedWriter, np_dtype
+from owl_jax import checkpoint as ckpt
+from owl_jax.config import load_official, save_official
+
+EXTRA_FILES = ("generation_config.json",)
+
+
+def _problems_message(where: str, problems: list[str]) -> str:
+    shown = "\n  ".join(problems[:25])
+    more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+    return f"{where}: {len(problems)} problem(s):\n  {shown}{more}"
+
+
+def validate(infos: dict, keys: lora_lib.LoraKeys, entries: list[keymap.Entry], src: str):
+    """Missing / unexpected / mis-shaped keys -> one CheckpointError listing all of them."""
+    by_key = {e.torch_key: e for e in entries}
+    problems, seen = [], set()
+    for raw, k in keys.canonical.items():
+        info = infos[raw]
+        e = by_key.get(k)
+        if e is None:
+            problems.append(f"unexpected key {raw} {list(info.shape)} (in "
+                            f"{os.path.basename(info.file)})")
+            continue
+        seen.add(k)
+        if tuple(info.shape) != e.torch_shape:
+            problems.append(f"{raw}: config.json implies shape {list(e.torch_shape)}, "
+                            f"{os.path.basename(info.file)} has {list(info.shape)}")
+    for e in entries:
+        if e.torch_key not in seen and e.kind != keymap.BUFFER:
+            problems.append(f"missing key {e.torch_key} {list(e.torch_shape)}")
+    ranks = set()
+    for base, pair in keys.adapters.items():
+        e = by_key.get(base)
+        a, b = infos[pair["A"]].shape, infos[pair["B"]].shape
+        if e is None or e.kind != keymap.LINEAR:
+            problems.append(f"LoRA adapter {pair['A']} targets {base}, which is not a Linear "
+                            f"weight of this model")
+            continue
+        out, inp = e.torch_shape
+        if len(a) != 2 or len(b) != 2 or a[1] != inp or b[0] != out or a[0] != b[1]:
+            problems.append(f"LoRA adapter of {base} [{out}, {inp}] has mismatched shapes: "
+                            f"lora_A {list(a)}, lora_B {list(b)}")
+        ranks.add(a[0])
+    if len(ranks) > 1:
+        problems.append(f"LoRA adapters have different ranks {sorted(ranks)}")
+    if problems:
+        raise CheckpointError(_problems_message(f"{src} does not match its config.json",
+                                                problems))
+    return ranks.pop() if ranks else None
+
+
+def torch_to_jax(src: str, dst: str, dtype: str | None = None, lora_alpha: float | None = None,
+                 lora_r: int | None = None, keep_lora: bool = False, overwrite: bool = False,
+                 progress: bool = True) -> dict:
+    """Converts an official-layout directory into an owl_jax checkpoint directory.
+
+    dtype: None keeps each tensor's stored dtype (lossless); else 'float32' | 'bfloat16' |
+    'float16'. LoRA adapters (PEFT keys) are merged unless keep_lora. Returns the meta dict.
+    """
+    if os.path.exists(os.path.join(dst, ckpt.PARAMS_DIR)) and not overwrite:
+        raise FileExistsError(f"{dst} already holds a checkpoint (pass --overwrite)")
+    cfg = load_official(src)
+    entries = keymap.official_entries(cfg)
+    reader = CheckpointReader(src)
+    infos = reader.index()
+    keys = lora_lib.classify_keys(infos)
+    rank = validate(infos, keys, entries, src)
+    scale = None
+    if rank is not None:
+        scale = lora_lib.resolve_scale(src, rank, lora_alpha, lora_r)
+    if keep_lora and keys.adapters:
+        _check_keepable(keys, cfg)
+        if scale.use_rslora:
+            raise CheckpointError("keeping rsLoRA adapters unmerged is not supported (owl_jax "
+                                  "LoRA scales by alpha / r); convert without --keep_lora")
+    target = np_dtype(dtype) if dtype else None
+    by_key = {e.torch_key: e for e in entries}
+    role = {raw: k for raw, k in keys.canonical.items()}
+    adapter_of = {raw: (base, ab) for base, pair in keys.adapters.items()
+                  for ab, raw in pair.items()}
+
+    params: dict = {}
+    pending: dict[str, dict[str, np.ndarray]] = {}   # LoRA A / B waiting for the merge
+    bar = tqdm(total=len(infos), unit="tensor", desc="torch->jax", disable=not progress)
+    for raw, x in reader.tensors():
+        bar.update(1)
+        if raw in adapter_of:
+            base, ab = adapter_of[raw]
+            pending.setdefault(base, {})[ab] = np.array(x, copy=True)
+            continue
+        e = by_key[role[raw]]
+        if e.kind == keymap.BUFFER:
+            continue  # rotary inv_freq: recomputed from the config
+        y = keymap.to_jax(e.kind, x)
+        del x
+        if target is not None and y.dtype != target:
+            y = y.astype(target)
+        keymap.set_path(params, e.path, y)
+    bar.close()
+
+    for base, ab in pending.items():
+        e = by_key[base]
+        kernel = keymap.get_path(params, e.path)
+        if keep_lora:
+            module = e.path[:-1]
+            cast = (lambda t: t.astype(target)) if target is not None else (lambda t: t)
+            keymap.set_path(params, module + ("lora_a",), cast(np.ascontiguousarray(ab["A"].T)))
+            keymap.set_path(params, module + ("lora_b",), cast(np.ascontiguousarray(ab["B"].T)))
+        else:
+            keymap.set_path(params, e.path,
+                            lora_lib.merge_kernel(kernel, ab["A"].T, ab["B"].T, scale.scale))
+    lora_meta = None
+    if keep_lora and keys.adapters:
+        lora_meta = {"rank": scale.rank, "alpha": scale.alpha, "targets": keys.targets}
+    extra = {"source": os.path.abspath(src), "source_layout": reader.layout}
+    if keys.adapters and not keep_lora:
+        extra["merged_lora"] = {"rank": scale.rank, "alpha": scale.alpha,
+                                "targets": keys.targets}
+    meta = ckpt.save_checkpoint(dst, params, cfg, tokenizer_dir=src, lora=lora_meta,
+                                overwrite=overwrite, extra_meta=extra)
+    for name in EXTRA_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return meta
+
+
+def _check_keepable(keys: lora_lib.LoraKeys, cfg) -> None:
+    """owl_jax keeps adapters only where its Owl(lora=...) puts them: the same LLaMA projections
+    in every layer."""
+    targets = keys.targets
+    n = cfg.text.num_hidden_layers
+    want = set()
+    for t in targets:
+        group = "self_attn" if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+        want |= {f"language_model.model.layers.{i}.{group}.{t}.weight" for i in range(n)}
+    if set(keys.adapters) != want:
+        odd = sorted(set(keys.adapters) ^ want)[:5]
+        raise CheckpointError(f"cannot keep these LoRA adapters unmerged (owl_jax adapts the "
+                              f"same LLaMA projections in every layer); e.g. {odd}. Convert "
+                              f"without --keep_lora to merge them.")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
+                 shard_size="10GB", progress: bool = True) -> list[str]:
+    """Writes the official layout (strict-loadable by the official code under transformers
+    4.28.1, `rotary_emb.inv_freq` buffers included) plus config / tokenizer / preprocessor files.
+    Unmerged LoRA adapters are merged. Returns the weight file names."""
+    cfg, params, meta = ckpt.load_checkpoint(src)
+    lora_meta = meta.get("lora")
+    if lora_meta:
+        scale = float(lora_meta["alpha"]) / int(lora_meta["rank"])
+        for path, a in list(keymap.flatten(params).items()):
+            if path[-1] != "lora_a":
+                continue
+            module = path[:-1]
+            b = keymap.pop_path(params, module + ("lora_b",))
+            keymap.pop_path(params, path)
+            kernel = keymap.get_path(params, module + ("kernel",))
+            keymap.set_path(params, module + ("kernel",),
+                            lora_lib.merge_kernel(kernel, a, b, scale))
+    entries = keymap.official_entries(cfg)
+    leftover = sorted(set("/".join(p) for p in keymap.flatten(params))
+                      - {e.path_str for e in entries})
+    if leftover:
+        raise CheckpointError(f"{src}: params with no official key: {leftover[:10]}")
+    target = np_dtype(dtype) if dtype else None
+    weight_dtypes = {np.dtype(x.dtype) for x in keymap.flatten(params).values()}
+    buffer_dtype = target or (weight_dtypes.pop() if len(weight_dtypes) == 1
+                              else np.dtype(np.float32))
+    if os.path.exists(dst) and any(os.path.exists(os.path.join(dst, n)) for n in
+                                   ("pytorch_model.bin", "model.safetensors")):
+        raise FileExistsError(f"{dst} already holds weights; choose an empty directory")
+    writer = ShardedWriter(dst, fmt, shard_size)
+    inv_freq = keymap.rope_inv_freq(cfg.text)
+    for e in tqdm(entries, unit="tensor", desc="jax->torch", disable=not progress):
+        if e.kind == keymap.BUFFER:
+            writer.add(e.torch_key, inv_freq.astype(buffer_dtype))
+            continue
+        x = keymap.pop_path(params, e.path)
+        y = keymap.to_torch(e.kind, x)
+        del x
+        if target is not None and y.dtype != target:
+            y = y.astype(target)
+        writer.add(e.torch_key, y)
+    names = writer.close()
+    save_official(cfg, dst)
+    ckpt.copy_tokenizer_files(src, dst)
+    for name in EXTRA_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names

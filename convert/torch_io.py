@@ -1,0 +1,274 @@
+"""Streaming reads and writes of PyTorch checkpoints: `.bin` (torch pickle, zip format) and
+safetensors, single-file or sharded with an HF index json.
+
+Reading never materialises a whole state dict: `.bin` files are opened with
+`torch.load(mmap=True, weights_only=True)` (tensors stay in the page cache until touched) and
+safetensors are read tensor by tensor. Writing fills one shard at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+LAYOUTS = (SAFE_INDEX, SAFE_SINGLE, BIN_INDEX, BIN_SINGLE)  # lookup order, as HF
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file / keys at fault."""
+
+
+def _torch():
+    import torch  # imported lazily: the JAX side never needs torch
+    return torch
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 becomes ml_dtypes.bfloat16 (same bits)."""
+    torch = _torch()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def numpy_to_torch(x: np.ndarray):
+    """A tensor sharing `x`'s memory (bfloat16 via its bits)."""
+    torch = _torch()
+    x = np.ascontiguousarray(x)
+    if x.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def np_dtype(name: str) -> np.dtype:
+    """'float32' | 'float16' | 'bfloat16' (also torch / safetensors spellings) -> numpy dtype."""
+    n = str(name).lower().replace("torch.", "")
+    table = {"float32": np.float32, "fp32": np.float32, "f32": np.float32,
+             "float16": np.float16, "fp16": np.float16, "f16": np.float16, "half": np.float16,
+             "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
+             "float64": np.float64, "f64": np.float64, "int64": np.int64, "i64": np.int64,
+             "int32": np.int32, "i32": np.int32}
+    if n not in table:
+        raise ValueError(f"unsupported dtype {name!r}")
+    return np.dtype(table[n])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    file: str
+
+
+def find_layout(directory: str) -> tuple[str, list[str]]:
+    """Returns (layout file name, weight files in read order). Raises naming what was sought."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory")
+    for name in LAYOUTS:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        if not name.endswith(".index.json"):
+            return name, [path]
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a valid index json ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+        if missing:
+            raise CheckpointError(f"{path} names shard files that do not exist: {missing}")
+        return name, [os.path.join(directory, f) for f in files]
+    raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(LAYOUTS)})")
+
+
+class _File:
+    """One weight file, opened lazily; `tensors()` yields (key, torch tensor) one at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.is_safetensors = path.endswith(".safetensors")
+
+    def _load_bin(self):
+        torch = _torch()
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" in str(e) and "zipfile" in str(e).lower():  # legacy (pre-1.6) format
+                try:
+                    return torch.load(self.path, map_location="cpu", weights_only=True)
+                except Exception as e2:  # noqa: BLE001 - re-raised with the file name
+                    e = e2
+            raise CheckpointError(f"{self.path}: unreadable or truncated torch checkpoint "
+                                  f"({type(e).__name__}: {e})") from None
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{self.path}: refused by torch.load(weights_only=True): it "
+                                  f"holds objects other than tensors ({e})") from None
+        except Exception as e:  # noqa: BLE001 - zip / EOF errors of many kinds
+            raise CheckpointError(f"{self.path}: unreadable or truncated torch checkpoint "
+                                  f"({type(e).__name__}: {e})") from None
+
+    def _open_safetensors(self):
+        from safetensors import safe_open
+        try:
+            return safe_open(self.path, framework="pt")
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.path}: unreadable or truncated safetensors file "
+                                  f"({type(e).__name__}: {e})") from None
+
+    def infos(self) -> list[TensorInfo]:
+        if self.is_safetensors:
+            with self._open_safetensors() as f:
+                out = []
+                for k in f.keys():
+                    s = f.get_slice(k)
+                    out.append(TensorInfo(k, tuple(s.get_shape()), str(s.get_dtype()), self.path))
+                return out
+        sd = self._load_bin()
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{self.path}: holds a {type(sd).__name__}, not a state dict")
+        out = []
+        for k, v in sd.items():
+            if not hasattr(v, "shape"):
+                raise CheckpointError(f"{self.path}: entry {k!r} is a {type(v).__name__}, "
+                                      f"not a tensor")
+            out.append(TensorInfo(k, tuple(v.shape), str(v.dtype).replace("torch.", ""),
+                                  self.path))
+        return out
+
+    def tensors(self, keys=None) -> Iterator[tuple[str, object]]:
+        if self.is_safetensors:
+            with self._open_safetensors() as f:
+                for k in f.keys():
+                    if keys is None or k in keys:
+                        yield k, self._read(lambda: f.get_tensor(k), k)
+            return
+        sd = self._load_bin()
+        for k in list(sd):
+            t = sd.pop(k)  # drop our reference as we go
+            if keys is None or k in keys:
+                yield k, t
+        del sd
+
+    def _read(self, fn, key):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} "
+                                  f"({type(e).__name__}: {e})") from None
+
+
+class CheckpointReader:
+    """All weight files of one checkpoint directory (any of the four HF layouts)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.layout, self.files = find_layout(directory)
+
+    def index(self) -> dict[str, TensorInfo]:
+        """key -> TensorInfo, from headers / memory maps only (no tensor data is read)."""
+        out: dict[str, TensorInfo] = {}
+        for path in self.files:
+            for info in _File(path).infos():
+                if info.key in out:
+                    raise CheckpointError(f"tensor {info.key!r} is stored twice: in "
+                                          f"{out[info.key].file} and {path}")
+                out[info.key] = info
+        return out
+
+    def tensors(self, keys=None) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields (key, numpy array) file by file. The arrays may view a memory map that is
+        released after the file is done: copy what you keep."""
+        for path in self.files:
+            for k, t in _File(path).tensors(keys):
+                yield k, torch_to_numpy(t)
+                del t
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def parse_size(size) -> int:
+    """'10GB' -> 10 * 10**9, '500MiB' -> 500 * 2**20, ints pass through (as HF)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (e.g. 10GB, 500MB, 2GiB)")
+    base = 1024 if m.group(3) == "IB" else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+
+
+class ShardedWriter:
+    """Writes tensors in the HF layout: one file, or shards of at most `max_shard_bytes` plus an
+    index json (`*-0000k-of-0000n.*`, named once the count is known)."""
+
+    def __init__(self, directory: str, fmt: str = "bin", max_shard_bytes: int | str = "10GB"):
+        if fmt not in ("bin", "safetensors"):
+            raise ValueError(f"format must be 'bin' or 'safetensors', not {fmt!r}")
+        self.directory, self.fmt = directory, fmt
+        self.max_bytes = parse_size(max_shard_bytes)
+        os.makedirs(directory, exist_ok=True)
+        self._shard: dict = {}
+        self._shard_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temp path, keys)
+        self.total_bytes = 0
+
+    def add(self, key: str, x: np.ndarray) -> None:
+        nbytes = x.nbytes
+        if self._shard and self._shard_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._shard[key] = numpy_to_torch(x)
+        self._shard_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self):
+        path = os.path.join(self.directory, f".shard-{len(self._written):05d}.tmp")
+        if self.fmt == "safetensors":
+            from safetensors.torch import save_file
+            save_file(self._shard, path, metadata={"format": "pt"})
+        else:
+            _torch().save(self._shard, path)
+        self._written.append((path, list(self._shard)))
+        self._shard, self._shard_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Finishes the last shard, names the files, writes the index. Returns the file names."""
+        if self._shard or not self._written:
+            self._flush()
+        n = len(self._written)
+        stem, ext = ("model", "safetensors") if self.fmt == "safetensors" else \
+            ("pytorch_model", "bin")
+        if n == 1:
+            names = [f"{stem}.{ext}"]
+        else:
+            names = [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
+        weight_map = {}
+        for (tmp, keys), name in zip(self._written, names):
+            os.replace(tmp, os.path.join(self.directory, name))
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            index = SAFE_INDEX if self.fmt == "safetensors" else BIN_INDEX
+            with open(os.path.join(self.directory, index), "w") as f:
+                json.dump({"metadata": {"total_size": self.total_bytes},
+                           "weight_map": weight_map}, f, indent=2)
+        return names

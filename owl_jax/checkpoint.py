@@ -1,0 +1,220 @@
+"""The self-contained JAX checkpoint directory (what `owl-convert` writes and everything loads).
+
+    DIR/config.json               official composite config (owl_jax.config.save_official)
+    DIR/preprocessor_config.json  image size / mean / std
+    DIR/tokenizer.model, tokenizer_config.json, special_tokens_map.json   (when available)
+    DIR/params/                   orbax PyTree checkpoint of the UNROLLED param tree, plain arrays
+    DIR/owl_jax.json              {"format", "version", "dtype", "param_count", "lora"}
+
+LoRA adapters may be kept unmerged (`lora_a` [in, r] / `lora_b` [r, out] next to a Dense
+`kernel`); `owl_jax.json` then records {"rank", "alpha", "targets"}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from owl_jax.config import OwlConfig, load_official, save_official
+
+FORMAT = "owl_jax"
+VERSION = 1
+META_FILE = "owl_jax.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+LORA_LEAVES = ("lora_a", "lora_b")
+
+
+def _flat(tree) -> dict[str, Any]:
+    """{"a/b/c": leaf} for a nested dict (or orbax metadata tree)."""
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}/{k}" if prefix else str(k))
+        else:
+            out[prefix] = node
+    walk(tree, "")
+    return out
+
+
+def _dtype_name(dtypes) -> str:
+    names = sorted({np.dtype(d).name for d in dtypes})
+    return names[0] if len(names) == 1 else "mixed:" + ",".join(names)
+
+
+def lora_targets_in(params) -> list[str]:
+    """Names of the Dense modules holding LoRA adapters (`q_proj`, ...), sorted."""
+    return sorted({p.split("/")[-2] for p in _flat(params) if p.split("/")[-1] in LORA_LEAVES})
+
+
+def copy_tokenizer_files(src_dir: str | None, dst_dir: str) -> list[str]:
+    """Copies the tokenizer files present in `src_dir`; returns their names."""
+    copied = []
+    if not src_dir:
+        return copied
+    for name in TOKENIZER_FILES:
+        src = os.path.join(src_dir, name)
+        if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(
+                os.path.join(dst_dir, name)):
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str | None = None,
+                    lora: Mapping | None = None, overwrite: bool = False,
+                    extra_meta: Mapping | None = None) -> dict:
+    """Writes `params` (unrolled tree of numpy or jax arrays, possibly sharded across hosts).
+
+    lora: {"rank", "alpha", "targets"} when the tree holds unmerged adapters (targets default to
+    the modules that hold them). Returns the meta dict written to `owl_jax.json`.
+    """
+    directory = os.path.abspath(directory)
+    flat = _flat(params)
+    if any(k.startswith("language_model/layers/") for k in flat):
+        raise ValueError("params are in the scanned layout; save the unrolled tree "
+                         "(owl_jax.models.owl.unscan_params)")
+    found_targets = lora_targets_in(params)
+    if found_targets and lora is None:
+        raise ValueError(f"params hold LoRA adapters on {found_targets}: pass "
+                         f"lora={{'rank': ..., 'alpha': ...}} (or merge them first)")
+    lora_meta = None
+    if lora is not None:
+        if not found_targets:
+            raise ValueError("lora metadata given but params hold no lora_a / lora_b leaves")
+        lora_meta = {"rank": int(lora["rank"]), "alpha": float(lora["alpha"]),
+                     "targets": sorted(lora.get("targets") or found_targets)}
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(params_dir):
+        if not overwrite:
+            raise FileExistsError(f"{params_dir} exists (pass overwrite=True / --overwrite)")
+        if jax.process_index() == 0:
+            shutil.rmtree(params_dir)
+    os.makedirs(directory, exist_ok=True)
+    ocp.PyTreeCheckpointer().save(params_dir, params)
+    meta = {"format": FORMAT, "version": VERSION,
+            "dtype": _dtype_name(x.dtype for x in flat.values()),
+            "param_count": int(sum(int(np.prod(x.shape)) for x in flat.values())),
+            "lora": lora_meta, **dict(extra_meta or {})}
+    if jax.process_index() == 0:
+        save_official(cfg, directory)
+        copy_tokenizer_files(tokenizer_dir, directory)
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+    return meta
+
+
+def load_config(directory: str) -> OwlConfig:
+    return load_official(directory)
+
+
+def load_meta(directory: str) -> dict:
+    path = os.path.join(directory, META_FILE)
+    if not os.path.exists(path):
+        hint = (" (it looks like a PyTorch checkpoint: run `owl-convert torch-to-jax` first)"
+                if any(os.path.exists(os.path.join(directory, n)) for n in
+                       ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors",
+                        "model.safetensors.index.json")) else "")
+        raise FileNotFoundError(f"{directory}: not an owl_jax checkpoint, no {META_FILE}{hint}")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} version {meta.get('version')} "
+                         f"is not readable by this owl_jax (format {FORMAT!r} <= v{VERSION})")
+    return meta
+
+
+def expected_shapes(cfg: OwlConfig) -> dict[str, tuple[int, ...]]:
+    """{"path": shape} of every weight the Owl module creates for `cfg` (abstract, no memory)."""
+    from owl_jax.models.owl import Owl
+
+    def init():
+        ids = jnp.zeros((1, 2), jnp.int32)
+        px = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size,
+                        cfg.vision.num_channels), jnp.float32)
+        return Owl(cfg).init(jax.random.key(0), ids, px)
+    shapes = nn.unbox(jax.eval_shape(init))["params"]
+    return {k: tuple(v.shape) for k, v in _flat(shapes).items()}
+
+
+def check_params_against_config(stored: Mapping[str, tuple[int, ...]], cfg: OwlConfig,
+                                lora: Mapping | None, where: str) -> None:
+    """Raises ValueError listing missing / unexpected / mis-shaped params."""
+    want = expected_shapes(cfg)
+    targets = set((lora or {}).get("targets") or ())
+    problems = []
+    for k, shape in want.items():
+        if k not in stored:
+            problems.append(f"missing {k} {list(shape)}")
+        elif tuple(stored[k]) != shape:
+            problems.append(f"{k}: config.json implies {list(shape)}, stored {list(stored[k])}")
+    for k in stored:
+        if k in want:
+            continue
+        parts = k.split("/")
+        if parts[-1] in LORA_LEAVES and parts[-2] in targets and "/".join(
+                parts[:-1] + ["kernel"]) in want:
+            continue
+        problems.append(f"unexpected {k} {list(stored[k])}")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(f"{where}: params do not match config.json ({len(problems)} "
+                         f"problems):\n  {shown}{more}")
+
+
+def load_checkpoint(directory: str, dtype=None, shardings=None, check: bool = True):
+    """Returns (cfg, params, meta).
+
+    dtype: cast every leaf on load (e.g. jnp.float32 master weights from a bf16 checkpoint);
+      None keeps the stored dtype.
+    shardings: None -> host numpy arrays; a single jax.sharding.Sharding for every leaf; or a
+      pytree of Shardings matching the stored (unrolled) tree -> jax.Arrays restored straight into
+      those shardings (each host reads only its shards).
+    """
+    directory = os.path.abspath(directory)
+    meta = load_meta(directory)
+    cfg = load_config(directory)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        tree_meta = ckptr.metadata(params_dir).item_metadata.tree
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a broken dir
+        raise ValueError(f"{params_dir}: unreadable orbax checkpoint ({type(e).__name__}: {e})"
+                         ) from None
+    stored = {k: tuple(m.shape) for k, m in _flat(tree_meta).items()}
+    if check:
+        check_params_against_config(stored, cfg, meta.get("lora"), directory)
+    if shardings is None:
+        restore_args = jax.tree.map(
+            lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), tree_meta)
+    else:
+        if isinstance(shardings, jax.sharding.Sharding):
+            shardings = jax.tree.map(lambda _: shardings, tree_meta)
+        got = _flat(shardings)
+        if set(got) != set(stored):
+            missing = sorted(set(stored) - set(got))[:5]
+            extra = sorted(set(got) - set(stored))[:5]
+            raise ValueError(f"shardings do not match the stored tree: missing {missing}, "
+                             f"unexpected {extra}")
+        restore_args = jax.tree.map(
+            lambda m, s: ocp.ArrayRestoreArgs(sharding=s, dtype=dtype, global_shape=m.shape),
+            tree_meta, shardings)
+    params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=None, restore_args=restore_args))
+    return cfg, _plain_dicts(params), meta
+
+
+def _plain_dicts(tree):
+    if isinstance(tree, Mapping):
+        return {k: _plain_dicts(v) for k, v in tree.items()}
+    return tree
