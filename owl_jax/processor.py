@@ -1,0 +1,107 @@
+"""Inference-time image preprocessing and batching, exactly as the official `MplugOwlProcessor`.
+
+Images: PIL bicubic resize straight to a square (aspect ratio NOT kept), in the image's own
+mode, then RGB, /255, (x - mean) / std, float32 NHWC. Resizing before the RGB conversion
+matters for palette ("P") and bilevel ("1") images: PIL resizes those with NEAREST whatever
+filter is asked for, and upstream resized them before `CLIPImageProcessor` converted to RGB.
+
+Text: `OwlTokenizer.encode_prompt` per prompt, right-padded with EOS (2) to the longest prompt,
+attention mask 0 on the padding (upstream's mask is float; ours is int32).
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from owl_jax.config import OwlConfig
+from owl_jax.tokenizer import IMAGE_TOKEN, OwlTokenizer
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
+
+
+def open_image(src: ImageLike) -> Image.Image:
+    """A PIL image in its stored mode (what upstream's `Image.open(path)` gives)."""
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, np.ndarray):
+        if src.dtype != np.uint8 or src.ndim not in (2, 3):
+            raise ValueError(f"array images must be uint8 HW or HWC, got {src.dtype} {src.shape}")
+        return Image.fromarray(src)
+    try:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            img = Image.open(io.BytesIO(bytes(src)))
+        else:
+            img = Image.open(os.fspath(src))
+        img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        name = f"{len(src)} bytes" if isinstance(src, (bytes, bytearray, memoryview)) else src
+        raise ValueError(f"cannot decode image {name}: {e}") from e
+    return img
+
+
+def load_image(src: ImageLike) -> Image.Image:
+    """Opens a path / bytes / array / PIL image and returns it as PIL RGB."""
+    img = open_image(src)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def preprocess_image(img: ImageLike, size: int, mean: Sequence[float],
+                     std: Sequence[float]) -> np.ndarray:
+    """float32 [size, size, 3]: bicubic resize in the image's own mode, RGB, /255, normalize."""
+    img = open_image(img)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC)  # PIL itself uses NEAREST for P and 1
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+class Processor:
+    """prompts + images -> model inputs, as the official processor builds them."""
+
+    def __init__(self, tokenizer: OwlTokenizer, cfg: OwlConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.vision.image_size
+
+    def image(self, img: ImageLike) -> np.ndarray:
+        return preprocess_image(img, self.image_size, self.cfg.image_mean, self.cfg.image_std)
+
+    def __call__(self, prompts: Sequence[str] | str,
+                 images: Sequence[Sequence[ImageLike]] | None = None) -> dict:
+        """Returns {'input_ids' [B, L] int32 (image slots -1, right-padded with EOS),
+        'attention_mask' [B, L] int32, 'pixel_values' [N, H, W, 3] float32 (all images of the
+        batch in order of appearance; N may be 0)}."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if images is None:
+            images = [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        rows, pixels = [], []
+        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+            if isinstance(imgs, (Image.Image, np.ndarray, str, bytes, os.PathLike)):
+                imgs = [imgs]
+            n = prompt.count(IMAGE_TOKEN)
+            if n != len(imgs):
+                raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} but {len(imgs)} images "
+                                 f"were given: {prompt!r}")
+            rows.append(self.tokenizer.encode_prompt(prompt, self.cfg.image_tokens))
+            pixels.extend(self.image(img) for img in imgs)
+        length = max(len(r) for r in rows)
+        ids = np.full((len(rows), length), self.tokenizer.eos_id, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = r
+            mask[b, :len(r)] = 1
+        s = self.image_size
+        pv = np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.float32)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
