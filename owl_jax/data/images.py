@@ -52,7 +52,7 @@ def open_image_info(data: bytes, max_pixels: int | None = None) -> tuple[Image.I
     except Image.UnidentifiedImageError as e:
         raise BadImage("undecodable_image", str(e)) from None
     except Exception as e:  # noqa: BLE001 - a malformed header can raise anything
-        raise BadImage("corrupt_image", f"{type(e).__name__}: {e}") from None
+        raise _classify(e) from None
     w, h = img.size
     if w * h > limit:
         raise BadImage("decompression_bomb", f"{w}x{h} = {w * h} pixels > limit {limit}")
@@ -63,9 +63,14 @@ def open_image_info(data: bytes, max_pixels: int | None = None) -> tuple[Image.I
         img.load()
         return to_rgb(img), fmt, mode
     except Exception as e:  # noqa: BLE001
-        msg = f"{type(e).__name__}: {e}"
-        reason = "truncated_image" if "truncated" in msg or "broken data" in msg else "corrupt_image"
-        raise BadImage(reason, msg) from None
+        raise _classify(e) from None
+
+
+def _classify(e: Exception) -> BadImage:
+    msg = f"{type(e).__name__}: {e}"
+    low = msg.lower()
+    truncated = "truncated" in low or "broken data" in low
+    return BadImage("truncated_image" if truncated else "corrupt_image", msg)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -60,6 +60,7 @@ def iter_tar(path: str) -> Iterator[RawSample | Skipped]:
         except tarfile.TarError as e:
             yield Skipped("corrupt_tar", path, str(e))
             return
+        cut = None
         try:
             for member in tf:
                 if not member.isfile():
@@ -70,13 +71,32 @@ def iter_tar(path: str) -> Iterator[RawSample | Skipped]:
                     n += 1
                     parts = {}
                 key = k
-                parts[ext] = tf.extractfile(member).read()
+                data = tf.extractfile(member).read()
+                if len(data) != member.size:  # stream mode returns short data silently
+                    raise tarfile.ReadError(f"{member.name}: {len(data)} of {member.size} bytes")
+                parts[ext] = data
+            if dirty_tail(path, tf.offset):
+                cut = "the file ends inside a tar header"
         except (tarfile.TarError, EOFError, OSError) as e:
-            # the sample being read when the data ended is lost; the ones before are fine
-            yield Skipped("truncated_tar", f"{path}:{key}", f"after {n} samples: {e}")
-            return
-    if key is not None:
+            cut = str(e)
+    if cut:
+        # the sample being read when the data ended is lost; the ones before are fine
+        yield Skipped("truncated_tar", f"{path}:{key}", f"after {n} samples: {cut}")
+    elif key is not None:
         yield assemble(key, parts, path)
+
+
+def dirty_tail(path: str, offset: int) -> bool:
+    """True if bytes after `offset` (where tarfile stopped) are not the zero end-of-archive
+    padding: tarfile silently stops at a header that the end of the file cuts."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while True:
+            block = f.read(1 << 16)
+            if not block:
+                return False
+            if block.strip(b"\0"):
+                return True
 
 
 def shard_stats(path: str) -> dict | None:
@@ -110,23 +130,33 @@ class TarIndex:
                 while True:
                     m = tf.next()
                     if m is None:
+                        if dirty_tail(path, tf.offset):
+                            raise tarfile.ReadError("the file ends inside a tar header")
                         break
                     if not m.isfile():
                         continue
-                    if m.offset_data + m.size > size:
-                        raise tarfile.ReadError("member data past end of file")
                     k, ext = split_member(m.name)
+                    if m.offset_data + m.size > size:
+                        # data cut: this member's sample is lost, the ones before are fine
+                        if k in groups:
+                            groups.pop(k)
+                            order.remove(k)
+                        self._lost()
+                        break
                     if k not in groups:
                         groups[k] = []
                         order.append(k)
                     groups[k].append((ext, m.offset_data, m.size))
         except (tarfile.TarError, EOFError, OSError):
-            # as in iter_tar, the sample being read when the data ended is lost
-            self.skipped["truncated_tar"] = self.skipped.get("truncated_tar", 0) + 1
+            # a cut header: as in iter_tar, the sample being assembled is lost
+            self._lost()
             if order:
                 groups.pop(order.pop())
         for k in order:
             self.entries.append((file_index, k, tuple(groups[k])))
+
+    def _lost(self):
+        self.skipped["truncated_tar"] = self.skipped.get("truncated_tar", 0) + 1
 
     def __len__(self) -> int:
         return len(self.entries)

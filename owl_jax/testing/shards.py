@@ -141,7 +141,7 @@ def coyo_extra(rng) -> dict:
 
 
 def _manifest(samples):
-    m = {"samples": {}, "skipped": {}, "modes": {}, "meta": {}}
+    m = {"samples": {}, "skipped": {}, "modes": {}, "meta": {}, "bad": {}}
     for key, image, ext, text, meta, kind in samples:
         if kind == "ok" or kind.startswith("mode:"):
             m["samples"][key] = text
@@ -150,6 +150,8 @@ def _manifest(samples):
                 m["modes"][key] = kind[5:]
         else:
             reason = "failed_to_download" if kind == "failed" else kind[4:]
+            if kind != "failed":
+                m["bad"][key] = (reason, meta)
             m["skipped"][reason] = m["skipped"].get(reason, 0) + 1
     return m
 
@@ -213,6 +215,8 @@ def _truncate_tar(manifest, all_samples, n_shards):
     else:  # a planted bad sample: it now counts as truncated instead
         kind = next(k for key, *_, k in all_samples if key == last_key)
         manifest["skipped"][kind[4:]] -= 1
+        if not manifest["skipped"][kind[4:]]:
+            del manifest["skipped"][kind[4:]]
     manifest["skipped"]["truncated_tar"] = 1
     manifest["truncated_key"] = last_key
 
