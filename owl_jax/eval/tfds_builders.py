@@ -131,7 +131,12 @@ class OwlCocoKarpathy(_LocalFilesBuilder):
                                   ("split", ",".join(self.builder_config.splits))))
         for entry in load_entries(spec):
             by_split[entry[3]["split"]].append(entry)
-        return {s: self._generate_examples(by_split[s]) for s in self.builder_config.splits}
+        if not by_split:
+            raise ValueError(f"{self.name}: {ann} has no images in splits "
+                             f"{self.builder_config.splits}")
+        # A split with no entries is left out (tfds refuses to write an empty one).
+        return {s: self._generate_examples(by_split[s]) for s in self.builder_config.splits
+                if by_split[s]}
 
     def _generate_examples(self, entries):
         for entry in entries:
