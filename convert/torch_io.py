@@ -230,6 +230,7 @@ class ShardedWriter:
         os.makedirs(directory, exist_ok=True)
         self._shard: dict = {}
         self._shard_bytes = 0
+        self._ptrs: set[int] = set()
         self._written: list[tuple[str, list[str]]] = []  # (temp path, keys)
         self.total_bytes = 0
 
@@ -237,6 +238,10 @@ class ShardedWriter:
         nbytes = x.nbytes
         if self._shard and self._shard_bytes + nbytes > self.max_bytes:
             self._flush()
+        ptr = x.__array_interface__["data"][0]
+        if ptr in self._ptrs:  # never let two keys share storage (safetensors refuses it)
+            x = x.copy()
+        self._ptrs.add(x.__array_interface__["data"][0])
         self._shard[key] = numpy_to_torch(x)
         self._shard_bytes += nbytes
         self.total_bytes += nbytes
@@ -249,7 +254,7 @@ class ShardedWriter:
         else:
             _torch().save(self._shard, path)
         self._written.append((path, list(self._shard)))
-        self._shard, self._shard_bytes = {}, 0
+        self._shard, self._shard_bytes, self._ptrs = {}, 0, set()
 
     def close(self) -> list[str]:
         """Finishes the last shard, names the files, writes the index. Returns the file names."""
