@@ -148,7 +148,9 @@ def random_resized_crop_flip(img: Image.Image, size: int, rng: np.random.Generat
     """Train transform: RandomResizedCrop(size, scale, BICUBIC) then a horizontal flip with
     probability 1/2, drawn from `rng` (seeded per sample by the pipeline)."""
     left, top, w, h = crop_box(img.width, img.height, rng, scale)
-    out = img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    # crop, then resize: as torchvision does (resize(box=...) would also sample pixels outside
+    # the box at its edges)
+    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
     if rng.random() < 0.5:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(out)

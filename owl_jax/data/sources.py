@@ -47,6 +47,9 @@ def as_spec(spec: str | Spec) -> Spec:
 def source_units(spec: str | Spec) -> tuple[list[Unit], list[str]]:
     """(units, missing files) for a spec."""
     spec = as_spec(spec)
+    if spec.kind == "instruct":
+        raise SourceError(f"{spec}: instruction data is read by the training pipeline only "
+                          f"(owl_jax.data.pipeline); it holds no image-text pairs to convert")
     if spec.kind == "coco":
         entries = load_entries(spec)
         n = max(1, -(-len(entries) // COCO_CHUNK))
@@ -155,6 +158,20 @@ class CocoSamples:
         return read_entry(self.entries[i])
 
 
+def load_conversations(spec: Spec, lost: collections.Counter) -> list:
+    """Stage-2 conversations of `instruct:FILE[?format=llava|sharegpt|alpaca|baize|owl|auto]
+    [&images=DIR]` (files of a brace range / glob are concatenated); unusable records are
+    counted into `lost` by reason."""
+    from owl_jax.data.conversation import InstructionReader
+    files, missing = expand_files(spec)
+    if missing:
+        lost["missing_shard"] += len(missing)
+    reader = InstructionReader(spec.option("format", "auto"), image_root=spec.option("images"))
+    convs = [c for f in files for c in reader.read(f)]
+    lost.update(reader.skipped)
+    return convs
+
+
 def random_access(spec: str | Spec):
     """A picklable sequence `[i] -> RawSample | Skipped` for the training pipeline, plus a
     Counter of what was lost while indexing (truncated tars, missing shards)."""
@@ -162,6 +179,8 @@ def random_access(spec: str | Spec):
     lost: collections.Counter = collections.Counter()
     if spec.kind == "coco":
         return CocoSamples(load_entries(spec)), lost
+    if spec.kind == "instruct":
+        return load_conversations(spec, lost), lost
     files, missing = expand_files(spec)
     if missing:
         lost["missing_shard"] += len(missing)

@@ -7,6 +7,8 @@ A spec names the kind of source and its files::
     arrayrecord:/data/converted                     shards written by `owl-data convert`
     coco:/data/annotations/captions_train2017.json?images=/data/train2017
     coco:/data/dataset_coco.json?images=/data/coco&split=train,restval
+    instruct:/data/llava_instruct_150k.json?images=/data/train2017&format=llava
+                                                    stage-2 conversations (training pipeline only)
 
 The part after `kind:` is a pattern: `{00000..00099}` brace ranges (zero padding kept) and shell
 globs, or a directory (all files of the kind's extension in it). Options follow a `?` as
@@ -20,7 +22,7 @@ import os
 import re
 from typing import Any
 
-KINDS = ("webdataset", "parquet", "arrayrecord", "coco")
+KINDS = ("webdataset", "parquet", "arrayrecord", "coco", "instruct")
 DEFAULT_EXT = {"webdataset": ".tar", "parquet": ".parquet", "arrayrecord": ".array_record"}
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 

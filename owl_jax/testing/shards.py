@@ -289,3 +289,25 @@ def write_coco(out_dir, n_images=6, captions_per_image=2, seed=2, karpathy=False
         json.dump(data, f)
     manifest["annotations"], manifest["images"] = path, out_dir if karpathy else img_dir
     return manifest
+
+
+def write_llava(path, image_names, n=6, seed=3, missing=("missing.jpg",)) -> dict:
+    """LLaVA-Instruct style json (`{"id", "image", "conversations": [{"from", "value"}]}`)
+    over `image_names` (files of a local image folder), plus records pointing at `missing`
+    image files and one text-only record. Manifest: `answers` {id: first answer}."""
+    rng = np.random.default_rng(seed)
+    recs, answers = [], {}
+    for i in range(n + len(missing)):
+        name = image_names[i % len(image_names)] if i < n else missing[i - n]
+        q, a = caption(rng) + "?", caption(rng) + "."
+        first = f"<image>\n{q}" if i % 2 == 0 else f"{q}\n<image>"
+        recs.append({"id": f"r{i}", "image": name, "conversations": [
+            {"from": "human", "value": first}, {"from": "gpt", "value": a},
+            {"from": "human", "value": caption(rng) + "?"}, {"from": "gpt", "value": caption(rng)}]})
+        if i < n:
+            answers[f"r{i}"] = a
+    recs.append({"id": "text-only", "conversations": [
+        {"from": "human", "value": "hello?"}, {"from": "gpt", "value": "hi there."}]})
+    with open(path, "w") as f:
+        json.dump(recs, f)
+    return {"answers": answers, "records": len(recs), "missing": len(missing)}

@@ -1,0 +1,297 @@
+"""The training input pipeline (grain), one per JAX process.
+
+    it = make_train_iterator(config, tokenizer, owl_cfg, process_index=None, process_count=None)
+    batch = next(it)        # the BRIEF training batch: numpy input_ids, targets, loss_mask,
+                            # segment_ids, positions [B, L]; pixel_values [B, M, S, S, 3]
+    state = it.get_state()  # JSON-able; a fresh iterator + set_state(state) continues exactly
+    it.dropped              # Counter: reason -> samples dropped on this process so far
+    it.close()              # stops worker processes
+
+`config` is an ml_collections ConfigDict (or dict) holding a `data` block, or the block itself.
+Its fields (defaults in `default_config()`):
+  sources            list of {spec, weight=1.0, task, prompt="", filters={}}:
+                     spec: a source spec (spec.py; arrayrecord / webdataset / coco / instruct);
+                     task: "caption" (stage 1 pairs), "instruction" (stage 2 conversations,
+                     the default for instruct: specs) or "text" (the sample's text, every token
+                     trained); prompt: caption task text before the image; filters: thresholds
+                     of filters.py (min_similarity, min_clip_similarity, min_aesthetic, ...).
+  seq_len            L: row length; tasks cut samples to it (official max_length)
+  batch_size         B: rows per batch on this process
+  packing            True: greedy packing of several samples per row; False: one per row
+  max_images_per_row M
+  augment            True: RandomResizedCrop(S, scale=(0.5, 1), bicubic) + horizontal flip,
+                     drawn per sample from (seed, index); False: bicubic resize to S x S
+  seed               shuffle and augmentation seed (identical on every process)
+  num_epochs         None: repeat forever; n: every source n times, each epoch reshuffled (a
+                     mixture ends when its first source runs out)
+  workers            decoding processes (grain mp_prefetch); 0 decodes in threads of this one.
+                     A saved state only restores with the same number of workers.
+  threads            decoding threads per process (grain ReadOptions.num_threads)
+  read_buffer        elements each process decodes ahead; worker_buffer: ahead per worker
+  max_pixels         decompression-bomb limit (None: PIL's MAX_IMAGE_PIXELS)
+S, the image mean and std come from `owl_cfg` (OwlConfig).
+
+Order of operations, and why: each source is a random-access dataset that is globally
+shuffled (Feistel, no memory), cut to a multiple of process_count and strided so every process
+reads an equal, disjoint share, repeated (reshuffled per epoch), and mapped sample by sample
+(decode, augment, normalize, tokenize) with an RNG keyed by (seed, index); sources are mixed by
+weight (grain MapDataset.mix); workers decode; then, in this process, dropped samples are
+counted, samples are packed or padded into rows, and rows batched. Nothing before the worker
+boundary filters, so the sample order does not depend on the number of workers, and a state
+is a handful of indices.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+from typing import Any
+
+import grain
+import numpy as np
+
+from owl_jax.data import images as imgs
+from owl_jax.data import packing, tasks
+from owl_jax.data.filters import FilterSpec
+from owl_jax.data.sources import Checks, random_access
+from owl_jax.data.spec import RawSample, Skipped, SourceError, parse_spec
+
+log = logging.getLogger(__name__)
+TASKS = ("caption", "instruction", "text")
+
+
+def default_config():
+    import ml_collections
+    return ml_collections.ConfigDict(dict(
+        sources=[], seq_len=512, batch_size=8, packing=True, max_images_per_row=4,
+        augment=True, seed=0, num_epochs=None, workers=0, threads=2, read_buffer=32,
+        worker_buffer=4, max_pixels=None))
+
+
+def data_config(config) -> dict[str, Any]:
+    """The data block of `config` merged over the defaults, as a plain dict."""
+    block = config["data"] if _has(config, "data") else config
+    block = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+    out = default_config().to_dict()
+    unknown = sorted(set(block) - set(out))
+    if unknown:
+        log.warning("data config: ignoring unknown fields %s", unknown)
+    out.update({k: v for k, v in block.items() if k in out})
+    if not out["sources"]:
+        raise ValueError("data config: `sources` is empty")
+    out["sources"] = [_source_config(s, i) for i, s in enumerate(out["sources"])]
+    return out
+
+
+def _has(config, key) -> bool:
+    try:
+        return key in config
+    except TypeError:
+        return False
+
+
+def _source_config(s, i) -> dict[str, Any]:
+    s = s.to_dict() if hasattr(s, "to_dict") else dict(s)
+    if "spec" not in s:
+        raise ValueError(f"data config: sources[{i}] has no `spec`")
+    kind = parse_spec(s["spec"]).kind
+    out = {"weight": 1.0, "task": "instruction" if kind == "instruct" else "caption",
+           "prompt": "", "filters": {}, **s}
+    if out["task"] not in TASKS:
+        raise ValueError(f"data config: sources[{i}].task {out['task']!r} not in {TASKS}")
+    if (kind == "instruct") != (out["task"] == "instruction"):
+        raise ValueError(f"data config: sources[{i}]: task 'instruction' goes with instruct: "
+                         f"specs only, got task {out['task']!r} for {s['spec']}")
+    FilterSpec.from_kwargs(**out["filters"])  # names checked now, not in a worker
+    return out
+
+
+class SampleMaker(grain.transforms.RandomMap):
+    """Stored sample -> tokenized sample with normalized images, or {"drop": reason}.
+    Runs in the decoding workers; `rng` is grain's, keyed by (seed, index)."""
+
+    def __init__(self, task: str, tokenizer, owl_cfg, cfg: dict, src: dict):
+        self.task, self.tok, self.prompt = task, tokenizer, src["prompt"]
+        self.seq_len, self.max_images = cfg["seq_len"], cfg["max_images_per_row"]
+        self.image_tokens = owl_cfg.image_tokens
+        self.size = owl_cfg.vision.image_size
+        self.mean, self.std = tuple(owl_cfg.image_mean), tuple(owl_cfg.image_std)
+        self.augment = cfg["augment"]
+        self.checks = Checks(FilterSpec.from_kwargs(**src["filters"]), task != "instruction",
+                             cfg["max_pixels"])
+
+    def random_map(self, element, rng: np.random.Generator):
+        try:
+            sample, reason = self._make(element, rng)
+        except imgs.BadImage as e:
+            return {"drop": e.reason}
+        return sample if sample is not None else {"drop": reason}
+
+    def _make(self, el, rng):
+        if isinstance(el, Skipped):
+            return None, el.reason
+        if self.task == "instruction":
+            sample, reason = tasks.tokenize_conversation(self.tok, el.text(), self.seq_len,
+                                                         self.image_tokens)
+            if sample is None or not self._room(sample):
+                return None, reason or "too_many_images"
+            pil = [imgs.open_image(_read_file(p), self.checks.max_pixels)
+                   for p in el.images[:sample["num_images"]]]
+        else:
+            reason = self.checks.check_raw(el)
+            if reason and not (self.task == "text" and reason == "missing_image"):
+                return None, reason
+            if self.task == "text":
+                return tasks.text_sample(self.tok, el.text, self.seq_len)
+            sample, reason = tasks.caption_sample(self.tok, el.text, self.seq_len,
+                                                  self.image_tokens, self.prompt)
+            if sample is None or not self._room(sample):
+                return None, reason or "too_many_images"
+            pil = [self.checks.open_image(el)[0]]
+        sample["images"] = np.stack([self._pixels(im, rng) for im in pil]) if pil else \
+            np.zeros((0, self.size, self.size, 3), np.float32)
+        return sample, ""
+
+    def _room(self, sample) -> bool:
+        return sample["num_images"] <= self.max_images
+
+    def _pixels(self, img, rng) -> np.ndarray:
+        if self.augment:
+            arr = imgs.random_resized_crop_flip(img, self.size, rng)
+        else:
+            arr = imgs.resize_square(img, self.size)
+        return imgs.normalize(arr, self.mean, self.std)
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise imgs.BadImage("missing_image", f"{path}: {e}") from None
+
+
+class _DropCounting(grain.IterDataset):
+    """Skips {"drop": reason} markers and counts them into `counts` (this process)."""
+
+    def __init__(self, parent: grain.IterDataset, counts: collections.Counter):
+        super().__init__(parent)
+        self._counts = counts
+
+    def __iter__(self):
+        return _DropCountingIterator(self._parent.__iter__(), self._counts)
+
+
+class _DropCountingIterator(grain.DatasetIterator):
+    def __init__(self, parent, counts):
+        super().__init__(parent)
+        self._counts = counts
+
+    def __next__(self):
+        while True:
+            el = next(self._parent)
+            reason = el.get("drop") if isinstance(el, dict) else "not_a_sample"
+            if reason is None:
+                return el
+            self._counts[reason] += 1
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "dropped": dict(self._counts)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._counts.clear()
+        self._counts.update(state["dropped"])
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Batches of this process. `dropped` counts samples dropped while reading (restored with
+    the state); `lost_at_open` what indexing the sources lost (missing shards, cut tars,
+    unusable instruction records)."""
+
+    def __init__(self, parent, dropped: collections.Counter, lost: collections.Counter,
+                 sizes: dict[str, int]):
+        super().__init__(parent)
+        self.dropped, self.lost_at_open, self.source_sizes = dropped, lost, sizes
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _seed(seed: int, i: int, salt: int) -> int:
+    return int(np.random.SeedSequence([seed, i, salt]).generate_state(1)[0] >> 1)
+
+
+def _mark_absl_flags_parsed(*_):
+    """grain 0.2.18 reads absl flags in workers; with jax installed they are unparsed there
+    (google/grain#1355). Also run in each worker (worker_init_fn)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def build_sources(cfg, tokenizer, owl_cfg, process_index, process_count):
+    """Per-source MapDatasets (shuffled, this process's share, repeated, mapped), weights,
+    what indexing lost, and the sizes of this process's shares."""
+    parts, weights, sizes = [], [], {}
+    lost: collections.Counter = collections.Counter()
+    for i, src in enumerate(cfg["sources"]):
+        seq, lost_i = random_access(src["spec"])
+        lost.update(lost_i)
+        share = len(seq) // process_count
+        if share == 0:
+            raise SourceError(f"{src['spec']}: {len(seq)} samples cannot give each of "
+                              f"{process_count} processes one")
+        ds = grain.MapDataset.source(seq).shuffle(seed=_seed(cfg["seed"], i, 1))
+        ds = ds[:share * process_count][process_index::process_count]
+        ds = ds.repeat(cfg["num_epochs"])
+        ds = ds.random_map(SampleMaker(src["task"], tokenizer, owl_cfg, cfg, src),
+                           seed=_seed(cfg["seed"], i, 2))
+        parts.append(ds)
+        weights.append(float(src["weight"]))
+        sizes[src["spec"]] = share
+    return parts, weights, lost, sizes
+
+
+def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = None,
+                        process_count: int | None = None) -> TrainIterator:
+    """See the module docstring. process_index / process_count default to jax's."""
+    cfg = data_config(config)
+    pi, pc = _process(process_index, process_count)
+    parts, weights, lost, sizes = build_sources(cfg, tokenizer, owl_cfg, pi, pc)
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg["threads"],
+                                                 prefetch_buffer_size=cfg["read_buffer"]))
+    if cfg["workers"] > 0:
+        _mark_absl_flags_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=cfg["workers"],
+                                         per_worker_buffer_size=cfg["worker_buffer"]),
+            worker_init_fn=_mark_absl_flags_parsed)
+    dropped: collections.Counter = collections.Counter()
+    samples = _DropCounting(it_ds, dropped)
+    size = owl_cfg.vision.image_size
+    L, M = cfg["seq_len"], cfg["max_images_per_row"]
+    if cfg["packing"]:
+        rows = packing.PackIterDataset(samples, L, M, size)
+    else:
+        rows = samples.map(functools.partial(packing.pad_to_length, seq_len=L, max_images=M,
+                                             image_size=size))
+    batches = rows.batch(cfg["batch_size"], drop_remainder=True, batch_fn=packing.stack_rows)
+    return TrainIterator(batches.__iter__(), dropped, lost, sizes)

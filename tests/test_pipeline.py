@@ -1,0 +1,225 @@
+"""The grain training pipeline on shards the tests write (img2dataset webdataset -> owl-data
+convert -> ArrayRecord; COCO folder + LLaVA json)."""
+import collections
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from owl_jax.config import tiny
+from owl_jax.data import images as imgs
+from owl_jax.data import shard_tools
+from owl_jax.data.pipeline import make_train_iterator
+from owl_jax.data.sources import open_source
+from owl_jax.processor import preprocess_image
+from owl_jax.testing import shards
+from owl_jax.testing.spm import train_tiny_tokenizer
+from owl_jax.tokenizer import OwlTokenizer
+
+OWL = tiny()
+N_IMG = OWL.image_tokens
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    wds = shards.write_webdataset(str(root / "wds"), n_shards=2, per_shard=16,
+                                  bad=["truncated_image", "undecodable_image", "missing_caption"],
+                                  modes=["CMYK", "P"], truncate_last=True)
+    shard_tools.convert(f"webdataset:{root}/wds", str(root / "ar"), progress=False)
+    coco = shards.write_coco(str(root / "coco"), n_images=4, missing_images=0)
+    llava = shards.write_llava(str(root / "llava.json"), sorted(os.listdir(coco["images"])))
+    tok = OwlTokenizer(train_tiny_tokenizer(str(root / "tok")))
+    return dict(root=str(root), wds=wds, ar=f"arrayrecord:{root}/ar", coco=coco, llava=llava,
+                tok=tok, instruct=f"instruct:{root}/llava.json?images={coco['images']}")
+
+
+def cfg(spec, **kw):
+    base = dict(sources=[dict(spec=spec)], seq_len=40, batch_size=1, packing=False,
+                max_images_per_row=2, workers=0, threads=1, num_epochs=1, seed=3)
+    base.update(kw)
+    return base
+
+
+def take(it, n=None):
+    out = []
+    try:
+        while n is None or len(out) < n:
+            out.append(next(it))
+    except StopIteration:
+        pass
+    return out
+
+
+def captions(batches, tok):
+    """The text of every packed sample (its inputs, image slots and BOS skipped)."""
+    out = []
+    for b in batches:
+        for ids, seg in zip(b["input_ids"], b["segment_ids"]):
+            out += [tok.decode(ids[seg == s]).strip() for s in range(1, seg.max() + 1)]
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+def test_one_epoch_sees_every_sample_once(data):
+    it = make_train_iterator(cfg(data["ar"]), data["tok"], OWL, 0, 1)
+    got = captions(take(it), data["tok"])
+    assert collections.Counter(got) == collections.Counter(data["wds"]["samples"].values())
+    assert it.dropped == {} and it.source_sizes == {data["ar"]: len(data["wds"]["samples"])}
+
+
+def test_bad_samples_dropped_and_counted(data):
+    spec = f"webdataset:{data['root']}/wds"  # unconverted: read through a tar index
+    it = make_train_iterator(cfg(spec), data["tok"], OWL, 0, 1)
+    got = captions(take(it), data["tok"])
+    assert collections.Counter(got) == collections.Counter(data["wds"]["samples"].values())
+    expected = {k: v for k, v in data["wds"]["skipped"].items() if k != "truncated_tar"}
+    assert dict(it.dropped) == expected and len(expected) >= 2
+    assert dict(it.lost_at_open) == {"truncated_tar": 1}
+
+
+def test_process_shares_equal_disjoint_complete(data):
+    everything = collections.Counter(data["wds"]["samples"].values())
+    n, pc = sum(everything.values()), 3
+    shares = [collections.Counter(captions(take(make_train_iterator(
+        cfg(data["ar"]), data["tok"], OWL, pi, pc)), data["tok"])) for pi in range(pc)]
+    assert [sum(s.values()) for s in shares] == [n // pc] * pc
+    union = shares[0] + shares[1] + shares[2]
+    assert sum(union.values()) == n // pc * pc and not (union - everything)
+
+
+def test_deterministic_and_resume_exact_with_packing(data):
+    c = cfg(data["ar"], packing=True, batch_size=3, num_epochs=None, augment=True)
+    it = make_train_iterator(c, data["tok"], OWL, 0, 1)
+    first = take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    rest = take(it, 6)  # 9 batches of ~3 x 2 samples: past the end of the first epoch
+    assert sum(int(b["segment_ids"].max(1).sum()) for b in first + rest) > 28
+    assert any(b["segment_ids"].max() > 1 for b in first)  # rows really are packed
+    again = make_train_iterator(c, data["tok"], OWL, 0, 1)
+    assert same(take(again, 9), first + rest)
+    resumed = make_train_iterator(c, data["tok"], OWL, 0, 1)
+    resumed.set_state(state)
+    assert same(take(resumed, 6), rest)
+    other_seed = make_train_iterator({**c, "seed": 4}, data["tok"], OWL, 0, 1)
+    assert not same(take(other_seed, 3), first)
+
+
+def test_epochs_are_reshuffled_permutations(data):
+    it = make_train_iterator(cfg(data["ar"], num_epochs=2), data["tok"], OWL, 0, 1)
+    got = captions(take(it), data["tok"])
+    n = len(data["wds"]["samples"])
+    assert len(got) == 2 * n
+    assert collections.Counter(got[:n]) == collections.Counter(got[n:])
+    assert got[:n] != got[n:]
+
+
+def test_eval_pixels_match_processor_and_batch_layout(data):
+    it = make_train_iterator(cfg(data["ar"], augment=False, batch_size=2), data["tok"], OWL, 0, 1)
+    b = next(it)
+    assert b["pixel_values"].shape == (2, 2, 28, 28, 3) and b["pixel_values"].dtype == np.float32
+    originals = {ex["text"]: ex["image"] for ex in open_source(data["ar"])}
+    for row, text in enumerate(captions([b], data["tok"])):
+        ref = preprocess_image(Image.fromarray(originals[text]), 28, OWL.image_mean, OWL.image_std)
+        np.testing.assert_allclose(b["pixel_values"][row, 0], ref, atol=1e-5)
+        assert not b["pixel_values"][row, 1].any()  # the unused image slot
+        ids = b["input_ids"][row]
+        assert list(ids[:1 + N_IMG]) == [1] + [-1] * N_IMG
+        n = int((b["segment_ids"][row] > 0).sum())
+        np.testing.assert_array_equal(b["targets"][row, :n - 1], np.maximum(ids[1:n], 0))
+        assert b["loss_mask"][row, :N_IMG].sum() == 0 and b["loss_mask"][row, n - 1] == 1
+
+
+def test_random_resized_crop_is_torchvision_recipe():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(shards.natural_image(rng, 120, 80))
+    boxes = [imgs.crop_box(100, 100, np.random.default_rng(s)) for s in range(300)]
+    areas = np.array([w * h for _, _, w, h in boxes]) / (100 * 100)
+    ratios = np.array([w / h for _, _, w, h in boxes])
+    assert 0.5 - 0.02 <= areas.min() < 0.55 and 0.95 < areas.max() <= 1.0
+    assert ratios.min() >= 0.75 - 0.02 and ratios.max() <= 4 / 3 + 0.02
+    assert all(0 <= x and 0 <= y and x + w <= 100 and y + h <= 100 for x, y, w, h in boxes)
+    # a 3:2 image: crops of the widest allowed ratio (4/3) at most, full height at most
+    boxes = [imgs.crop_box(120, 80, np.random.default_rng(s)) for s in range(100)]
+    assert all(x + w <= 120 and y + h <= 80 and w / h <= 4 / 3 + 0.02 for x, y, w, h in boxes)
+    flips = 0
+    for s in range(40):
+        out = imgs.random_resized_crop_flip(img, 32, np.random.default_rng(s))
+        r = np.random.default_rng(s)
+        x, y, w, h = imgs.crop_box(120, 80, r)
+        ref = img.crop((x, y, x + w, y + h)).resize((32, 32), Image.BICUBIC)
+        if r.random() < 0.5:
+            ref, flips = ref.transpose(Image.FLIP_LEFT_RIGHT), flips + 1
+        np.testing.assert_array_equal(out, np.asarray(ref))
+    assert 10 <= flips <= 30
+
+
+def test_mixture_weights_and_tasks(data):
+    c = cfg(None, sources=[dict(spec=data["ar"], weight=3.0),
+                           dict(spec=data["ar"], weight=1.0, task="text")], num_epochs=None)
+    rows = take(make_train_iterator(c, data["tok"], OWL, 0, 1), 40)
+    with_image = [bool((b["input_ids"] < 0).any()) for b in rows]
+    assert sum(with_image) == 30
+    for b, img in zip(rows, with_image):
+        assert bool(b["pixel_values"].any()) == img
+        if not img:  # text task: every token of the text is trained
+            n = int((b["segment_ids"][0] > 0).sum())
+            assert b["loss_mask"][0, :n].all()
+
+
+def test_instruction_source(data):
+    it = make_train_iterator(cfg(data["instruct"], seq_len=256, batch_size=1), data["tok"], OWL,
+                             0, 1)
+    rows = take(it)
+    assert (dict(it.dropped), dict(it.lost_at_open)) == ({"missing_image": 1}, {})
+    assert len(rows) == len(data["llava"]["answers"]) + 1  # + the text-only record
+    trained = [data["tok"].decode(b["targets"][0][b["loss_mask"][0] > 0]) for b in rows]
+    for answer in data["llava"]["answers"].values():
+        assert any(t.startswith(answer) for t in trained)
+    for b in rows:
+        n_slots = int((b["input_ids"][0] < 0).sum())
+        assert n_slots in (0, N_IMG)
+        assert bool(b["pixel_values"][0, 0].any()) == (n_slots > 0)
+        assert not b["pixel_values"][0, 1].any()
+
+
+def test_config_errors(data):
+    tok = data["tok"]
+    with pytest.raises(ValueError, match="sources` is empty"):
+        make_train_iterator({"sources": []}, tok, OWL, 0, 1)
+    with pytest.raises(ValueError, match="task"):
+        make_train_iterator(cfg(None, sources=[dict(spec=data["ar"], task="vqa")]), tok, OWL, 0, 1)
+    with pytest.raises(ValueError, match="instruct"):
+        make_train_iterator(cfg(None, sources=[dict(spec=data["ar"], task="instruction")]),
+                            tok, OWL, 0, 1)
+    with pytest.raises(ValueError, match="unknown filter"):
+        make_train_iterator(cfg(None, sources=[dict(spec=data["ar"], filters={"min_sim": 1})]),
+                            tok, OWL, 0, 1)
+    with pytest.raises(ValueError, match="cannot give each"):
+        make_train_iterator(cfg(data["ar"]), tok, OWL, 0, 1000)
+
+
+def test_workers_give_the_same_stream_and_resume(data):
+    """Decoding in 2 worker processes yields exactly the in-process batches; a 2-worker state
+    restores into a fresh 2-worker iterator."""
+    c = cfg(data["ar"], packing=True, batch_size=2, num_epochs=None)
+    reference = take(make_train_iterator(c, data["tok"], OWL, 0, 1), 6)
+    it = make_train_iterator({**c, "workers": 2}, data["tok"], OWL, 0, 1)
+    try:
+        got = take(it, 2)
+        state = it.get_state()
+        got += take(it, 4)
+    finally:
+        it.close()
+    assert same(got, reference)
+    resumed = make_train_iterator({**c, "workers": 2}, data["tok"], OWL, 0, 1)
+    try:
+        resumed.set_state(state)
+        assert same(take(resumed, 4), reference[2:])
+    finally:
+        resumed.close()
