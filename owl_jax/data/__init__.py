@@ -2,3 +2,4 @@
 
 from owl_jax.data.conversation import Conversation, InstructionReader  # noqa: F401
 from owl_jax.data.tasks import CaptionTask, InstructionTask, TextTask  # noqa: F401
+from owl_jax.data.sources import open_source  # noqa: F401
