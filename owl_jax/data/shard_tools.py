@@ -11,6 +11,7 @@ or a short side above `resize` (then shrunk to `resize`, bicubic, keeping the as
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import multiprocessing
 import os
@@ -67,6 +68,8 @@ def scan_unit(unit: Unit, checks: Checks, decode: bool = True, out_dir: str | No
         result["samples"] = sum(1 for _ in good_samples())
     else:
         final = os.path.join(out_dir, unit.name + ".array_record")
+        for stale in glob.glob(glob.escape(final) + ".tmp-*"):  # left by an interrupted run
+            os.remove(stale)
         tmp = f"{final}.tmp-{os.getpid()}"
         result["samples"] = write_arrayrecord(tmp, (pack_record(r) for r in good_samples()))
         result["file"] = final
