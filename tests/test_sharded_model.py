@@ -3,7 +3,8 @@
 Runs in a subprocess with 8 host CPU devices (XLA_FLAGS must be set before jax starts). Params
 are placed with `owl_jax.sharding.param_shardings` under `DEFAULT_RULES`; the forward is jitted
 under `jax.set_mesh` + `nn.logical_axis_rules`. Checks: the big kernels really are split over
-fsdp / tensor, the logits equal the single-device logits and the float64 numpy reference.
+fsdp / tensor, the logits (unrolled, and scanned + remat) equal the single-device logits and the
+float64 numpy reference.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _main():
     import numpy_ref as ref  # this file's directory is on sys.path when run as a script
     from owl_jax import sharding
     from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
-    from owl_jax.models.owl import Owl
+    from owl_jax.models.owl import Owl, scan_params
 
     assert jax.device_count() == 8, jax.devices()
     # Every sharded dimension divisible by 2, widths still all different.
@@ -106,6 +107,19 @@ def _main():
     assert out.sharding.spec == P(("data", "fsdp"), None, "tensor"), out.sharding.spec
     sharded = np.asarray(out)
     np.testing.assert_allclose(sharded, single, atol=1e-5, rtol=0)
+
+    # The training layout: scanned + rematerialised LLM layers, stacked on an unsharded
+    # `layers` axis, same logits.
+    scanned = Owl(cfg, scan_layers=True, remat_policy="full")
+    abstract_s = jax.eval_shape(scanned.init, jax.random.key(0), ids, per_row, seg)["params"]
+    params_s = sharding.shard_params(scan_params(host),
+                                     sharding.param_shardings(abstract_s, mesh, rules))
+    stacked = params_s["language_model"]["layers"]["layer"]["mlp"]["up_proj"]["kernel"]
+    assert stacked.sharding.spec == P(None, "fsdp", "tensor"), stacked.sharding.spec
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out_s = jax.jit(lambda p, *a: scanned.apply({"params": p}, *a))(
+            params_s, batch["ids"], batch["px"], batch["seg"])
+    np.testing.assert_allclose(np.asarray(out_s), single, atol=1e-5, rtol=0)
 
     # and both equal the float64 reference (official flat image order), on the real tokens
     want = ref.owl_logits(sd, cfg, ids[:3], px_nchw[:3].astype(np.float64))
