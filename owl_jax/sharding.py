@@ -25,6 +25,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv", "tensor"),
     ("vocab", "tensor"),
+    # The token table's vocab axis stays whole: a gather from a vocab-sharded table makes XLA
+    # copy the full table to every device. Its width is still sharded (fsdp).
+    ("embed_vocab", None),
     ("norm", None),
     ("layers", None),
     # activations

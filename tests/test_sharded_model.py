@@ -90,7 +90,7 @@ def _main():
     assert spec(*lm, "layers_1", "mlp", "down_proj", "kernel") == P("tensor", "fsdp")
     assert spec(*lm, "layers_0", "self_attn", "q_proj", "kernel") == P("fsdp", "tensor")
     assert spec(*lm, "layers_0", "self_attn", "o_proj", "kernel") == P("tensor", "fsdp")
-    assert spec(*lm, "embed_tokens", "embedding") == P("tensor", "fsdp")
+    assert spec(*lm, "embed_tokens", "embedding") == P(None, "fsdp")
     assert spec(*lm, "lm_head", "kernel") == P("fsdp", "tensor")
     assert spec("vision_model", "layers_0", "self_attn", "query_key_value", "kernel") \
         == P("fsdp", "tensor")

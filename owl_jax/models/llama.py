@@ -139,7 +139,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                        ("vocab", "embed")))
+                                                        ("embed_vocab", "embed")))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
                   lora_targets=self.lora_targets)
         policy = REMAT_POLICIES[self.remat_policy]
