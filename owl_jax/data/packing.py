@@ -14,6 +14,7 @@ a target never crosses into the next sample by construction.
 from __future__ import annotations
 
 import collections
+import copy
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -205,12 +206,12 @@ class _PackIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, packer: Packer):
         super().__init__(parent)
         self.packer = packer
-        self._row_start = parent.get_state()
+        self._row_start = copy.deepcopy(parent.get_state())
         self._exhausted = False
 
     def __next__(self) -> dict[str, np.ndarray]:
         while not self._exhausted:
-            before = self._parent.get_state()
+            before = copy.deepcopy(self._parent.get_state())
             try:
                 sample = next(self._parent)
             except StopIteration:
@@ -218,22 +219,22 @@ class _PackIterator(grain.DatasetIterator):
                 break
             rows = self.packer.add(sample)
             if not self.packer.pending:
-                self._row_start = self._parent.get_state()
+                self._row_start = copy.deepcopy(self._parent.get_state())
             elif len(self.packer.pending) == 1 and self.packer.pending[0] is sample:
                 self._row_start = before
             if rows:
                 return rows[0]
         rows = self.packer.flush()
         if rows:
-            self._row_start = self._parent.get_state()
+            self._row_start = copy.deepcopy(self._parent.get_state())
             return rows[0]
         raise StopIteration
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._row_start}
+        return {"parent": copy.deepcopy(self._row_start)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._row_start = state["parent"]
+        self._row_start = copy.deepcopy(state["parent"])
         self.packer.pending, self.packer._used, self.packer._images = [], 0, 0
         self._exhausted = False
