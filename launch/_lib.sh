@@ -1,7 +1,7 @@
 # Helpers shared by the launchers (sourced, not run). Bash >= 4.3.
 #
 # Every launcher hands the processes it starts the environment contract of docs/launch.md:
-#   OWL_COORDINATOR=host:port  OWL_NUM_PROCESSES=N  OWL_PROCESS_ID=i  [OWL_LOCAL_DEVICE_IDS=0,1]
+#   OWL_COORDINATOR_ADDRESS=host:port  OWL_NUM_PROCESSES=N  OWL_PROCESS_ID=i  [OWL_LOCAL_DEVICE_IDS=0,1]
 # or OWL_DISTRIBUTED=auto (let jax.distributed.initialize() detect a TPU pod / SLURM / ...).
 
 # XLA flags for multi-GPU training (all known to jaxlib 0.10.2; tests/test_launch.py checks that

@@ -3,7 +3,7 @@
 # process data shards, global arrays, checkpoints) without a cluster.
 #
 #   launch/local.sh N [owl-train args...]
-#   launch/local.sh 2 --config configs/owl_tiny_stage1.py --workdir /tmp/run
+#   launch/local.sh 2 --config configs/tiny_stage1.py --workdir /tmp/run
 #
 # Starts N processes of owl-train on localhost with process ids 0..N-1 and a shared
 # coordinator, each with TOTAL/N CPU devices (TOTAL = OWL_LOCAL_DEVICES, default 8) and gloo
@@ -32,7 +32,7 @@ read -r -a TRAIN <<<"${OWL_TRAIN:-owl-train}"
 
 process_env() {
   OWL_ENV=(
-    "OWL_COORDINATOR=127.0.0.1:$PORT" "OWL_NUM_PROCESSES=$NPROC" "OWL_PROCESS_ID=$1"
+    "OWL_COORDINATOR_ADDRESS=127.0.0.1:$PORT" "OWL_NUM_PROCESSES=$NPROC" "OWL_PROCESS_ID=$1"
     JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
     "XLA_FLAGS=${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$PER_PROC"
   )

@@ -82,7 +82,7 @@ fi
 
 process_env() {
   local id=$((NODE_RANK * PROCS + $1))
-  OWL_ENV=("OWL_COORDINATOR=$COORD" "OWL_NUM_PROCESSES=$((NNODES * PROCS))" "OWL_PROCESS_ID=$id")
+  OWL_ENV=("OWL_COORDINATOR_ADDRESS=$COORD" "OWL_NUM_PROCESSES=$((NNODES * PROCS))" "OWL_PROCESS_ID=$id")
   if ((PROCS > 1)); then OWL_ENV+=("OWL_LOCAL_DEVICE_IDS=$1"); fi
   if owl_is_dry; then OWL_ENV+=("XLA_FLAGS=${XLA_FLAGS:-}"); fi   # show what the run would get
   OWL_LOG_NAME="process_$id"

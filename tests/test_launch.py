@@ -19,10 +19,10 @@ PROBE = r'''
 import os, sys
 import jax, numpy as np
 env = os.environ
-if env.get("OWL_COORDINATOR"):
+if env.get("OWL_COORDINATOR_ADDRESS"):
     ids = env.get("OWL_LOCAL_DEVICE_IDS")
     jax.distributed.initialize(
-        coordinator_address=env["OWL_COORDINATOR"], num_processes=int(env["OWL_NUM_PROCESSES"]),
+        coordinator_address=env["OWL_COORDINATOR_ADDRESS"], num_processes=int(env["OWL_NUM_PROCESSES"]),
         process_id=int(env["OWL_PROCESS_ID"]),
         local_device_ids=[int(i) for i in ids.split(",")] if ids else None,
         cluster_detection_method="deactivate")
@@ -79,7 +79,7 @@ def test_local_dry_run_prints_one_command_per_process():
     assert len(lines) == 4
     for i, line in enumerate(lines):
         env, argv = _env_and_argv(line)
-        assert env["OWL_COORDINATOR"] == "127.0.0.1:23456"
+        assert env["OWL_COORDINATOR_ADDRESS"] == "127.0.0.1:23456"
         assert (env["OWL_NUM_PROCESSES"], env["OWL_PROCESS_ID"]) == ("4", str(i))
         assert env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
         assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"   # 8 / 4
@@ -126,7 +126,7 @@ def test_multinode_node_mode_dry_run_one_process_per_gpu():
     assert len(lines) == 4
     for i, line in enumerate(lines):
         env, argv = _env_and_argv(line)
-        assert env["OWL_COORDINATOR"] == "node0:1234" and env["OWL_NUM_PROCESSES"] == "8"
+        assert env["OWL_COORDINATOR_ADDRESS"] == "node0:1234" and env["OWL_NUM_PROCESSES"] == "8"
         assert (env["OWL_PROCESS_ID"], env["OWL_LOCAL_DEVICE_IDS"]) == (str(4 + i), str(i))
         assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"]
         assert argv == ["owl-train", "--config", "c.py"]
@@ -188,7 +188,7 @@ def test_slurm_dry_run_exports_contract_and_gpu_flags(tmp_path):
     assert r.returncode == 0, r.stderr
     *exports, srun = r.stdout.strip().splitlines()
     env = dict(shlex.split(e)[1].split("=", 1) for e in exports)
-    assert env["OWL_COORDINATOR"] == "gpu001:24242"          # first node, 20000 + job id % 20000
+    assert env["OWL_COORDINATOR_ADDRESS"] == "gpu001:24242"          # first node, 20000 + job id % 20000
     assert env["OWL_NUM_PROCESSES"] == "16" and env["OWL_TASKS_PER_NODE"] == "8"
     assert "--xla_gpu_enable_latency_hiding_scheduler=true" in env["XLA_FLAGS"]
     assert env["NCCL_DEBUG"] == "WARN"
@@ -200,16 +200,17 @@ def test_slurm_dry_run_exports_contract_and_gpu_flags(tmp_path):
 def test_slurm_tasks_get_their_process_ids(tmp_path):
     show = tmp_path / "show_env.py"
     show.write_text("import os\nprint('task', *(os.environ.get(k, '-') for k in ("
-                    "'OWL_COORDINATOR', 'OWL_NUM_PROCESSES', 'OWL_PROCESS_ID', "
+                    "'OWL_COORDINATOR_ADDRESS', 'OWL_NUM_PROCESSES', 'OWL_PROCESS_ID', "
                     "'OWL_LOCAL_DEVICE_IDS')))\n")
     r = _bash("gpu_slurm.sbatch", **_slurm_env(tmp_path, SLURM_NTASKS_PER_NODE=2,
                                                 OWL_TRAIN=f"{sys.executable} {show}"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:4] == [f"task gpu001:24242 4 {t} {t % 2}" for t in range(4)]
-    # One task per node: it drives every GPU of its node (no local device ids).
-    r = _bash("gpu_slurm.sbatch", **_slurm_env(tmp_path, SLURM_NTASKS_PER_NODE=1,
+    # One task per node drives every GPU of its node, listed explicitly.
+    r = _bash("gpu_slurm.sbatch", **_slurm_env(tmp_path, SLURM_NTASKS_PER_NODE=1, SLURM_GPUS_ON_NODE=4,
                                                 OWL_TRAIN=f"{sys.executable} {show}"))
-    assert r.stdout.split("\n")[:2] == ["task gpu001:24242 2 0 -", "task gpu001:24242 2 1 -"]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["task gpu001:24242 2 0 0,1,2,3", "task gpu001:24242 2 1 0,1,2,3"]
 
 
 def test_gpu_xla_flags_are_accepted_by_xla(tmp_path):
