@@ -1,0 +1,253 @@
+"""The train state, its layout on the mesh, and the three ways to create it.
+
+    TrainState(step, trainable, frozen, opt_state)
+
+- `trainable` holds master weights (model.param_dtype, fp32 by default) and is the only tree the
+  optimizer sees; `frozen` holds the rest (model.frozen_dtype) and is passed through the step
+  untouched.
+- `StateLayout` is computed from shapes only (`jax.eval_shape`): the abstract state and a
+  NamedSharding for every leaf, from the params' logical axis names and the config's rules. The
+  optimizer state inherits its params' names, so Adam moments shard like their params.
+- Creation: `init_fresh` (random init, directly into the shardings), `init_from_export`
+  (weights of an owl-convert / owl-train export directory restored straight into their
+  shardings; what the directory lacks, e.g. LoRA adapters, is initialised), or a restore from a
+  train checkpoint (checkpointing.py) against `layout.abstract`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from owl_jax import config as owl_config_lib
+from owl_jax.config import OwlConfig
+from owl_jax.models.layers import LoraSpec
+from owl_jax.models.owl import Owl, scan_params
+from owl_jax.train import trainable as tr
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+
+    def params(self):
+        return tr.merge(self.trainable, self.frozen)
+
+
+# --------------------------------------------------------------------------------------------
+# Model from config
+
+
+def owl_config(config) -> OwlConfig:
+    """The model shape: from `init_from`'s config.json when set, else the `model.size` preset."""
+    m = config.model
+    if config.init_from:
+        cfg = owl_config_lib.load_official(config.init_from)
+    elif m.size == "7b":
+        cfg = OwlConfig()
+    elif m.size == "tiny":
+        cfg = owl_config_lib.tiny(vocab_size=int(m.vocab_size))
+    else:
+        raise ValueError(f"model.size={m.size!r}: expected 7b or tiny")
+    if m.image_size and m.image_size != cfg.vision.image_size:
+        if m.image_size % cfg.vision.patch_size:
+            raise ValueError(f"model.image_size={m.image_size} is not a multiple of the patch "
+                             f"size {cfg.vision.patch_size}")
+        cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=int(m.image_size)))
+    return cfg
+
+
+def lora_spec(config) -> LoraSpec | None:
+    if not config.lora.rank:
+        return None
+    return LoraSpec(rank=int(config.lora.rank), alpha=float(config.lora.alpha),
+                    dropout=float(config.lora.dropout))
+
+
+def build_model(config, cfg: OwlConfig, scan_layers: bool | None = None) -> Owl:
+    m = config.model
+    lora = lora_spec(config)
+    return Owl(cfg, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+               scan_layers=m.scan_layers if scan_layers is None else scan_layers,
+               remat_policy=m.remat_policy, lora=lora,
+               lora_targets=tuple(config.lora.targets) if lora else ())
+
+
+def frozen_dtype(config):
+    return DTYPES[config.model.frozen_dtype or config.model.param_dtype]
+
+
+def _init_inputs(cfg: OwlConfig):
+    ids = jnp.concatenate([jnp.full((1, cfg.image_tokens), -1, jnp.int32),
+                           jnp.ones((1, 1), jnp.int32)], axis=1)
+    s = cfg.vision.image_size
+    return ids, jnp.zeros((1, 1, s, s, cfg.vision.num_channels), jnp.float32)
+
+
+def init_params_fn(model: Owl, cfg: OwlConfig):
+    """rng -> boxed params (logical axis names attached)."""
+    ids, px = _init_inputs(cfg)
+    return lambda rng: model.init({"params": rng, "dropout": rng}, ids, px)["params"]
+
+
+# --------------------------------------------------------------------------------------------
+# Layout
+
+
+@dataclasses.dataclass
+class StateLayout:
+    model: Owl
+    cfg: OwlConfig
+    tx: Any
+    patterns: tuple[str, ...]
+    frozen_dtype: Any
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    abstract: TrainState       # ShapeDtypeStructs carrying their target sharding
+    shardings: TrainState      # NamedSharding per leaf
+
+    @property
+    def param_shardings(self):
+        return tr.merge(self.shardings.trainable, self.shardings.frozen)
+
+
+def _split_and_cast(params, patterns, fdtype):
+    t, f = tr.split(params, patterns)
+    f = jax.tree.map(lambda x: x.astype(fdtype), f)
+    return t, f
+
+
+def make_layout(config, model: Owl, cfg: OwlConfig, tx, mesh, rules) -> StateLayout:
+    patterns = tuple(config.trainable)
+    fdtype = frozen_dtype(config)
+
+    def boxed_state():
+        boxed = init_params_fn(model, cfg)(jax.random.key(0))
+        t, f = _split_and_cast(boxed, patterns, fdtype)
+        return TrainState(step=jnp.zeros((), jnp.int32), trainable=t, frozen=f,
+                          opt_state=tx.init(t))
+
+    boxed = jax.eval_shape(boxed_state)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(boxed), shardings)
+    return StateLayout(model, cfg, tx, patterns, fdtype, mesh, rules, abstract, shardings)
+
+
+# --------------------------------------------------------------------------------------------
+# Creation
+
+
+def init_fresh(layout: StateLayout, seed: int) -> TrainState:
+    """Random init, computed directly in the target shardings (never whole on one device)."""
+    init = init_params_fn(layout.model, layout.cfg)
+
+    def fn(rng):
+        t, f = _split_and_cast(nn.unbox(init(rng)), layout.patterns, layout.frozen_dtype)
+        return TrainState(jnp.zeros((), jnp.int32), t, f, layout.tx.init(t))
+
+    with jax.set_mesh(layout.mesh):
+        return jax.jit(fn, out_shardings=layout.shardings)(jax.random.key(seed))
+
+
+def _stored_shapes(directory: str) -> dict[str, tuple[int, ...]]:
+    import orbax.checkpoint as ocp
+    from owl_jax import checkpoint as ckpt
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(directory, ckpt.PARAMS_DIR))
+    return {k: tuple(v.shape) for k, v in tr.flatten(meta.item_metadata.tree).items()}
+
+
+def resize_position_embedding(pe, num_positions: int):
+    """[1, 1 + g*g, D] -> [1, num_positions, D]: CLS kept, the patch grid resized bicubically
+    (fine-tuning at another resolution, as CLIP / big_vision do)."""
+    d = pe.shape[-1]
+    g_old = int(round((pe.shape[1] - 1) ** 0.5))
+    g_new = int(round((num_positions - 1) ** 0.5))
+    grid = pe[0, 1:].reshape(g_old, g_old, d).astype(jnp.float32)
+    grid = jax.image.resize(grid, (g_new, g_new, d), "bicubic")
+    return jnp.concatenate([pe[:, :1], grid.reshape(1, g_new * g_new, d).astype(pe.dtype)], 1)
+
+
+def init_from_export(layout: StateLayout, directory: str, seed: int):
+    """Loads an owl-convert / owl-train export directory into the state layout.
+
+    Stored weights are restored straight into their target shardings (in the unrolled on-disk
+    layout), then one jitted function stacks the LLM layers when training scans them, casts to
+    the master / frozen dtypes, initialises whatever the directory lacks (LoRA adapters, or a
+    module the export does not hold) and builds the optimizer state. Returns (state, report)
+    where report lists the loaded and initialised parameter paths.
+    """
+    from owl_jax import checkpoint as ckpt
+
+    stored = _stored_shapes(directory)
+    meta = ckpt.load_meta(directory)
+    unrolled = dataclasses.replace(layout.model, scan_layers=False)
+    want_unrolled = nn.unbox(jax.eval_shape(init_params_fn(unrolled, layout.cfg),
+                                            jax.random.key(0)))
+    want = {k: tuple(v.shape) for k, v in tr.flatten(want_unrolled).items()}
+    unexpected = sorted(set(stored) - set(want))
+    if unexpected:
+        hint = (" (the export keeps LoRA adapters unmerged: train with the same lora.* settings"
+                " or merge them first)" if meta.get("lora") else "")
+        raise ValueError(f"{directory}: stored params the model does not have: "
+                         f"{unexpected[:5]}{hint}")
+    pe_key = "vision_model/embeddings/position_embedding"
+    bad = [f"{k}: stored {list(s)}, model {list(want[k])}" for k, s in stored.items()
+           if s != want[k] and k != pe_key]
+    if bad:
+        raise ValueError(f"{directory}: shape mismatch: {bad[:5]}")
+
+    boxed_unrolled = jax.eval_shape(init_params_fn(unrolled, layout.cfg), jax.random.key(0))
+    unrolled_shardings = tr.flatten(nn.logical_to_mesh_sharding(
+        nn.get_partition_spec(boxed_unrolled), layout.mesh, layout.rules))
+    if stored.get(pe_key, want.get(pe_key)) != want.get(pe_key):  # other resolution: replicate
+        unrolled_shardings[pe_key] = jax.sharding.NamedSharding(layout.mesh,
+                                                                jax.sharding.PartitionSpec())
+    shardings = tr.unflatten({k: unrolled_shardings[k] for k in stored})
+    _, loaded, _ = ckpt.load_checkpoint(directory, dtype=None, shardings=shardings, check=False)
+
+    init = init_params_fn(layout.model, layout.cfg)
+    scan = layout.model.scan_layers
+
+    def fn(loaded, rng):
+        fresh = tr.flatten(nn.unbox(init(rng)))
+        got = tr.flatten(loaded)
+        if pe_key in got and got[pe_key].shape != fresh[pe_key].shape:
+            got[pe_key] = resize_position_embedding(got[pe_key], fresh[pe_key].shape[1])
+        if scan:
+            got = tr.flatten(scan_params(tr.unflatten(got)))
+        for k, v in got.items():
+            if k not in fresh:
+                raise ValueError(f"loaded param {k} has no place in the model")
+            fresh[k] = v.astype(fresh[k].dtype)
+        t, f = _split_and_cast(tr.unflatten(fresh), layout.patterns, layout.frozen_dtype)
+        return TrainState(jnp.zeros((), jnp.int32), t, f, layout.tx.init(t))
+
+    with jax.set_mesh(layout.mesh):
+        state = jax.jit(fn, out_shardings=layout.shardings, donate_argnums=0)(
+            loaded, jax.random.key(seed))
+    fresh_keys = sorted(set(want) - set(stored))
+    report = {"loaded": len(stored), "initialised": fresh_keys,
+              "resized": [pe_key] if stored.get(pe_key) not in (None, want[pe_key]) else []}
+    return state, report
+
+
+def host_params_unrolled(state: TrainState):
+    """The full param tree in the on-disk (unrolled) layout, still as jax.Arrays."""
+    from owl_jax.models.owl import unscan_params
+    return unscan_params(state.params())
+
+
+def param_count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
