@@ -37,8 +37,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from owl_jax.data.images import BadImage, open_image
-from owl_jax.data.sources_coco import load_entries, read_entry
-from owl_jax.data.spec import Skipped, Spec
+from owl_jax.data.sources_coco import load_entries
+from owl_jax.data.spec import Spec
 
 log = logging.getLogger(__name__)
 
@@ -139,22 +139,16 @@ class OwlCocoKarpathy(_LocalFilesBuilder):
                 if by_split[s]}
 
     def _generate_examples(self, entries):
-        for entry in entries:
-            raw = read_entry(entry)
-            if isinstance(raw, Skipped):
-                self._skip(raw.reason, raw.where, raw.detail)
-                continue
-            try:
-                open_image(raw.image)
-            except BadImage as e:
-                self._skip(e.reason, raw.where, e.detail)
-                continue
-            captions = [c for c in raw.meta["captions"] if c]
+        for key, path, _, meta in entries:
+            where = f"{path} (cocoid {key})"
+            captions = [c for c in meta["captions"] if c]
             if not captions:
-                self._skip("missing_caption", raw.where)
+                self._skip("missing_caption", where)
                 continue
-            yield raw.key, {"image": raw.image, "image/id": int(raw.meta["image_id"]),
-                            "image/filename": raw.meta["file_name"], "captions": captions}
+            data = self._read_image(path, where)
+            if data is not None:
+                yield key, {"image": data, "image/id": int(meta["image_id"]),
+                            "image/filename": meta["file_name"], "captions": captions}
 
 
 # ------------------------------------------------------------------------------------------
