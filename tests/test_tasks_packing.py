@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from owl_jax.data.conversation import parse_llava
-from owl_jax.data.packing import (PackIterDataset, Packer, build_row, fits, pack, pad_to_length,
+from owl_jax.data.packing import (PackIterDataset, Packer, fits, pack, pad_to_length,
                                   stack_rows)
 from owl_jax.data.tasks import (CaptionTask, InstructionTask, TextTask, caption_sample,
                                 text_sample, tokenize_conversation)

@@ -191,12 +191,13 @@ class PackIterDataset(grain.IterDataset):
     """
 
     def __init__(self, parent: grain.IterDataset, seq_len: int, max_images_per_row: int,
-                 image_size: int):
+                 image_size: int, packer_cls: type[Packer] = Packer):
         super().__init__(parent)
         self._args = (seq_len, max_images_per_row, image_size)
+        self._packer_cls = packer_cls  # a Packer subclass may add fields to its rows
 
     def __iter__(self) -> "_PackIterator":
-        return _PackIterator(self._parent.__iter__(), Packer(*self._args))
+        return _PackIterator(self._parent.__iter__(), self._packer_cls(*self._args))
 
     def __str__(self) -> str:
         return "PackIterDataset(seq_len=%d, max_images_per_row=%d, image_size=%d)" % self._args
