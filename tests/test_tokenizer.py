@@ -138,3 +138,9 @@ def test_build_prompt_exact_strings():
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         OwlTokenizer.from_dir(str(tmp_path))
+
+
+def test_pickles_for_grain_workers(tok):
+    import pickle
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode_prompt(build_prompt("Hi?", 1), T) == tok.encode_prompt(build_prompt("Hi?", 1), T)
