@@ -9,6 +9,7 @@ config.json; default: the released 7B config). The abstractor's width follows th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import flax.linen as nn
@@ -47,24 +48,43 @@ def build_config(llama_dir=None, clip_dir=None, base: OwlConfig | None = None,
                                **image)
 
 
+@functools.lru_cache(maxsize=8)
+def _init_fn(cfg: OwlConfig, param_dtype: str, part: str):
+    """A jitted Owl init for one side of the model, cached per config (compiling the init is
+    most of the cost of a small conversion)."""
+    from owl_jax.models.owl import Owl
+    model = Owl(cfg, param_dtype=jnp.dtype(param_dtype))
+    if part == "vision":
+        px = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size,
+                        cfg.vision.num_channels), jnp.float32)
+        return jax.jit(lambda k: nn.unbox(model.init(k, px, method=Owl.encode_images)))
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return jax.jit(lambda k: nn.unbox(model.init(k, ids)))
+
+
 def random_parts(cfg: OwlConfig, seed: int, need_vision_side: bool, need_text: bool,
                  param_dtype=jnp.float32) -> dict:
     """Owl-init params (numpy) for the vision side (vision_model, query_tokens, abstractor)
-    and/or the language model. Only the requested submodules are materialised."""
-    from owl_jax.models.owl import Owl
-    model = Owl(cfg, param_dtype=param_dtype)
-    k_vis, k_txt = jax.random.split(jax.random.key(seed))
+    and/or the language model; only the requested submodules are materialised. The key is an
+    RBG key (`unsafe_rbg`): deterministic per seed on a given backend, and far cheaper to
+    compile and run on CPU than threefry for billions of weights."""
+    # Fields that do not change the init (eps, image stats) are normalised so that the cached
+    # compiled init is shared; the text side never looks at the vision side and vice versa.
+    cfg = dataclasses.replace(cfg, image_mean=OwlConfig.image_mean, image_std=OwlConfig.image_std,
+                              vision=dataclasses.replace(cfg.vision, layer_norm_eps=1e-6))
+    text_cfg = dataclasses.replace(cfg, vision=OwlConfig.vision, abstractor=OwlConfig.abstractor,
+                                   num_query_tokens=OwlConfig.num_query_tokens)
+    vision_cfg = dataclasses.replace(cfg, text=dataclasses.replace(
+        OwlConfig.text, hidden_size=cfg.text.hidden_size))
+    k_vis, k_txt = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"))
+    dt = jnp.dtype(param_dtype).name
     out = {}
     if need_vision_side:
-        px = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size,
-                        cfg.vision.num_channels), jnp.float32)
-        p = jax.jit(lambda k: model.init(k, px, method=Owl.encode_images))(k_vis)
-        p = nn.unbox(p)["params"]
+        p = _init_fn(vision_cfg, dt, "vision")(k_vis)["params"]
         out.update({k: p[k] for k in ("vision_model", "query_tokens", "abstractor")})
     if need_text:
-        ids = jnp.zeros((1, 2), jnp.int32)
-        p = nn.unbox(jax.jit(lambda k: model.init(k, ids))(k_txt))["params"]
-        out["language_model"] = p["language_model"]
+        out["language_model"] = _init_fn(text_cfg, dt, "text")(k_txt)["params"][
+            "language_model"]
     return jax.tree.map(np.asarray, out)
 
 
