@@ -103,10 +103,14 @@ def tiny(vocab_size: int = 256, **text_kw) -> OwlConfig:
 # The official config.json
 
 
-def _pick(cls, d: dict, name: str, required: tuple[str, ...]):
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"config.json {name} is missing {missing}")
+# Where config.json leaves a field out, the official code takes its constructor default. Those
+# equal our dataclass defaults except one: MplugOwlVisualAbstractorConfig defaults to an FFN width
+# of 4096, while every released checkpoint (and our default) is 2816.
+_OFFICIAL_CODE_DEFAULTS = {"visual_abstractor_config": {"intermediate_size": 4096}}
+
+
+def _pick(cls, d: dict, block: str):
+    d = {**_OFFICIAL_CODE_DEFAULTS.get(block, {}), **d}
     fields = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in fields and v is not None})
 
@@ -116,22 +120,28 @@ def from_official_dict(d: dict, preprocessor: dict | None = None) -> OwlConfig:
     for block in ("vision_config", "visual_abstractor_config", "text_config"):
         if not isinstance(d.get(block), dict):
             raise ValueError(f"config.json has no `{block}` block: not an mPLUG-Owl config")
-    vision = _pick(VisionConfig, d["vision_config"], "vision_config",
-                   ("hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "image_size", "patch_size"))
-    abstractor = _pick(AbstractorConfig, d["visual_abstractor_config"], "visual_abstractor_config",
-                       ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                        "intermediate_size"))
+    vision = _pick(VisionConfig, d["vision_config"], "vision_config")
+    abstractor = _pick(AbstractorConfig, d["visual_abstractor_config"], "visual_abstractor_config")
     t = dict(d["text_config"])
-    if isinstance(t.get("rope_scaling"), dict) or isinstance(t.get("rope_parameters"), dict):
-        rp = t.get("rope_parameters") or {}
-        if rp.get("rope_theta") is not None:
-            t.setdefault("rope_theta", rp["rope_theta"])
-    text = _pick(TextConfig, t, "text_config",
-                 ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads"))
-    if text.pad_token_id is None or text.pad_token_id < 0:
-        text = dataclasses.replace(text, pad_token_id=0)
+    rope = t.get("rope_parameters") or t.get("rope_scaling")
+    if isinstance(rope, dict):
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"text_config rope scaling {rope} is not supported")
+        if rope.get("rope_theta") is not None:
+            t.setdefault("rope_theta", rope["rope_theta"])
+    if t.get("tie_word_embeddings"):
+        raise ValueError("text_config.tie_word_embeddings=true is not supported: mPLUG-Owl's "
+                         "LLaMA has an untied lm_head")
+    if (t.get("pad_token_id") or 0) < 0:  # early LLaMA configs say -1; the tokenizer pads with 0
+        t["pad_token_id"] = 0
+    text = _pick(TextConfig, t, "text_config")
+    if abstractor.encoder_hidden_size != vision.hidden_size or \
+            abstractor.hidden_size != vision.hidden_size:
+        raise ValueError(
+            "the abstractor concatenates its queries with the ViT tokens, so "
+            "visual_abstractor_config.hidden_size and encoder_hidden_size must equal "
+            f"vision_config.hidden_size; got {abstractor.hidden_size}, "
+            f"{abstractor.encoder_hidden_size} and {vision.hidden_size}")
     kw: dict[str, Any] = dict(vision=vision, abstractor=abstractor, text=text,
                               num_query_tokens=int(d.get("num_query_tokens", 64)))
     if preprocessor:
