@@ -85,7 +85,7 @@ def random_parts(cfg: OwlConfig, seed: int, need_vision_side: bool, need_text: b
     if need_text:
         out["language_model"] = _init_fn(text_cfg, dt, "text")(k_txt)["params"][
             "language_model"]
-    return jax.tree.map(np.asarray, out)
+    return out
 
 
 def from_hf(dst: str, llama_dir: str | None = None, clip_dir: str | None = None, seed: int = 0,

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from convert import keymap
 from convert.torch_io import CheckpointError, CheckpointReader, np_dtype
+from owl_jax.checkpoint import host_array
 from owl_jax.config import VisionConfig
 
 _IGNORED_PREFIXES = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
@@ -122,7 +123,7 @@ def read_clip_params(directory: str, v: VisionConfig, dtype: str | None = None,
     cast = (lambda x: x.astype(target)) if target is not None else (lambda x: x)
     out: dict = {}
     put = lambda path, x: keymap.set_path(out, ("vision_model",) + tuple(path.split("/")),
-                                          cast(x))
+                                          host_array(cast(x)))
     pending: dict[str, dict[str, np.ndarray]] = {}   # q/k/v of a layer until all three arrive
     simple = {"embeddings.patch_embedding.weight": ("embeddings/patch_embed/kernel",
                                                     keymap.CONV),

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from convert import keymap
 from convert.torch_io import CheckpointError, CheckpointReader, np_dtype
+from owl_jax.checkpoint import host_array
 from owl_jax.config import TextConfig
 
 
@@ -93,8 +94,10 @@ def read_llama_params(directory: str, text: TextConfig, dtype: str | None = None
         e = by_key[k]
         y = keymap.to_jax(e.kind, x)
         del x
-        keymap.set_path(params, e.path, y.astype(target) if target is not None else y)
+        y = y.astype(target) if target is not None else y
+        keymap.set_path(params, e.path, host_array(y))
         if tied and k == "model.embed_tokens.weight":  # tied head: lm_head = embed^T
             keymap.set_path(params, ("language_model", "lm_head", "kernel"),
-                            keymap.to_jax(keymap.LINEAR, keymap.get_path(params, e.path)))
+                            host_array(keymap.to_jax(keymap.LINEAR, y)))
+        del y
     return params

@@ -115,20 +115,22 @@ def torch_to_jax(src: str, dst: str, dtype: str | None = None, lora_alpha: float
         del x
         if target is not None and y.dtype != target:
             y = y.astype(target)
-        keymap.set_path(params, e.path, y)
+        keymap.set_path(params, e.path, ckpt.host_array(y))  # a copy: y is freed right here
+        del y
     bar.close()
 
     for base, ab in pending.items():
         e = by_key[base]
-        kernel = keymap.get_path(params, e.path)
+        kernel = np.asarray(keymap.get_path(params, e.path))
         if keep_lora:
             module = e.path[:-1]
             cast = (lambda t: t.astype(target)) if target is not None else (lambda t: t)
-            keymap.set_path(params, module + ("lora_a",), cast(np.ascontiguousarray(ab["A"].T)))
-            keymap.set_path(params, module + ("lora_b",), cast(np.ascontiguousarray(ab["B"].T)))
+            for leaf, t in (("lora_a", ab["A"].T), ("lora_b", ab["B"].T)):
+                keymap.set_path(params, module + (leaf,),
+                                ckpt.host_array(cast(np.ascontiguousarray(t))))
         else:
-            keymap.set_path(params, e.path,
-                            lora_lib.merge_kernel(kernel, ab["A"].T, ab["B"].T, scale.scale))
+            keymap.set_path(params, e.path, ckpt.host_array(
+                lora_lib.merge_kernel(kernel, ab["A"].T, ab["B"].T, scale.scale)))
     lora_meta = None
     if keep_lora and keys.adapters:
         lora_meta = {"rank": scale.rank, "alpha": scale.alpha, "targets": keys.targets}

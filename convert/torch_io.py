@@ -7,8 +7,10 @@ safetensors are read tensor by tensor. Writing fills one shard at a time.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import mmap
 import os
 import pickle
 import re
@@ -29,6 +31,35 @@ class CheckpointError(ValueError):
 def _torch():
     import torch  # imported lazily: the JAX side never needs torch
     return torch
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def release_pages(tensor) -> None:
+    """Drops the resident pages of a tensor that lives in a private, read-only file mapping
+    (`torch.load(mmap=True)`), once it has been copied out. Untouched file pages are simply
+    re-read if accessed again, so this only keeps the process's RSS near one tensor instead of
+    the whole file. Only whole pages inside the tensor's storage are dropped."""
+    if _LIBC is None:
+        return
+    storage = tensor.untyped_storage()
+    start, n = storage.data_ptr(), storage.nbytes()
+    lo = -(-start // _PAGE) * _PAGE
+    hi = (start + n) // _PAGE * _PAGE
+    if hi > lo:
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,13 +139,14 @@ class _File:
         self.is_safetensors = path.endswith(".safetensors")
 
     def _load_bin(self):
+        """(state dict, whether it is memory-mapped)."""
         torch = _torch()
         try:
-            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError as e:
             if "mmap" in str(e) and "zipfile" in str(e).lower():  # legacy (pre-1.6) format
                 try:
-                    return torch.load(self.path, map_location="cpu", weights_only=True)
+                    return torch.load(self.path, map_location="cpu", weights_only=True), False
                 except Exception as e2:  # noqa: BLE001 - re-raised with the file name
                     e = e2
             raise CheckpointError(f"{self.path}: unreadable or truncated torch checkpoint "
@@ -142,7 +174,7 @@ class _File:
                     s = f.get_slice(k)
                     out.append(TensorInfo(k, tuple(s.get_shape()), str(s.get_dtype()), self.path))
                 return out
-        sd = self._load_bin()
+        sd, _ = self._load_bin()
         if not isinstance(sd, dict):
             raise CheckpointError(f"{self.path}: holds a {type(sd).__name__}, not a state dict")
         out = []
@@ -154,26 +186,52 @@ class _File:
                                   self.path))
         return out
 
-    def tensors(self, keys=None) -> Iterator[tuple[str, object]]:
+    def tensors(self, keys=None) -> Iterator[tuple[str, np.ndarray]]:
+        """Yields (key, numpy array). The array may view a memory map whose pages are dropped
+        as soon as the consumer asks for the next tensor: copy what you keep."""
         if self.is_safetensors:
-            with self._open_safetensors() as f:
-                for k in f.keys():
-                    if keys is None or k in keys:
-                        yield k, self._read(lambda: f.get_tensor(k), k)
+            yield from self._safetensors_arrays(keys)
             return
-        sd = self._load_bin()
+        sd, mapped = self._load_bin()
         for k in list(sd):
             t = sd.pop(k)  # drop our reference as we go
             if keys is None or k in keys:
-                yield k, t
+                yield k, torch_to_numpy(t)
+                if mapped:
+                    release_pages(t)
+            del t
         del sd
 
-    def _read(self, fn, key):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.path}: cannot read tensor {key!r} "
-                                  f"({type(e).__name__}: {e})") from None
+    def _safetensors_arrays(self, keys):
+        """Plain reads at the header's offsets into fresh arrays: no memory map, so reading a
+        shard never holds more than the current tensor (safe_open has validated the header)."""
+        with self._open_safetensors():
+            pass
+        with open(self.path, "rb") as f:
+            (n,) = np.frombuffer(f.read(8), "<u8")
+            header = json.loads(f.read(int(n)))
+            base = 8 + int(n)
+            for k, h in header.items():
+                if k == "__metadata__" or (keys is not None and k not in keys):
+                    continue
+                dtype = _SAFE_DTYPES.get(h["dtype"])
+                if dtype is None:
+                    raise CheckpointError(f"{self.path}: tensor {k!r} has unsupported dtype "
+                                          f"{h['dtype']}")
+                start, end = h["data_offsets"]
+                out = np.empty(h["shape"], dtype)
+                if out.nbytes != end - start:
+                    raise CheckpointError(f"{self.path}: tensor {k!r} header is inconsistent")
+                f.seek(base + start)
+                if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                    raise CheckpointError(f"{self.path}: truncated while reading {k!r}")
+                yield k, out
+
+
+_SAFE_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                "BF16": np.dtype(ml_dtypes.bfloat16), "F64": np.dtype(np.float64),
+                "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+                "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
 
 
 class CheckpointReader:
@@ -198,9 +256,7 @@ class CheckpointReader:
         """Yields (key, numpy array) file by file. The arrays may view a memory map that is
         released after the file is done: copy what you keep."""
         for path in self.files:
-            for k, t in _File(path).tensors(keys):
-                yield k, torch_to_numpy(t)
-                del t
+            yield from _File(path).tensors(keys)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,23 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 LORA_LEAVES = ("lora_a", "lora_b")
 
 
+def _cpu_device():
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # no CPU backend (JAX_PLATFORMS restricted): stay in numpy
+        return None
+
+
+def host_array(x):
+    """A jax.Array on the host CPU device holding a copy of `x` (numpy stays numpy without a CPU
+    backend). Orbax writes jax.Arrays without a second copy of the tree, but copies numpy
+    leaves, so converters hand it these, built tensor by tensor."""
+    if isinstance(x, jax.Array):
+        return x
+    cpu = _cpu_device()
+    return np.asarray(x) if cpu is None else jax.device_put(np.asarray(x), cpu)
+
+
 def _flat(tree) -> dict[str, Any]:
     """{"a/b/c": leaf} for a nested dict (or orbax metadata tree)."""
     out = {}
@@ -100,7 +117,10 @@ def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str |
         if jax.process_index() == 0:
             shutil.rmtree(params_dir)
     os.makedirs(directory, exist_ok=True)
-    ocp.PyTreeCheckpointer().save(params_dir, params)
+    # numpy leaves -> host jax.Arrays (orbax would copy numpy leaves anyway); no compression:
+    # weights barely compress (~8 %) and zstd triples the time and holds a second copy.
+    params = jax.tree.map(host_array, params)
+    _checkpointer().save(params_dir, args=ocp.args.PyTreeSave(params))
     meta = {"format": FORMAT, "version": VERSION,
             "dtype": _dtype_name(x.dtype for x in flat.values()),
             "param_count": int(sum(int(np.prod(x.shape)) for x in flat.values())),
@@ -111,6 +131,10 @@ def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str |
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
     return meta
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
 
 
 def load_config(directory: str) -> OwlConfig:
@@ -177,7 +201,7 @@ def load_checkpoint(directory: str, dtype=None, shardings=None, check: bool = Tr
 
     dtype: cast every leaf on load (e.g. jnp.float32 master weights from a bf16 checkpoint);
       None keeps the stored dtype.
-    shardings: None -> host numpy arrays; a single jax.sharding.Sharding for every leaf; or a
+    shardings: None -> host numpy arrays (read-only, zero-copy views of host buffers); a single jax.sharding.Sharding for every leaf; or a
       pytree of Shardings matching the stored (unrolled) tree -> jax.Arrays restored straight into
       those shardings (each host reads only its shards).
     """
@@ -185,7 +209,7 @@ def load_checkpoint(directory: str, dtype=None, shardings=None, check: bool = Tr
     meta = load_meta(directory)
     cfg = load_config(directory)
     params_dir = os.path.join(directory, PARAMS_DIR)
-    ckptr = ocp.PyTreeCheckpointer()
+    ckptr = _checkpointer()
     try:
         tree_meta = ckptr.metadata(params_dir).item_metadata.tree
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a broken dir
@@ -194,10 +218,15 @@ def load_checkpoint(directory: str, dtype=None, shardings=None, check: bool = Tr
     stored = {k: tuple(m.shape) for k, m in _flat(tree_meta).items()}
     if check:
         check_params_against_config(stored, cfg, meta.get("lora"), directory)
-    if shardings is None:
+    to_numpy = shardings is None
+    if shardings is None and _cpu_device() is None:
         restore_args = jax.tree.map(
             lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype), tree_meta)
     else:
+        if shardings is None:
+            # Restoring numpy leaves makes orbax hold two copies; host jax.Arrays viewed as
+            # numpy (zero-copy on CPU) peak at one.
+            shardings = jax.sharding.SingleDeviceSharding(_cpu_device())
         if isinstance(shardings, jax.sharding.Sharding):
             shardings = jax.tree.map(lambda _: shardings, tree_meta)
         got = _flat(shardings)
@@ -211,10 +240,10 @@ def load_checkpoint(directory: str, dtype=None, shardings=None, check: bool = Tr
             tree_meta, shardings)
     params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
         item=None, restore_args=restore_args))
-    return cfg, _plain_dicts(params), meta
+    return cfg, _plain_dicts(params, to_numpy), meta
 
 
-def _plain_dicts(tree):
+def _plain_dicts(tree, to_numpy: bool):
     if isinstance(tree, Mapping):
-        return {k: _plain_dicts(v) for k, v in tree.items()}
-    return tree
+        return {k: _plain_dicts(v, to_numpy) for k, v in tree.items()}
+    return np.asarray(tree) if to_numpy else tree
