@@ -170,7 +170,8 @@ def _preprocessor_size(p: dict) -> int | None:
 def to_official_dict(cfg: OwlConfig) -> dict:
     """The official composite config.json for `cfg` (loadable by MplugOwlConfig)."""
     t = dataclasses.asdict(cfg.text)
-    t["num_key_value_heads"] = cfg.text.kv_heads
+    if t["num_key_value_heads"] is None:  # LLaMA v1: the 4.28-era config has no such field
+        del t["num_key_value_heads"]
     text = dict(t, model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
                 tie_word_embeddings=False, initializer_range=0.02, use_cache=True)
     vision = dict(dataclasses.asdict(cfg.vision), model_type="mplug_owl_vision_model",
