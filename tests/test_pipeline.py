@@ -106,6 +106,14 @@ def test_deterministic_and_resume_exact_with_packing(data):
     resumed = make_train_iterator(c, data["tok"], OWL, 0, 1)
     resumed.set_state(state)
     assert same(take(resumed, 6), rest)
+    for cut in (1, 2, 5):  # states inside and at the ends of chunks and packed rows
+        it = make_train_iterator(c, data["tok"], OWL, 0, 1)
+        take(it, cut)
+        state = it.get_state()
+        resumed = make_train_iterator(c, data["tok"], OWL, 0, 1)
+        resumed.set_state(state)
+        assert resumed.get_state() == state
+        assert same(take(resumed, 2), (first + rest)[cut:cut + 2])
     other_seed = make_train_iterator({**c, "seed": 4}, data["tok"], OWL, 0, 1)
     assert not same(take(other_seed, 3), first)
 

@@ -1,0 +1,170 @@
+"""Input pipeline throughput against a plain Pillow loop measured in the same run.
+
+    python benchmarks/data.py [--n 400] [--batches 30] [--batch-size 16] [--workers 1 2]
+
+1. Writes `--n` photo-like JPEGs (sides drawn from 256..512 px, quality 90) as img2dataset
+   webdataset shards, and times `owl-data convert` on them (samples/s; it decodes every image
+   to verify it), against the plain loop.
+2. Baseline: a plain Pillow loop over the same JPEG bytes (decode, RGB, bicubic resize to 224,
+   to numpy), one core.
+3. The full training pipeline over the converted ArrayRecord (read, decode, resize, normalize,
+   tokenize, pad, batch), eval transform (bicubic resize) and train transform
+   (RandomResizedCrop + flip), in-process (1 and 2 decoding threads) and with 1 and 2 worker
+   processes. The baseline is re-measured right before each configuration.
+   Ratios are per core: images per CPU-second (this process + its workers, psutil) of the
+   pipeline over those of the loop; the goal is >= 0.9. Wall-clock img/s are printed too
+   (on a shared machine they move with the load; CPU-seconds do not).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+
+def write_shards(root: str, n: int, per_shard: int = 100) -> list[bytes]:
+    """img2dataset-layout shards of n photo-like JPEGs; returns the JPEG bytes."""
+    import json
+    import tarfile
+    from owl_jax.testing.shards import caption, encode, natural_image
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    jpegs = []
+    for s in range(-(-n // per_shard)):
+        with tarfile.open(os.path.join(root, f"{s:05d}.tar"), "w") as tf:
+            for r in range(min(per_shard, n - s * per_shard)):
+                key = f"{s * 10**4 + r:09d}"
+                w, h = (int(x) for x in rng.integers(256, 513, 2))
+                jpg = encode(natural_image(rng, w, h), "JPEG", quality=90)
+                jpegs.append(jpg)
+                text = caption(rng)
+                meta = json.dumps({"caption": text, "key": key, "status": "success",
+                                   "width": w, "height": h, "similarity": 0.3}).encode()
+                for name, data in ((f"{key}.jpg", jpg), (f"{key}.txt", text.encode()),
+                                   (f"{key}.json", meta)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    return jpegs
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process, its live descendants (the workers) and its
+    reaped children (a finished multiprocessing pool)."""
+    import resource
+
+    import psutil
+    me = psutil.Process()
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = done.ru_utime + done.ru_stime
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+class Meter:
+    """Wall-clock and CPU-time rates of a timed block. On a shared machine the CPU rate
+    (images per CPU-second) is the stable measure of work per core."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = cpu_seconds() - self.cpu
+
+    def rates(self, n: int) -> tuple[float, float]:
+        return n / self.wall, n / max(self.cpu, 1e-9)
+
+
+def baseline(jpegs: list[bytes], size: int = 224, repeat: int = 2) -> tuple[float, float]:
+    """(img/s, img per CPU-second) of the plain Pillow decode + bicubic resize loop."""
+    best = (0.0, 0.0)
+    for _ in range(repeat):
+        with Meter() as m:
+            for b in jpegs:
+                img = Image.open(io.BytesIO(b)).convert("RGB")
+                np.asarray(img.resize((size, size), Image.BICUBIC))
+        best = max(best, m.rates(len(jpegs)))
+    return best
+
+
+def pipeline_rate(spec, tok, owl_cfg, *, workers, augment, batches, batch_size, threads=1):
+    from owl_jax.data.pipeline import make_train_iterator
+    cfg = dict(sources=[dict(spec=spec)], seq_len=96, batch_size=batch_size, packing=False,
+               max_images_per_row=1, workers=workers, threads=threads, augment=augment,
+               num_epochs=None, read_buffer=2 * batch_size, worker_buffer=batch_size)
+    it = make_train_iterator(cfg, tok, owl_cfg, 0, 1)
+    try:
+        for _ in range(2):  # start-up and the first buffers
+            next(it)
+        with Meter() as m:
+            for _ in range(batches):
+                b = next(it)
+        assert b["pixel_values"].shape == (batch_size, 1, 224, 224, 3)
+    finally:
+        it.close()
+    return m.rates(batches * batch_size)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--batches", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args(argv)
+    from owl_jax.config import OwlConfig
+    from owl_jax.data import shard_tools
+    from owl_jax.testing.spm import train_tiny_tokenizer
+    from owl_jax.tokenizer import OwlTokenizer
+
+    cores = len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        jpegs = write_shards(os.path.join(tmp, "wds"), args.n)
+        kib = sum(map(len, jpegs)) / len(jpegs) / 1024
+        print(f"{len(jpegs)} JPEGs, 256-512 px sides, mean {kib:.0f} KiB; {cores} cores; "
+              f"load average {os.getloadavg()[0]:.1f}")
+        base_wall, base_cpu = baseline(jpegs)
+        print(f"baseline  Pillow decode + bicubic 224 loop: {base_wall:7.1f} img/s, "
+              f"{base_cpu:7.1f} img/CPU-s")
+
+        for w in sorted({1, min(2, cores)}):
+            out = os.path.join(tmp, f"ar{w}")
+            with Meter() as m:
+                s = shard_tools.convert(f"webdataset:{tmp}/wds", out, workers=w, progress=False)
+            wall, cpu = m.rates(s["samples"])
+            print(f"owl-data convert --workers {w}: {wall:7.1f} samples/s, {cpu:7.1f} per CPU-s "
+                  f"(x{cpu / base_cpu:.2f} of the loop per core; it decodes to verify, no resize; "
+                  f"includes process start-up)")
+        spec = f"arrayrecord:{tmp}/ar1"
+
+        tok = OwlTokenizer(train_tiny_tokenizer(os.path.join(tmp, "tok")))
+        owl_cfg = OwlConfig()
+        for augment in (False, True):
+            name = "train (RandomResizedCrop+flip)" if augment else "eval (bicubic resize)"
+            for workers, threads in [(0, 1), (0, 2)] + [(w, 1) for w in args.workers]:
+                _, base_cpu = baseline(jpegs, repeat=1)  # right before: same machine load
+                wall, cpu = pipeline_rate(spec, tok, owl_cfg, workers=workers, augment=augment,
+                                          batches=args.batches, batch_size=args.batch_size,
+                                          threads=threads)
+                label = f"{workers} workers" if workers else f"in-process, {threads} thr"
+                print(f"pipeline {name:31s} {label:18s}: {wall:6.1f} img/s, {cpu:6.1f} img/CPU-s,"
+                      f" per-core ratio {cpu / base_cpu:.2f}")
+
+
+if __name__ == "__main__":
+    from absl import flags  # grain workers read absl flags (google/grain#1355)
+    flags.FLAGS.mark_as_parsed()
+    sys.exit(main())
