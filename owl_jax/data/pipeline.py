@@ -54,10 +54,11 @@ import grain
 import numpy as np
 
 from owl_jax.data import images as imgs
-from owl_jax.data import packing, tasks
+from owl_jax.data import grain_stages as stages
+from owl_jax.data import tasks
 from owl_jax.data.filters import FilterSpec
 from owl_jax.data.sources import Checks, random_access
-from owl_jax.data.spec import RawSample, Skipped, SourceError, parse_spec
+from owl_jax.data.spec import Skipped, SourceError, parse_spec
 
 log = logging.getLogger(__name__)
 TASKS = ("caption", "instruction", "text")
@@ -178,126 +179,6 @@ def _read_file(path: str) -> bytes:
         raise imgs.BadImage("missing_image", f"{path}: {e}") from None
 
 
-class _DropCounting(grain.IterDataset):
-    """Skips {"drop": reason} markers and counts them into `counts` (this process)."""
-
-    def __init__(self, parent: grain.IterDataset, counts: collections.Counter):
-        super().__init__(parent)
-        self._counts = counts
-
-    def __iter__(self):
-        return _DropCountingIterator(self._parent.__iter__(), self._counts)
-
-
-class _DropCountingIterator(grain.DatasetIterator):
-    def __init__(self, parent, counts):
-        super().__init__(parent)
-        self._counts = counts
-
-    def __next__(self):
-        while True:
-            el = next(self._parent)
-            reason = el.get("drop") if isinstance(el, dict) else "not_a_sample"
-            if reason is None:
-                return el
-            self._counts[reason] += 1
-
-    def get_state(self):
-        return {"parent": self._parent.get_state(), "dropped": dict(self._counts)}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._counts.clear()
-        self._counts.update(state["dropped"])
-
-
-class _Unchunk(grain.IterDataset):
-    """Chunks (lists of consecutive samples, one worker message each) -> samples, in order.
-    The state is the parent's state before the current chunk plus the position in it."""
-
-    def __iter__(self):
-        return _UnchunkIterator(self._parent.__iter__())
-
-
-class _UnchunkIterator(grain.DatasetIterator):
-    def __init__(self, parent):
-        super().__init__(parent)
-        self._chunk, self._pos, self._skip = [], 0, 0
-        self._chunk_state = parent.get_state()
-
-    def __next__(self):
-        while self._pos >= len(self._chunk):
-            self._chunk_state = self._parent.get_state()
-            self._chunk = next(self._parent)
-            self._pos, self._skip = self._skip, 0
-        self._pos += 1
-        return self._chunk[self._pos - 1]
-
-    def get_state(self):
-        if self._pos >= len(self._chunk) and not self._skip:
-            return {"parent": self._parent.get_state(), "pos": 0}
-        return {"parent": self._chunk_state, "pos": self._pos or self._skip}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._chunk_state = state["parent"]
-        self._chunk, self._pos, self._skip = [], 0, state["pos"]
-
-
-class _ImagePacker(packing.Packer):
-    """Packer whose rows also carry their samples' uint8 pixels (`row["pixels"]`, a list),
-    which the batch function normalizes straight into the batch."""
-
-    def flush(self):
-        pixels = [s["pixels"] for s in self.pending]
-        rows = super().flush()
-        for row in rows:
-            row["pixels"] = pixels
-        return rows
-
-
-class _PackWithPixels(packing.PackIterDataset):
-    def __iter__(self):
-        return packing._PackIterator(self._parent.__iter__(), _ImagePacker(*self._args))
-
-
-def _pad_row(sample, seq_len, max_images, image_size):
-    row = packing.pad_to_length(sample, seq_len, max_images, image_size)
-    row["pixels"] = [sample["pixels"]]
-    return row
-
-
-class _BatchRows:
-    """rows -> the batch dict; pixel_values are normalized ((x/255 - mean) / std, computed as
-    x * (1 / (255 std)) - mean / std) into place, unused image slots stay zero. Each image is
-    viewed as [S, S*3] rows so that numpy's inner loops run over S*3 values, not 3 (5x faster
-    than broadcasting a [3] vector)."""
-
-    def __init__(self, owl_cfg, max_images):
-        s = owl_cfg.vision.image_size
-        std = np.asarray(owl_cfg.image_std, np.float32)
-        self.scale = np.tile((1.0 / (255.0 * std)).astype(np.float32), s)
-        self.offset = np.tile((np.asarray(owl_cfg.image_mean, np.float32) / std), s)
-        self.size, self.max_images = s, max_images
-
-    def __call__(self, rows):
-        batch = {k: np.stack([r[k] for r in rows]) for k in packing.ROW_KEYS
-                 if k != "pixel_values"}
-        s = self.size
-        pv = np.empty((len(rows), self.max_images, s, s, 3), np.float32)
-        for b, row in enumerate(rows):
-            j = 0
-            for u8 in row["pixels"]:
-                k = len(u8)
-                dst = pv[b, j:j + k].reshape(k * s, s * 3)
-                np.multiply(np.ascontiguousarray(u8).reshape(k * s, s * 3), self.scale, out=dst)
-                np.subtract(dst, self.offset, out=dst)
-                j += k
-            pv[b, j:] = 0.0
-        batch["pixel_values"] = pv
-        return batch
-
-
 class TrainIterator(grain.DatasetIterator):
     """Batches of this process. `dropped` counts samples dropped while reading (restored with
     the state); `lost_at_open` what indexing the sources lost (missing shards, cut tars,
@@ -384,18 +265,19 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
         # worker pipe costs less than a shared-memory block per array (grain's default)
         it_ds = grain.experimental.WithOptionsIterDataset(
             it_ds, grain.experimental.DatasetOptions(min_shm_size=cfg["shm_min_bytes"]))
-        it_ds = it_ds.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=cfg["workers"],
-                                         per_worker_buffer_size=max(1, cfg["worker_buffer"] // chunk)),
-            worker_init_fn=_mark_absl_flags_parsed)
+        options = grain.MultiprocessingOptions(
+            num_workers=cfg["workers"], per_worker_buffer_size=max(1, cfg["worker_buffer"] // chunk))
+        it_ds = it_ds.mp_prefetch(options, worker_init_fn=_mark_absl_flags_parsed)
     dropped: collections.Counter = collections.Counter()
-    samples = _DropCounting(_Unchunk(it_ds), dropped)
+    samples = stages.DropCounting(stages.Unchunk(it_ds), dropped)
     L, M = cfg["seq_len"], cfg["max_images_per_row"]
     # Rows are laid out with image_size 0: their pixel_values are empty placeholders, the real
-    # ones are normalized straight into the batch from each row's uint8 `pixels` (_BatchRows).
+    # ones are normalized straight into the batch from each row's uint8 `pixels` (BatchRows).
     if cfg["packing"]:
-        rows = _PackWithPixels(samples, L, M, 0)
+        rows = stages.PackWithPixels(samples, L, M, 0)
     else:
-        rows = samples.map(functools.partial(_pad_row, seq_len=L, max_images=M, image_size=0))
-    batches = rows.batch(cfg["batch_size"], drop_remainder=True, batch_fn=_BatchRows(owl_cfg, M))
+        rows = samples.map(functools.partial(stages.pad_row, seq_len=L, max_images=M,
+                                             image_size=0))
+    batches = rows.batch(cfg["batch_size"], drop_remainder=True,
+                         batch_fn=stages.BatchRows(owl_cfg, M))
     return TrainIterator(batches.__iter__(), dropped, lost, sizes)
