@@ -83,6 +83,18 @@ def test_bad_samples_dropped_and_counted(data):
     assert dict(it.lost_at_open) == {"truncated_tar": 1}
 
 
+def test_filters_and_coco_source(data):
+    keep = [t for k, t in data["wds"]["samples"].items()
+            if data["wds"]["meta"][k]["similarity"] >= 0.3]
+    c = cfg(None, sources=[dict(spec=data["ar"], filters={"min_similarity": 0.3})])
+    it = make_train_iterator(c, data["tok"], OWL, 0, 1)
+    assert collections.Counter(captions(take(it), data["tok"])) == collections.Counter(keep)
+    assert dict(it.dropped) == {"filtered_min_similarity": len(data["wds"]["samples"]) - len(keep)}
+    coco = f"coco:{data['coco']['annotations']}?images={data['coco']['images']}"
+    it = make_train_iterator(cfg(coco), data["tok"], OWL, 0, 1)
+    assert sorted(captions(take(it), data["tok"])) == sorted(data["coco"]["samples"].values())
+
+
 def test_process_shares_equal_disjoint_complete(data):
     everything = collections.Counter(data["wds"]["samples"].values())
     n, pc = sum(everything.values()), 3
