@@ -90,9 +90,10 @@ class ImagePacker(packing.Packer):
         return rows
 
 
-class PackWithPixels(packing.PackIterDataset):
-    def __iter__(self):
-        return packing._PackIterator(self._parent.__iter__(), ImagePacker(*self._args))
+def pack_with_pixels(parent, seq_len: int, max_images: int) -> packing.PackIterDataset:
+    """Packing stage whose rows carry their samples' uint8 pixels; rows are laid out with
+    image_size 0 (empty pixel_values placeholders, BatchRows builds the real ones)."""
+    return packing.PackIterDataset(parent, seq_len, max_images, 0, packer_cls=ImagePacker)
 
 
 def pad_row(sample, seq_len, max_images, image_size):

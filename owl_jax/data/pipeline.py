@@ -274,7 +274,7 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
     # Rows are laid out with image_size 0: their pixel_values are empty placeholders, the real
     # ones are normalized straight into the batch from each row's uint8 `pixels` (BatchRows).
     if cfg["packing"]:
-        rows = stages.PackWithPixels(samples, L, M, 0)
+        rows = stages.pack_with_pixels(samples, L, M)
     else:
         rows = samples.map(functools.partial(stages.pad_row, seq_len=L, max_images=M,
                                              image_size=0))
