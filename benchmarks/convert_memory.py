@@ -1,7 +1,7 @@
 """Peak host memory of `owl-convert` relative to the checkpoint it converts.
 
 Writes a synthetic official checkpoint (default: a mid-size Owl in fp16, about 1.4 GB), converts
-it in a fresh subprocess per direction / layout, and prints the child's peak RSS (ru_maxrss, which
+it in a fresh subprocess per direction / layout, and prints the child's peak RSS (VmHWM, which
 counts file-mapped pages too) as a ratio to the checkpoint's size on disk. Baseline measured in
 the same child: its RSS right after the imports, before converting. Goal: peak / size <= 1.5.
 The files are deleted afterwards.
@@ -23,12 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+import torch, safetensors.torch  # noqa: F401 - imported lazily by the converter; a constant
 import convert.official, owl_jax.checkpoint  # the imports count in the baseline
 def rss():
     with open("/proc/self/status") as f:
         return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f
-                if l.startswith(("VmRSS", "RssAnon", "RssFile"))}
+                if l.startswith(("VmRSS", "VmHWM"))}
 base = rss()
 t = time.time()
 direction, src, dst = sys.argv[1:4]
@@ -37,8 +38,9 @@ if direction == "torch-to-jax":
 else:
     convert.official.jax_to_torch(src, dst, fmt=sys.argv[4], shard_size=sys.argv[5],
                                   progress=False)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
 print(json.dumps({"baseline": base["VmRSS"], "seconds": time.time() - t,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak": rss()["VmHWM"]}))
 """
 
 

@@ -47,14 +47,33 @@ def jax_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data is `align`-byte aligned: jax can then
+    adopt it as a host buffer without copying (`jax.device_put(..., may_alias=True)`)."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def cast_aligned(x: np.ndarray, dtype) -> np.ndarray:
+    """`x.astype(dtype)` into an aligned buffer (same rounding as astype)."""
+    out = aligned_empty(x.shape, dtype)
+    np.copyto(out, x, casting="unsafe")
+    return out
+
+
 def to_jax(kind: str, x: np.ndarray) -> np.ndarray:
-    """PyTorch layout -> our layout. Returns a fresh C-contiguous array (never a view of `x`, so
-    the caller may drop the source tensor / memory map)."""
+    """PyTorch layout -> our layout. Returns a fresh, aligned, C-contiguous array (never a view
+    of `x`, so the caller may drop the source tensor / memory map)."""
     if kind == LINEAR:
-        return np.ascontiguousarray(x.T)
-    if kind == CONV:
-        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-    return np.array(x, copy=True)
+        x = x.T
+    elif kind == CONV:
+        x = x.transpose(2, 3, 1, 0)
+    out = aligned_empty(x.shape, x.dtype)
+    np.copyto(out, x)
+    return out
 
 
 def to_torch(kind: str, x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import keymap, lora as lora_lib
-from convert.torch_io import CheckpointError, CheckpointReader, ShardedWriter, np_dtype
+from convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
+                              return_freed_memory_promptly)
 from owl_jax import checkpoint as ckpt
 from owl_jax.config import load_official, save_official
 
@@ -79,6 +80,7 @@ def torch_to_jax(src: str, dst: str, dtype: str | None = None, lora_alpha: float
     """
     if os.path.exists(os.path.join(dst, ckpt.PARAMS_DIR)) and not overwrite:
         raise FileExistsError(f"{dst} already holds a checkpoint (pass --overwrite)")
+    return_freed_memory_promptly()
     cfg = load_official(src)
     entries = keymap.official_entries(cfg)
     reader = CheckpointReader(src)
@@ -114,7 +116,7 @@ def torch_to_jax(src: str, dst: str, dtype: str | None = None, lora_alpha: float
         y = keymap.to_jax(e.kind, x)
         del x
         if target is not None and y.dtype != target:
-            y = y.astype(target)
+            y = keymap.cast_aligned(y, target)
         keymap.set_path(params, e.path, ckpt.host_array(y))  # a copy: y is freed right here
         del y
     bar.close()
@@ -170,6 +172,7 @@ def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
     """Writes the official layout (strict-loadable by the official code under transformers
     4.28.1, `rotary_emb.inv_freq` buffers included) plus config / tokenizer / preprocessor files.
     Unmerged LoRA adapters are merged. Returns the weight file names."""
+    return_freed_memory_promptly()
     cfg, params, meta = ckpt.load_checkpoint(src)
     lora_meta = meta.get("lora")
     if lora_meta:
