@@ -10,6 +10,7 @@ current shard, so peak memory again stays near one model copy plus one shard.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -167,6 +168,15 @@ def _check_keepable(keys: lora_lib.LoraKeys, cfg) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def set_torch_dtype(path: str, dtype: np.dtype) -> None:
+    """config.json's `torch_dtype` names the dtype actually written (HF's torch_dtype="auto")."""
+    with open(path) as f:
+        conf = json.load(f)
+    conf["torch_dtype"] = np.dtype(dtype).name
+    with open(path, "w") as f:
+        json.dump(conf, f, indent=2)
+
+
 def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
                  shard_size="10GB", progress: bool = True) -> list[str]:
     """Writes the official layout (strict-loadable by the official code under transformers
@@ -212,6 +222,7 @@ def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
         writer.add(e.torch_key, y)
     names = writer.close()
     save_official(cfg, dst)
+    set_torch_dtype(os.path.join(dst, "config.json"), buffer_dtype)
     ckpt.copy_tokenizer_files(src, dst)
     for name in EXTRA_FILES:
         if os.path.exists(os.path.join(src, name)):

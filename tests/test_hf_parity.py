@@ -21,7 +21,7 @@ from owl_jax.config import save_official, tiny
 from owl_jax.models.owl import Owl
 from owl_jax.models.vit import VisionTransformer
 from owl_jax.testing.checkpoints import write_official_checkpoint
-from tests import numpy_ref
+import numpy_ref  # tests/ is on sys.path (pytest rootdir-relative import)
 
 # One tiny config (GQA in the LLM) for every test here, so the jitted forward compiles once per
 # worker; the group keeps these tests on one xdist worker.
@@ -70,6 +70,15 @@ def base_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("base"))
     save_official(CFG, d)
     return d
+
+
+def test_inv_freq_matches_hf_llama():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    cfg = CFG
+    hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=cfg.text.hidden_size,
+                                          num_attention_heads=cfg.text.num_attention_heads))
+    np.testing.assert_array_equal(keymap.rope_inv_freq(cfg.text), hf.inv_freq.numpy())
 
 
 def _hf_llama(tmp, tie=False, seed=0):

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 
 from convert import keymap
+from convert.official import set_torch_dtype
 from convert.torch_io import ShardedWriter, np_dtype, numpy_to_torch, torch_to_numpy
 from owl_jax.config import OwlConfig, save_official
 
@@ -98,6 +99,7 @@ def write_official_checkpoint(directory: str, cfg: OwlConfig, dtype: str = "floa
             add(prefix + module + ".lora_B.default.weight", round_to(b.astype(np.float32), dtype))
     writer.close()
     save_official(cfg, directory)
+    set_torch_dtype(os.path.join(directory, "config.json"), np_dtype(dtype))
     if lora and lora.get("write_config", True):
         with open(os.path.join(directory, "adapter_config.json"), "w") as f:
             json.dump({"peft_type": "LORA", "task_type": None, "r": int(lora.get("rank", 8)),
