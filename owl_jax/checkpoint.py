@@ -120,7 +120,8 @@ def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str |
     os.makedirs(directory, exist_ok=True)
     # numpy leaves -> host jax.Arrays (orbax would copy numpy leaves anyway); no compression:
     # weights barely compress (~8 %) and zstd triples the time and holds a second copy.
-    params = jax.tree.map(host_array, params)
+    if jax.process_count() == 1:  # multi-host trees are global jax.Arrays already
+        params = jax.tree.map(host_array, params)
     _checkpointer().save(params_dir, args=ocp.args.PyTreeSave(params))
     meta = {"format": FORMAT, "version": VERSION,
             "dtype": _dtype_name(x.dtype for x in flat.values()),
