@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_tokens = 32
     c.peak_tflops = 0.0       # per device; 0 = from the device kind (unknown kinds: no MFU)
     c.export_at_end = True    # write WORKDIR/export (an owl-convert style directory)
-    c.debug = ml_collections.ConfigDict(dict(log_row_digests=False))
+    c.debug = ml_collections.ConfigDict(dict(log_row_digests=False, sleep_after_step=0.0))
     return c
 
 

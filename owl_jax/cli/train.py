@@ -93,8 +93,13 @@ def main(argv=None) -> int:
         else:
             n = _dry_run_devices(config, fv.devices)
             if not xla_bridge.backends_are_initialized():
-                os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                           f" --xla_force_host_platform_device_count={n}")
+                # The CPU backend's default scheduler favours concurrency over memory and
+                # keeps every unrolled remat block live at once (4-5x the temporaries of a
+                # memory-aware schedule); accelerators schedule for memory, so do that here.
+                os.environ["XLA_FLAGS"] = (
+                    os.environ.get("XLA_FLAGS", "") +
+                    f" --xla_force_host_platform_device_count={n}"
+                    " --xla_cpu_enable_concurrency_optimized_scheduler=false")
                 jax.config.update("jax_platforms", "cpu")
                 jax.config.update("jax_num_cpu_devices", n)
             cpus = jax.devices("cpu")

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import time
 
 import flax.linen as nn
 import jax
@@ -240,6 +241,9 @@ def train(config, workdir: str) -> dict:
                 gb = sh.global_batch(model_batch(batch), mesh, rules)
                 state, m = train_step(state, gb)
             step += 1
+            if config.debug.sleep_after_step:  # debugging aid: makes preemption easy to time
+                jax.block_until_ready(m)
+                time.sleep(float(config.debug.sleep_after_step))
             meter.tick()
             writer.advance()
             if step % int(config.log_every) == 0 or step == total:

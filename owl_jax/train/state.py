@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -234,7 +235,9 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
         t, f = _split_and_cast(tr.unflatten(fresh), layout.patterns, layout.frozen_dtype)
         return TrainState(jnp.zeros((), jnp.int32), t, f, layout.tx.init(t))
 
-    with jax.set_mesh(layout.mesh):
+    with jax.set_mesh(layout.mesh), warnings.catch_warnings():
+        # Stacking layers for scan cannot reuse the donated per-layer buffers; the rest can.
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
         state = jax.jit(fn, out_shardings=layout.shardings, donate_argnums=0)(
             loaded, jax.random.key(seed))
     fresh_keys = sorted(set(want) - set(stored))

@@ -82,12 +82,12 @@ def make_train_step(layout: StateLayout, config, schedule):
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.trainable)
             (grads, total, ntok), _ = jax.lax.scan(
                 body, (zeros, jnp.float32(0), jnp.float32(0)), (mbs, jnp.arange(k)))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
         metrics = {"loss": total / denom, "trained_tokens": ntok, "grad_norm": grad_norm,
-                   "lr": schedule(state.step), "param_norm": optax.global_norm(trainable)}
+                   "lr": schedule(state.step), "param_norm": optax.tree.norm(trainable)}
         return new_state, metrics
 
     return step

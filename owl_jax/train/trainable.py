@@ -100,7 +100,11 @@ def count(tree) -> int:
     def size(x):
         x = getattr(x, "value", x)  # unwrap a LogicallyPartitioned box
         return int(np.prod(x.shape))
-    return sum(size(x) for x in _flat(tree).values()) if tree else 0
+    if not tree:
+        return 0
+    leaves = (_flat(tree).values() if isinstance(tree, dict) else
+              jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "value")))
+    return sum(size(x) for x in leaves)
 
 
 def summary(trainable, frozen) -> str:
