@@ -75,11 +75,16 @@ class OwlConfig:
     num_query_tokens: int = 64
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
+    # Sequence slots an `<image>` reserves. None means num_query_tokens + 1 (what the model
+    # produces). The official processor always reserves 65, whatever the model config says; see
+    # `from_official_dict` for when that matters.
+    slots_per_image: int | None = None
 
     @property
     def image_tokens(self) -> int:
-        """LLM sequence slots one image occupies: the queries plus the end-of-image token."""
-        return self.num_query_tokens + 1
+        """LLM sequence slots one image occupies (the queries plus the end-of-image token, or the
+        official processor's fixed 65 for official checkpoints with num_query_tokens != 64)."""
+        return self.slots_per_image or self.num_query_tokens + 1
 
     def replace(self, **kw) -> "OwlConfig":
         return dataclasses.replace(self, **kw)
@@ -102,6 +107,12 @@ def tiny(vocab_size: int = 256, **text_kw) -> OwlConfig:
 # --------------------------------------------------------------------------------------------
 # The official config.json
 
+
+# The official processor's `media_info={"<image>": 65}`, independent of the model config.
+OFFICIAL_IMAGE_SLOTS = 65
+# Written by owl-jax so that its own checkpoints (any num_query_tokens) round-trip unchanged; the
+# official config class keeps unknown keys and ignores them.
+_SLOTS_KEY = "owl_jax_slots_per_image"
 
 # Where config.json leaves a field out, the official code takes its constructor default. Those
 # equal our dataclass defaults except one: MplugOwlVisualAbstractorConfig defaults to an FFN width
@@ -142,8 +153,20 @@ def from_official_dict(d: dict, preprocessor: dict | None = None) -> OwlConfig:
             "visual_abstractor_config.hidden_size and encoder_hidden_size must equal "
             f"vision_config.hidden_size; got {abstractor.hidden_size}, "
             f"{abstractor.encoder_hidden_size} and {vision.hidden_size}")
+    nq = int(d.get("num_query_tokens", 64))
+    slots = d.get(_SLOTS_KEY)
+    if slots is None and nq + 1 != OFFICIAL_IMAGE_SLOTS:
+        # The official processor hard-codes 65 slots per image, and the official model fills the
+        # first num_query_tokens + 1 of them, leaving the rest as a dummy token's embedding. Keep
+        # that layout so that input ids (and generation) match the official code exactly.
+        warnings.warn(f"num_query_tokens={nq}: each <image> reserves the official processor's "
+                      f"{OFFICIAL_IMAGE_SLOTS} slots, of which the model fills {nq + 1}")
+        slots = OFFICIAL_IMAGE_SLOTS
+    if slots is not None and int(slots) < nq + 1:
+        raise ValueError(f"config.json {_SLOTS_KEY}={slots} cannot hold {nq + 1} image tokens")
     kw: dict[str, Any] = dict(vision=vision, abstractor=abstractor, text=text,
-                              num_query_tokens=int(d.get("num_query_tokens", 64)))
+                              num_query_tokens=nq,
+                              slots_per_image=None if slots in (None, nq + 1) else int(slots))
     if preprocessor:
         kw.update(image_mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
                   image_std=tuple(preprocessor.get("image_std", CLIP_STD)))
@@ -183,6 +206,7 @@ def to_official_dict(cfg: OwlConfig) -> dict:
         "architectures": ["MplugOwlForConditionalGeneration"],
         "model_type": "mplug-owl",
         "num_query_tokens": cfg.num_query_tokens,
+        _SLOTS_KEY: cfg.image_tokens,
         "use_decoder_only_language_model": True,
         "tie_word_embeddings": False,
         "vision_config": vision,
@@ -193,8 +217,11 @@ def to_official_dict(cfg: OwlConfig) -> dict:
 
 
 def preprocessor_dict(cfg: OwlConfig) -> dict:
-    return {"resolution": cfg.vision.image_size, "image_mean": list(cfg.image_mean),
-            "image_std": list(cfg.image_std)}
+    """The hub's preprocessor_config.json, plus the `size` / `crop_size` fields that the official
+    processor actually reads (it ignores `resolution` and would fall back to 224 px)."""
+    s = cfg.vision.image_size
+    return {"resolution": s, "size": {"shortest_edge": s}, "crop_size": {"height": s, "width": s},
+            "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
 
 
 def _read_json(path: str) -> dict:

@@ -24,6 +24,7 @@ def test_sizes_come_from_the_file():
                                             "intermediate_size": 100, "layer_norm_eps": 1e-3},
                   text_config={"num_key_value_heads": 2, "rope_theta": 5e5, "vocab_size": 77})
     d["num_query_tokens"] = 9
+    d["owl_jax_slots_per_image"] = 10
     cfg = oc.from_official_dict(d)
     assert (cfg.vision.hidden_size, cfg.vision.num_positions) == (48, 37)
     assert (cfg.abstractor.intermediate_size, cfg.abstractor.layer_norm_eps) == (100, 1e-3)
@@ -63,3 +64,21 @@ def test_load_official_names_the_file(tmp_path):
         oc.load_official(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="config.json"):
         oc.load_official(str(tmp_path / "nope"))
+
+
+def test_official_configs_reserve_the_official_65_slots():
+    """The official processor reserves 65 slots per <image> whatever num_query_tokens is; a
+    config.json from the official code (no owl-jax key) keeps that, ours round-trips as written."""
+    d = oc.to_official_dict(oc.tiny())
+    assert oc.from_official_dict(d).image_tokens == 5
+    del d["owl_jax_slots_per_image"]
+    with pytest.warns(UserWarning, match="65 slots"):
+        cfg = oc.from_official_dict(d)
+    assert (cfg.num_query_tokens, cfg.image_tokens) == (4, 65)
+    d["num_query_tokens"] = 64
+    assert oc.from_official_dict(d).image_tokens == 65
+
+
+def test_preprocessor_file_names_the_size_the_official_processor_reads():
+    p = oc.preprocessor_dict(oc.tiny())
+    assert p["size"] == {"shortest_edge": 28} and p["crop_size"] == {"height": 28, "width": 28}

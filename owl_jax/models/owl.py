@@ -19,29 +19,35 @@ from owl_jax.models.masks import segment_mask, segment_positions
 from owl_jax.models.vit import VisionTransformer
 
 
-def splice_images(text_embeds, input_ids, image_embeds):
+def splice_images(text_embeds, input_ids, image_embeds, slots: int | None = None):
     """Writes image tokens into the slots the prompt reserves (ids < 0).
 
-    text_embeds [B, L, D]; input_ids [B, L] with one run of T negative ids per image.
-    image_embeds either
+    text_embeds [B, L, D]; input_ids [B, L] with one run of `slots` negative ids per image
+    (default: T, the image token count). image_embeds either
       [N, T, D]: a flat list ordered by appearance across the batch, row-major, as the
-        official `pixel_values`; slot k of the batch takes image k // T, token k % T; or
-      [B, M, T, D]: M images per row (unused ones are padding); slot k of row b takes image
-        (b, k // T). This form shards with the batch, so training uses it.
-    Rows may hold any number of images, including none.
+        official `pixel_values`; slot k of the batch belongs to image k // slots; or
+      [B, M, T, D]: M images per row (unused ones are padding); slot k of row b belongs to image
+        (b, k // slots). This form shards with the batch, so training uses it.
+    Slot j of an image's run takes its token j; runs longer than T (the official processor's
+    fixed 65 slots with fewer queries) keep the text embedding after token T - 1, as the official
+    model leaves them. Rows may hold any number of images, including none.
     """
     b, l, d = text_embeds.shape
     t = image_embeds.shape[-2]
+    slots = slots or t
     is_slot = input_ids < 0
     if image_embeds.ndim == 3:
         k = jnp.cumsum(is_slot.reshape(-1)).reshape(b, l) - 1
-        img = jnp.clip(k // t, 0, image_embeds.shape[0] - 1)
-        picked = image_embeds[img, k % t]
+        img = jnp.clip(k // slots, 0, image_embeds.shape[0] - 1)
+        tok = k % slots
+        picked = image_embeds[img, jnp.minimum(tok, t - 1)]
     else:
         k = jnp.cumsum(is_slot, axis=1) - 1
-        img = jnp.clip(k // t, 0, image_embeds.shape[1] - 1)
-        picked = image_embeds[jnp.arange(b)[:, None], img, k % t]
-    return jnp.where(is_slot[..., None], picked.astype(text_embeds.dtype), text_embeds)
+        img = jnp.clip(k // slots, 0, image_embeds.shape[1] - 1)
+        tok = k % slots
+        picked = image_embeds[jnp.arange(b)[:, None], img, jnp.minimum(tok, t - 1)]
+    fill = is_slot & (tok < t)
+    return jnp.where(fill[..., None], picked.astype(text_embeds.dtype), text_embeds)
 
 
 class Owl(nn.Module):
@@ -76,10 +82,11 @@ class Owl(nn.Module):
         return out.reshape(*lead, *out.shape[1:])
 
     def embed(self, input_ids, image_embeds=None):
-        """Token embeddings with image tokens spliced in. Negative ids never reach the table."""
+        """Token embeddings with image tokens spliced in. Negative ids never reach the table: they
+        embed as id 0 (as the official `generate` does) until an image token overwrites them."""
         x = self.language_model.embed(jnp.maximum(input_ids, 0))
         if image_embeds is not None:
-            x = splice_images(x, input_ids, image_embeds)
+            x = splice_images(x, input_ids, image_embeds, self.cfg.image_tokens)
         return x
 
     def __call__(self, input_ids, pixel_values=None, segment_ids=None, positions=None,
