@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -21,9 +22,10 @@ from convert import keymap, lora as lora_lib
 from convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
                               return_freed_memory_promptly)
 from owl_jax import checkpoint as ckpt
-from owl_jax.config import load_official, save_official
+from owl_jax.config import from_official_dict, load_official, save_official
 
 EXTRA_FILES = ("generation_config.json",)
+SOURCE_FILES = ("config.json", "preprocessor_config.json")
 
 
 def _problems_message(where: str, problems: list[str]) -> str:
@@ -146,7 +148,27 @@ def torch_to_jax(src: str, dst: str, dtype: str | None = None, lora_alpha: float
     for name in EXTRA_FILES:
         if os.path.exists(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    for name in SOURCE_FILES:  # kept verbatim so that export can give them back unchanged
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, "source_" + name))
     return meta
+
+
+def _restore_source_files(src: str, dst: str, cfg) -> None:
+    """Puts back the source's own config.json / preprocessor_config.json when they describe the
+    same model as `cfg`, so that fields owl-jax does not model (projection_dim, ...) survive a
+    round trip. A config that changed since (e.g. by training) keeps the rebuilt files."""
+    kept = {n: os.path.join(src, "source_" + n) for n in SOURCE_FILES}
+    if not all(os.path.exists(p) for p in kept.values()):
+        return
+    with open(kept["config.json"]) as f, open(kept["preprocessor_config.json"]) as g:
+        official, pre = json.load(f), json.load(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = from_official_dict(official, pre) == cfg
+    if same:
+        for name, path in kept.items():
+            shutil.copyfile(path, os.path.join(dst, name))
 
 
 def _check_keepable(keys: lora_lib.LoraKeys, cfg) -> None:
@@ -222,6 +244,7 @@ def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
         writer.add(e.torch_key, y)
     names = writer.close()
     save_official(cfg, dst)
+    _restore_source_files(src, dst, cfg)
     set_torch_dtype(os.path.join(dst, "config.json"), buffer_dtype)
     ckpt.copy_tokenizer_files(src, dst)
     for name in EXTRA_FILES:

@@ -89,3 +89,8 @@ def test_jax_to_torch_is_bit_exact(converted, tmp_path):
     assert sorted(orig) == sorted(new)
     for key, t in orig.items():
         assert new[key].dtype == t.dtype and torch.equal(new[key], t), key
+    # The source's own config files come back, fields owl-jax does not model included.
+    for name in ("config.json", "preprocessor_config.json"):
+        with open(os.path.join(GOLDEN, "checkpoint", name)) as f, \
+                open(os.path.join(back, name)) as g:
+            assert json.load(f) == json.load(g), name
