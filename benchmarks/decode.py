@@ -1,0 +1,297 @@
+"""Decode speed of owl-jax against HF transformers on the same weights (CPU, fp32).
+
+    python benchmarks/decode.py                  # everything (a few minutes on 2 cores)
+    python benchmarks/decode.py --parts decode   # only the text decode comparison
+    python benchmarks/decode.py --parts ttft --vision small
+
+Baselines, measured in the same process:
+- decode: `LlamaForCausalLM.generate` (PyTorch, KV cache, greedy, do_sample=False,
+  min_new_tokens = max_new_tokens so both sides make exactly the same number of tokens) on a
+  random 12-layer, 768-wide LLaMA (12 heads, MLP 2048, vocab 32000), 128-token prompt, 128 new
+  tokens, batch 1 and 8. Our side converts the same HF weights with
+  `convert.hf_llama.read_llama_params` and runs `owl_jax.generate.Generator` greedy.
+- memory-bandwidth limit at batch 1: the machine's read bandwidth (best of numpy and XLA
+  summing an array as large as the weights one step reads, so both see the same cache
+  hierarchy) divided by those bytes (every layer, the final norm and the lm_head; the KV cache
+  and one embedding row are left out, which makes the limit slightly optimistic for us).
+- time to first token of a one-image prompt: our encode + splice + prefill + first token
+  against the same steps in PyTorch (a torch re-implementation of the ViT and abstractor
+  below, `language_model(inputs_embeds=...)` with HF LLaMA), on the same weights.
+
+Timings are the best of `--repeats` runs (the machine may be shared); ratios use the best.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+
+def _best(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# -------------------------------------------------------------------------------------------
+# Models on shared weights
+
+
+def build_models(tmp, vocab=32000, width=768, layers=12, heads=12, mlp=2048, vision="small"):
+    import jax
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert.hf_llama import read_llama_params, read_text_config
+    from owl_jax.config import AbstractorConfig, OwlConfig, VisionConfig
+    from owl_jax.models.owl import Owl
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    torch.manual_seed(0)
+    hc = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp,
+                     num_hidden_layers=layers, num_attention_heads=heads,
+                     max_position_embeddings=2048, tie_word_embeddings=False,
+                     attn_implementation="sdpa")
+    hf = LlamaForCausalLM(hc).eval()
+    hf.save_pretrained(tmp)
+    text = read_text_config(tmp)
+    if vision == "vit-l":  # the real mPLUG-Owl ViT-L/14 + abstractor sizes
+        vcfg, acfg = VisionConfig(), AbstractorConfig()
+    else:                  # a documented smaller stand-in (ViT-B/16-like at 224 px)
+        vcfg = VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, image_size=224, patch_size=16)
+        acfg = AbstractorConfig(hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
+                                intermediate_size=2048, encoder_hidden_size=768)
+    cfg = OwlConfig(vision=vcfg, abstractor=acfg, text=text, num_query_tokens=64)
+    s = vcfg.image_size
+    shapes = jax.eval_shape(lambda: Owl(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+                                                  jnp.zeros((1, s, s, 3))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: (0.02 * rng.standard_normal(a.shape)).astype(np.float32),
+                          nn.unbox(shapes)["params"])
+    params["language_model"] = read_llama_params(tmp, text, progress=False)["language_model"]
+    return cfg, params, hf
+
+
+# -------------------------------------------------------------------------------------------
+# Memory bandwidth
+
+
+def read_bandwidth(nbytes, repeats):
+    """Bytes/s reading an array of `nbytes`: best of numpy (1 thread) and XLA (all threads)."""
+    import jax
+    import jax.numpy as jnp
+    a = np.ones(nbytes // 4, np.float32)
+    t_np = _best(lambda: a.sum(), repeats)
+    ja = jnp.asarray(a)
+    f = jax.jit(jnp.sum)
+    f(ja).block_until_ready()
+    t_jx = _best(lambda: f(ja).block_until_ready(), repeats)
+    del ja
+    return nbytes / min(t_np, t_jx), {"numpy": nbytes / t_np, "xla": nbytes / t_jx}
+
+
+def step_bytes(params):
+    import jax
+    lm = params["language_model"]
+    total = sum(x.nbytes for k, v in lm.items() if k != "embed_tokens"
+                for x in jax.tree.leaves(v))
+    return total
+
+
+# -------------------------------------------------------------------------------------------
+# Parts
+
+
+def bench_decode(cfg, params, hf, args):
+    import torch
+    from owl_jax.generate import GenerationConfig, Generator
+    import dataclasses
+    # EOS never stops either side: HF gets min_new_tokens, we get an EOS id outside the vocab.
+    cfg_noeos = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, eos_token_id=-7))
+    gen = Generator(cfg_noeos, params)
+    rng = np.random.default_rng(1)
+    n_new, n_prompt = args.new_tokens, args.prompt_tokens
+    results = {}
+    for b in args.batches:
+        prompts = rng.integers(3, cfg.text.vocab_size, (b, n_prompt))
+        rows = [[1] + p[1:].tolist() for p in prompts]
+        gcfg = GenerationConfig(max_new_tokens=n_new)
+        ours_first = gen.generate(rows, None, dataclasses.replace(gcfg, max_new_tokens=1))
+        ours = gen.generate(rows, None, gcfg)  # compile
+        t_ours = _best(lambda: gen.generate(rows, None, gcfg), args.repeats)
+        t_ours1 = _best(lambda: gen.generate(rows, None, dataclasses.replace(
+            gcfg, max_new_tokens=1)), args.repeats)
+        ids = torch.tensor(rows)
+        kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+        with torch.no_grad():
+            ref = hf.generate(ids, **kw)
+            t_hf = _best(lambda: hf.generate(ids, **kw), args.repeats)
+        same = sum(int(np.array_equal(o.token_ids[:16], r[n_prompt:n_prompt + 16].numpy()))
+                   for o, r in zip(ours, ref))
+        del ours_first
+        results[b] = dict(ours=b * n_new / t_ours, hf=b * n_new / t_hf,
+                          ours_decode_step=(t_ours - t_ours1) / (n_new - 1))
+        print(f"batch {b}: owl-jax {b * n_new / t_ours:8.1f} tok/s   HF {b * n_new / t_hf:8.1f} "
+              f"tok/s   ratio {t_hf / t_ours:5.2f}x   (first 16 tokens identical in {same}/{b} "
+              f"rows; our decode step {1e3 * results[b]['ours_decode_step']:.2f} ms, "
+              f"prefill+first {1e3 * t_ours1:.1f} ms)", flush=True)
+    if 1 in results:
+        nbytes = step_bytes(params)
+        bw, parts = read_bandwidth(nbytes, max(args.repeats, 5))
+        limit = bw / nbytes
+        ours = 1.0 / results[1]["ours_decode_step"]
+        print(f"batch 1 bandwidth limit: {nbytes / 1e6:.0f} MB of weights per token, read "
+              f"bandwidth {bw / 1e9:.1f} GB/s (numpy {parts['numpy'] / 1e9:.1f}, XLA "
+              f"{parts['xla'] / 1e9:.1f}) -> {limit:.1f} tok/s; owl-jax decode {ours:.1f} tok/s "
+              f"= {100 * ours / limit:.0f}% of the limit", flush=True)
+    return results
+
+
+def bench_ttft(cfg, params, hf, args):
+    import torch
+    import jax
+    from owl_jax.generate import GenerationConfig, Generator
+    from owl_jax.models.owl import splice_images
+    gen = Generator(cfg, params)
+    t_img = cfg.image_tokens
+    rng = np.random.default_rng(2)
+    s = cfg.vision.image_size
+    px = rng.standard_normal((1, s, s, 3)).astype(np.float32)
+    text = rng.integers(3, cfg.text.vocab_size, 64).tolist()
+    row = [1] + text[:32] + [-1] * t_img + text[32:]
+    gcfg = GenerationConfig(max_new_tokens=1)
+    ours = gen.generate([row], px, gcfg)
+    t_ours = _best(lambda: gen.generate([row], px, gcfg), args.repeats)
+
+    tv = TorchOwlVision(cfg, params)
+    ids = torch.tensor([row])
+    pv = torch.from_numpy(px).permute(0, 3, 1, 2).contiguous()
+
+    def torch_first():
+        with torch.no_grad():
+            q = tv(pv)                                   # [1, 65, D]
+            emb = hf.model.embed_tokens(ids.clamp(min=0))
+            slots = (ids[0] < 0).nonzero()[:, 0]
+            emb[0, slots] = q[0]
+            out = hf(inputs_embeds=emb, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            return int(out.logits[0, -1].argmax())
+    ref = torch_first()
+    t_hf = _best(torch_first, args.repeats)
+    print(f"time to first token, 1 image ({cfg.vision.num_hidden_layers}-layer "
+          f"{cfg.vision.hidden_size}-wide ViT at {s}px + {cfg.abstractor.num_hidden_layers}-layer "
+          f"abstractor, {len(row)}-token prompt): owl-jax {1e3 * t_ours:.0f} ms   PyTorch "
+          f"{1e3 * t_hf:.0f} ms   ratio {t_hf / t_ours:.2f}x   (same first token: "
+          f"{ours[0].token_ids[:1] == [ref]})", flush=True)
+
+
+# -------------------------------------------------------------------------------------------
+# A compact PyTorch ViT + abstractor with the official math (mplug_owl.md §3.1-3.3), used only
+# as the time-to-first-token baseline. Weights come from our param tree.
+
+
+class TorchOwlVision:
+    def __init__(self, cfg, params):
+        import torch
+        t = lambda x: torch.from_numpy(np.asarray(x, np.float32))  # noqa: E731
+        self.cfg, self.p, self.t = cfg, jax_tree_to_torch(params, t), t
+
+    def __call__(self, pv):
+        import torch
+        import torch.nn.functional as F
+        c, p = self.cfg, self.p
+        v = p["vision_model"]
+        emb = v["embeddings"]
+        w = emb["patch_embed"]["kernel"].permute(3, 2, 0, 1)  # HWIO -> OIHW
+        x = F.conv2d(pv, w, stride=c.vision.patch_size).flatten(2).transpose(1, 2)
+        x = torch.cat([emb["cls_token"].expand(x.shape[0], -1, -1), x], 1)
+        x = x + emb["position_embedding"][:, :x.shape[1]]
+        x = _ln(x, emb["pre_layernorm"], c.vision.layer_norm_eps)
+        h = c.vision.num_attention_heads
+        for i in range(c.vision.num_hidden_layers):
+            lp = v[f"layers_{i}"]
+            y = _ln(x, lp["input_layernorm"], c.vision.layer_norm_eps)
+            qkv = _lin(y, lp["self_attn"]["query_key_value"])
+            b, n, _ = qkv.shape
+            qkv = qkv.reshape(b, n, h, 3, -1).permute(3, 0, 2, 1, 4)
+            a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+            x = x + _lin(a.transpose(1, 2).reshape(b, n, -1), lp["self_attn"]["dense"])
+            y = _ln(x, lp["post_attention_layernorm"], c.vision.layer_norm_eps)
+            y = _lin(y, lp["mlp"]["fc1"])
+            x = x + _lin(y * torch.sigmoid(1.702 * y), lp["mlp"]["fc2"])
+        feats = _ln(x, v["post_layernorm"], c.vision.layer_norm_eps)
+        a = p["abstractor"]
+        q = p["query_tokens"].expand(feats.shape[0], -1, -1)
+        ha = c.abstractor.num_attention_heads
+        for i in range(c.abstractor.num_hidden_layers):
+            lp = a[f"layers_{i}"]
+            qn = _ln(q, lp["norm1"], 1e-5)
+            kv = torch.cat([qn, _ln(feats, lp["normk"], 1e-5)], 1)
+            qq, kk, vv = (_heads(_lin(z, lp[n]), ha) for z, n in
+                          ((qn, "query"), (kv, "key"), (kv, "value")))
+            o = F.scaled_dot_product_attention(qq, kk, vv).transpose(1, 2).flatten(2)
+            x = qn + _lin(o, lp["out_proj"])  # residual on the normed queries, as upstream
+            y = _ln(x, lp["norm2"], 1e-5)
+            y = F.silu(_lin(y, lp["w1"])) * _lin(y, lp["w3"])
+            q = x + _lin(_ln(y, lp["ffn_ln"], c.abstractor.layer_norm_eps), lp["w2"])
+        out = _lin(q, a["visual_fc"])
+        return torch.cat([out, a["vit_eos"].expand(out.shape[0], -1, -1)], 1)
+
+
+def jax_tree_to_torch(tree, t):
+    if isinstance(tree, dict):
+        return {k: jax_tree_to_torch(v, t) for k, v in tree.items()}
+    return t(tree)
+
+
+def _lin(x, p):
+    y = x @ p["kernel"]
+    return y + p["bias"] if "bias" in p else y
+
+
+def _ln(x, p, eps):
+    import torch.nn.functional as F
+    return F.layer_norm(x, x.shape[-1:], p["scale"], p["bias"], eps)
+
+
+def _heads(x, h):
+    b, n, d = x.shape
+    return x.reshape(b, n, h, d // h).transpose(1, 2)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default="decode,ttft")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt_tokens", type=int, default=128)
+    ap.add_argument("--new_tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vision", choices=("small", "vit-l"), default="small")
+    args = ap.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    parts = args.parts.split(",")
+    import torch
+    print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, params, hf = build_models(tmp, vision=args.vision)
+    if "decode" in parts:
+        bench_decode(cfg, params, hf, args)
+    if "ttft" in parts:
+        bench_ttft(cfg, params, hf, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Batched generation: encode images once, prefill once, then one compiled decode loop.
+
+Layout of a batch (every row ends at the same cache slot, so one scalar slot index serves all):
+
+    cache slot  0 ........ Lb-1 | Lb ........ Lb+Tc-1
+    row 0       pad pad p p p p | t0 t1 t2 ...          (prompt left-padded to the bucket Lb)
+    row 1       p p p p p p p p | t0 t1 ...
+
+- RoPE positions are `cumsum(mask) - 1` per row (as HF does for left-padded batches), so a
+  row's numbers do not depend on its padding; padded keys are masked out for every query.
+- Prompt lengths are bucketed (`bucket_length`), as are the token capacity Tc, the batch size
+  and the image count, so a new prompt length rarely means a new compile.
+- Prefill runs the LLM over the whole prompt (images spliced in, `Owl.embed`), computes the
+  head on the last position only and picks the first token. The decode loop is one
+  `jax.lax.while_loop` inside one jitted function: feed the last token, write its K/V into the
+  preallocated cache in place, pick the next token, stop a row at EOS or at its budget, stop the
+  loop when every row is done. The state is donated so the cache is never copied.
+- Streaming calls the same compiled loop with a smaller step limit (a chunk of N tokens), hands
+  the text so far to a callback, and calls it again; each chunk costs one host round trip.
+
+Token choice follows HF `generate` (see `owl_jax.sampling`, `owl_jax.beam`). Results hold the new
+token ids only (HF 4.28 returns [BOS] + new tokens; we drop the BOS) and never the EOS: a row that
+stopped at EOS has `finish_reason == "eos"`, one that ran out of tokens `"length"`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from owl_jax import beam as beam_lib
+from owl_jax import sampling
+from owl_jax.config import OwlConfig
+from owl_jax.models import llama as llama_lib
+from owl_jax.models.masks import cache_mask
+from owl_jax.models.owl import Owl
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding options (HF names). temperature 0 = greedy; num_beams > 1 = beam search."""
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = True
+    seed: int = 0
+    eos_token_id: int | None = None   # None: the model config's (2 for LLaMA)
+
+    def validate(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0 or self.num_beams < 1:
+            raise ValueError("no_repeat_ngram_size must be >= 0 and num_beams >= 1")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("beam sampling is not supported: use temperature 0 with num_beams > 1")
+
+
+@dataclasses.dataclass
+class Generation:
+    token_ids: list[int]          # new tokens, EOS not included
+    finish_reason: str            # "eos" or "length"
+    text: str | None = None       # filled in by callers that own a tokenizer
+
+
+# -------------------------------------------------------------------------------------------
+# Shape buckets
+
+
+def bucket_length(n: int, minimum: int = 32, step: int = 256) -> int:
+    """Prompt-length bucket: powers of two from `minimum` up to `step`, then multiples of
+    `step` (so at most ~2x prefill waste for short prompts, < `step` tokens for long ones)."""
+    if n <= minimum:
+        return minimum
+    if n <= step:
+        return 1 << (n - 1).bit_length()
+    return -(-n // step) * step
+
+
+def _pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+# -------------------------------------------------------------------------------------------
+# The engine
+
+
+class Generator:
+    """Compiled prefill + decode for one set of params.
+
+    params: the unrolled Owl param tree (plain arrays, already in the compute dtype and, with a
+    mesh, already placed on their shardings). mesh: optional; the KV cache is then sharded over
+    the `tensor` axis by kv head.
+    """
+
+    def __init__(self, cfg: OwlConfig, params, dtype=jnp.float32, mesh=None,
+                 bucket: Callable[[int], int] = bucket_length, stream_chunk: int = 16):
+        self.cfg = cfg
+        self.params = params
+        self.dtype = jnp.dtype(dtype)
+        self.mesh = mesh
+        self.bucket = bucket
+        self.stream_chunk = stream_chunk
+        self.owl = Owl(cfg, dtype=self.dtype, param_dtype=self.dtype)
+        self.lm = llama_lib.Llama(cfg.text, dtype=self.dtype, param_dtype=self.dtype)
+        self.traces = 0  # how many times a prefill / decode function was traced (= compiled)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("spec", "slots"))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
+        self._generate = jax.jit(self._generate_fn, static_argnames=("spec", "slots"))
+
+    # ---------------------------------------------------------------------------------------
+    # Model pieces (traced)
+
+
+    def _lm(self, params, x, positions, mask, cache, index, hidden=False):
+        return self.lm.apply({"params": params["language_model"]}, x, positions, mask, cache,
+                             index, True, hidden)
+
+    def _head(self, params, h):
+        return self.lm.apply({"params": params["language_model"]}, h,
+                             method=lambda m, h: m.lm_head(h))
+
+    def _constrain_cache(self, cache):
+        if self.mesh is None or "tensor" not in self.mesh.shape:
+            return cache
+        t = self.mesh.shape["tensor"]
+        spec = P(None, None, "tensor", None) if self.cfg.text.kv_heads % t == 0 else P()
+        sh = NamedSharding(self.mesh, spec)
+        return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sh), cache)
+
+    def _step_logits(self, params, state):
+        """Feeds each row's last token (slot Lb + step - 1) and returns next-token logits."""
+        s = state["kv_valid"].shape[1]
+        lb = s - state["tokens"].shape[-1]
+        t = state["step"]
+        x = self.owl.apply({"params": params}, state["last"][:, None], method=Owl.embed_tokens)
+        slot = lb + t - 1
+        pos = (state["pos0"] + t - 1)[:, None]
+        mask = cache_mask(state["kv_valid"], slot[None])
+        logits, cache = self._lm(params, x, pos, mask, state["cache"], slot)
+        return logits[:, 0].astype(jnp.float32), self._constrain_cache(cache)
+
+    # ---------------------------------------------------------------------------------------
+    # Prefill and decode (traced)
+
+    def _prefill_fn(self, params, ids, valid, pixel_values, budget, knobs, *, spec, slots):
+        """ids/valid [B, Lb] left-padded, pixel_values [N, H, W, 3] or None; encodes the
+        images, splices them in, fills the cache; returns the decode state after the first
+        token."""
+        self.traces += 1
+        b, lb = ids.shape
+        image_embeds = None
+        if pixel_values is not None:
+            image_embeds = self.owl.apply({"params": params}, pixel_values.astype(self.dtype),
+                                          method=Owl.encode_images)
+        x = self.owl.apply({"params": params}, ids, image_embeds, method=Owl.embed)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+        kv_valid = jnp.concatenate([valid.astype(bool), jnp.ones((b, slots - lb), bool)], 1)
+        cache = llama_lib.init_cache(self.cfg.text, b, slots, self.dtype)
+        cache = self._constrain_cache(cache)
+        mask = cache_mask(kv_valid, jnp.arange(lb))
+        hidden, cache = self._lm(params, x, positions, mask, cache, 0, hidden=True)
+        logits = self._head(params, hidden[:, -1]).astype(jnp.float32)
+        tc = slots - lb
+        state = {
+            "cache": cache, "kv_valid": kv_valid, "pos0": valid.sum(1).astype(jnp.int32),
+            "tokens": jnp.zeros((b, tc), jnp.int32), "step": jnp.zeros((), jnp.int32),
+            "key": jax.random.key(knobs["seed"]),
+        }
+        if spec.penalty:
+            state["seen"] = sampling.seen_from_prompt(jnp.where(valid > 0, ids, -1),
+                                                      self.cfg.text.vocab_size)
+        if spec.ngram:
+            state["hist"] = jnp.concatenate(
+                [jnp.where(valid > 0, ids, -1), jnp.full((b, tc), -1, jnp.int32)], 1)
+        if spec.beam_search:
+            return beam_lib.start(state, logits, budget, knobs, spec)
+        state.update(count=jnp.zeros((b,), jnp.int32), done=budget <= 0,
+                     eos_hit=jnp.zeros((b,), bool), budget=budget,
+                     last=jnp.zeros((b,), jnp.int32))
+        return self._choose(state, logits, knobs, spec)
+
+    def _choose(self, state, logits, knobs, spec):
+        """Greedy / sampled token for every row that is not done; bookkeeping."""
+        lb = state["kv_valid"].shape[1] - state["tokens"].shape[-1]
+        t = state["step"]
+        logits = sampling.process(
+            logits, seen=state.get("seen"), penalty=knobs["penalty"], hist=state.get("hist"),
+            cur_len=lb + t, ngram=spec.ngram)
+        key = jax.random.fold_in(state["key"], t)
+        tok = sampling.choose(logits, key, do_sample=spec.sample, temperature=knobs["temperature"],
+                              top_k=spec.top_k, top_p=knobs["top_p"] if spec.top_p else None)
+        done = state["done"]
+        tok = jnp.where(done, self.cfg.text.pad_token_id, tok)
+        eos = ~done & (tok == knobs["eos"])
+        count = state["count"] + (~done).astype(jnp.int32)
+        new = dict(state, tokens=state["tokens"].at[:, t].set(tok), count=count,
+                   eos_hit=state["eos_hit"] | eos, done=done | eos | (count >= state["budget"]),
+                   last=tok, step=t + 1)
+        if spec.penalty:
+            new["seen"] = sampling.mark_seen(state["seen"], jnp.where(done, -1, tok))
+        if spec.ngram:
+            new["hist"] = state["hist"].at[:, lb + t].set(jnp.where(done, -1, tok))
+        return new
+
+    def _decode_fn(self, params, state, limit, knobs, *, spec):
+        """Runs decode steps until `limit` tokens exist or every row is done."""
+        self.traces += 1
+
+        def cond(st):
+            return (st["step"] < limit) & ~jnp.all(st["done"])
+
+        def body(st):
+            logits, cache = self._step_logits(params, st)
+            st = dict(st, cache=cache)
+            if spec.beam_search:
+                return beam_lib.step(st, logits, knobs, spec)
+            return self._choose(st, logits, knobs, spec)
+
+        return jax.lax.while_loop(cond, body, state)
+
+    def _generate_fn(self, params, ids, valid, pixel_values, budget, knobs, limit, *, spec,
+                     slots):
+        """Prefill and the whole decode loop in one compiled call (the non-streaming path)."""
+        state = self._prefill_fn(params, ids, valid, pixel_values, budget, knobs, spec=spec,
+                                 slots=slots)
+        return self._decode_fn(params, state, limit, knobs, spec=spec)
+
+    # ---------------------------------------------------------------------------------------
+    # Host side
+
+    @staticmethod
+    def _pad_images(pixel_values):
+        """[N, H, W, 3] -> N padded to a power of two with zero images (never spliced), so that
+        image counts share compiles."""
+        if pixel_values is None or len(pixel_values) == 0:
+            return None
+        n = pixel_values.shape[0]
+        px = np.zeros((_pow2(n),) + tuple(pixel_values.shape[1:]), np.float32)
+        px[:n] = np.asarray(pixel_values, np.float32)
+        return px
+
+    def prepare(self, rows: Sequence[Sequence[int]], max_new_tokens: int, beams: int = 1):
+        """Left-pads rows into buckets. Returns (ids, valid, budget, slots) as numpy."""
+        ctx = self.cfg.text.max_position_embeddings
+        lens = [len(r) for r in rows]
+        for i, n in enumerate(lens):
+            if n == 0:
+                raise ValueError(f"prompt {i} is empty (it needs at least the BOS token)")
+            if n >= ctx:
+                raise ValueError(
+                    f"prompt {i} has {n} tokens (each image takes {self.cfg.image_tokens}); the "
+                    f"model's context is {ctx} tokens (max_position_embeddings), so nothing "
+                    f"can be generated. Shorten the prompt or use fewer images.")
+        budget = np.array([min(max_new_tokens, ctx - n) for n in lens], np.int32)
+        if (budget < max_new_tokens).any():
+            i = int(np.argmin(budget))
+            warnings.warn(f"prompt {i} has {lens[i]} tokens: only {budget[i]} of the "
+                          f"{max_new_tokens} new tokens fit the {ctx}-token context")
+        if beams > 1:
+            budget[:] = budget.min()
+        b = _pow2(len(rows))
+        lb = self.bucket(max(lens))
+        tc = _pow2(max_new_tokens, 16)
+        ids = np.zeros((b, lb), np.int32)
+        valid = np.zeros((b, lb), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, lb - len(r):] = r
+            valid[i, lb - len(r):] = 1
+        ids[len(rows):, -1] = self.cfg.text.bos_token_id  # filler rows: one token, no budget
+        valid[len(rows):, -1] = 1
+        budget = np.concatenate([budget, np.zeros(b - len(rows), np.int32)])
+        return ids, valid, budget, lb + tc
+
+    def generate(self, rows: Sequence[Sequence[int]], pixel_values=None,
+                 config: GenerationConfig = GenerationConfig(),
+                 stream: Callable[[list[list[int]]], None] | None = None,
+                 force_beam_search: bool = False) -> list[Generation]:
+        """rows: prompt ids per row (BOS first, -1 image slots); pixel_values [N, H, W, 3]: all
+        images in order of appearance. stream(tokens_so_far_per_row) is called after every
+        chunk of `stream_chunk` tokens (greedy / sampling) or once at the end (beam search).
+        force_beam_search runs the beam-search code even for num_beams=1 (where it must agree
+        with greedy; a consistency check)."""
+        config.validate()
+        n_slots = sum(int(np.sum(np.asarray(r) < 0)) for r in rows)
+        n_img = 0 if pixel_values is None else int(pixel_values.shape[0])
+        if n_slots != n_img * self.cfg.image_tokens:
+            raise ValueError(f"the prompts reserve {n_slots} image slots "
+                             f"({n_slots / self.cfg.image_tokens:g} images of "
+                             f"{self.cfg.image_tokens}) but {n_img} images were given")
+        ids, valid, budget, slots = self.prepare(rows, config.max_new_tokens, config.num_beams)
+        px = self._pad_images(pixel_values)
+        spec = Spec(sample=config.temperature > 0, top_k=config.top_k if config.temperature > 0
+                    else 0, top_p=config.temperature > 0 and config.top_p < 1.0,
+                    penalty=config.repetition_penalty != 1.0, ngram=config.no_repeat_ngram_size,
+                    beams=config.num_beams, early_stopping=config.early_stopping,
+                    beam_search=config.num_beams > 1 or force_beam_search)
+        eos = self.cfg.text.eos_token_id if config.eos_token_id is None else config.eos_token_id
+        knobs = {"temperature": jnp.float32(max(config.temperature, 1e-6)),
+                 "top_p": jnp.float32(config.top_p),
+                 "penalty": jnp.float32(config.repetition_penalty),
+                 "length_penalty": jnp.float32(config.length_penalty),
+                 "seed": jnp.uint32(config.seed % 2**32), "eos": jnp.int32(eos)}
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            total = int(budget.max())
+            if stream is None or spec.beam_search:
+                state = self._generate(self.params, ids, valid, px, budget, knobs,
+                                       jnp.int32(total), spec=spec, slots=slots)
+            else:
+                state = self._prefill(self.params, ids, valid, px, budget, knobs, spec=spec,
+                                      slots=slots)
+                limit = 1
+                while True:
+                    stream(self._partial(state, len(rows)))
+                    if limit >= total or bool(jnp.all(state["done"])):
+                        break
+                    limit = min(limit + self.stream_chunk, total)
+                    state = self._decode(self.params, state, jnp.int32(limit), knobs, spec=spec)
+        if spec.beam_search:
+            out = beam_lib.finish(jax.device_get(state), len(rows), config.length_penalty, eos)
+            if stream is not None:
+                stream([g.token_ids for g in out])
+            return out
+        st = jax.device_get({k: state[k] for k in ("tokens", "count", "eos_hit")})
+        out = []
+        for i in range(len(rows)):
+            n = int(st["count"][i])
+            eos = bool(st["eos_hit"][i])
+            out.append(Generation(st["tokens"][i, :n - 1 if eos else n].tolist(),
+                                  "eos" if eos else "length"))
+        return out
+
+    @staticmethod
+    def _partial(state, n_rows):
+        st = jax.device_get({k: state[k] for k in ("tokens", "count", "eos_hit")})
+        return [st["tokens"][i, :int(st["count"][i]) - int(st["eos_hit"][i])].tolist()
+                for i in range(n_rows)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The static (compile-time) part of a decoding request."""
+    sample: bool = False
+    top_k: int = 0
+    top_p: bool = False
+    penalty: bool = False
+    ngram: int = 0
+    beams: int = 1
+    early_stopping: bool = True
+    beam_search: bool = False
