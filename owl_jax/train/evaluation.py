@@ -2,10 +2,8 @@
 
 `held_out_loss` is the official loss over several eval batches (sum of CE / sum of trained
 tokens across all of them). `generate_samples` takes each sample's prompt (everything up to its
-first trained token), decodes greedily, and returns text (ids when no tokenizer is known).
-Decoding goes through `owl_jax.generate` when that module provides `greedy_ids`; otherwise a
-simple fixed-shape loop re-runs the full forward per token (fine for the short samples logged
-here, and compiled once per run).
+first trained token), decodes greedily with `owl_jax.generate` (LoRA adapters merged for it),
+and returns text (ids when no tokenizer is known).
 """
 from __future__ import annotations
 
@@ -15,6 +13,7 @@ import numpy as np
 
 from owl_jax import sharding as sh
 from owl_jax.train import step as step_lib
+from owl_jax.train import trainable as tr
 
 
 def held_out_loss(eval_fn, state, batches, mesh, rules) -> dict:
@@ -44,49 +43,44 @@ def prompts_from_batch(batch: dict, n: int) -> list[dict]:
     return out
 
 
-_GREEDY: dict = {}
+def decode_params(layout, state):
+    """The state's params as inference wants them: unrolled layers, LoRA adapters merged
+    (W + alpha/r * A B, in fp32), cast to the compute dtype."""
+    from owl_jax.models.owl import unscan_params
+    flat = tr.flatten(unscan_params(state.params()))
+    lora = layout.model.lora
+    if lora is not None:
+        for path in [p for p in flat if p.endswith("/lora_a")]:
+            base = path[: -len("lora_a")]
+            a, b = flat.pop(path), flat.pop(base + "lora_b")
+            k = flat[base + "kernel"]
+            flat[base + "kernel"] = (k.astype(jnp.float32) + lora.scale * (
+                a.astype(jnp.float32) @ b.astype(jnp.float32))).astype(k.dtype)
+    dtype = layout.model.dtype
+    return tr.unflatten({k: v.astype(dtype) for k, v in flat.items()})
 
 
-def _greedy_fn(model, length: int):
-    key = (id(model), length)
-    if key not in _GREEDY:
-        _GREEDY[key] = _build_greedy(model, length)
-    return _GREEDY[key]
+_GENERATORS: dict = {}
 
 
-def _build_greedy(model, length: int):
-    def run(params, ids, pixel_values, n_prompt, steps):
-        seg = (jnp.arange(length) < n_prompt).astype(jnp.int32)[None]
-
-        def body(i, carry):
-            ids, seg = carry
-            pos = n_prompt + i
-            logits = model.apply({"params": params}, ids, pixel_values, seg,
-                                 jnp.arange(length, dtype=jnp.int32)[None])
-            nxt = jnp.argmax(logits[0, pos - 1]).astype(jnp.int32)
-            return ids.at[0, pos].set(nxt), seg.at[0, pos].set(1)
-
-        ids, _ = jax.lax.fori_loop(0, steps, body, (ids, seg))
-        return ids
-    return jax.jit(run, static_argnames=("steps",))
-
-
-def greedy_ids(model, params, prompt_ids, pixel_values, max_new_tokens: int,
-               eos_id: int = 2) -> list[int]:
-    try:  # the inference path, with a KV cache, when it exists
-        from owl_jax import generate as gen  # noqa: F401
-        if hasattr(gen, "greedy_ids"):
-            return list(gen.greedy_ids(model, params, prompt_ids, pixel_values, max_new_tokens))
-    except ImportError:
-        pass
-    n = len(prompt_ids)
-    length = n + max_new_tokens
-    ids = np.zeros((1, length), np.int32)
-    ids[0, :n] = prompt_ids
-    out = _greedy_fn(model, length)(params, jnp.asarray(ids), jnp.asarray(pixel_values)[None],
-                                    jnp.int32(n), steps=max_new_tokens)
-    new = [int(t) for t in np.asarray(jax.device_get(out))[0, n:]]
-    return new[: new.index(eos_id) + 1] if eos_id in new else new
+def greedy(layout, state, rows: list[dict], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of prompt rows ({'ids', 'pixel_values' [M, H, W, 3]}) with
+    owl_jax.generate (KV cache, one compiled decode loop). The Generator is kept per layout,
+    so later evaluations reuse its compiled functions with the new params."""
+    from owl_jax.generate import GenerationConfig, Generator
+    params = decode_params(layout, state)
+    gen = _GENERATORS.get(id(layout))
+    if gen is None:
+        gen = Generator(layout.cfg, params, dtype=layout.model.dtype, mesh=layout.mesh)
+        _GENERATORS.clear()
+        _GENERATORS[id(layout)] = gen
+    gen.params = params
+    images = [r["pixel_values"][: int(np.sum(np.asarray(r["ids"]) < 0)) // layout.cfg.image_tokens]
+              for r in rows]
+    pixels = np.concatenate(images) if sum(len(i) for i in images) else None
+    out = gen.generate([list(map(int, r["ids"])) for r in rows], pixels,
+                       GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+    return [g.token_ids for g in out]
 
 
 def first_rows(global_batch: dict, n: int, mesh) -> dict:
@@ -101,15 +95,15 @@ def generate_samples(layout, state, global_batch: dict, n: int, max_new_tokens: 
                      tokenizer=None) -> str:
     """Text block for the log: prompt, reference and greedy continuation per sample."""
     rows = prompts_from_batch(first_rows(global_batch, n, layout.mesh), n)
-    params = state.params()
+    if not rows:
+        return "(no eval row has a trained token to prompt for)"
+    generated = greedy(layout, state, rows, max_new_tokens)
     if tokenizer is not None:
         dec = lambda ids: tokenizer.decode([int(t) for t in ids])
     else:
         dec = lambda ids: " ".join(str(int(t)) for t in ids)
     lines = []
-    for i, r in enumerate(rows):
-        new = greedy_ids(layout.model, params, r["ids"], r["pixel_values"], max_new_tokens,
-                         layout.cfg.text.eos_token_id)
+    for i, (r, new) in enumerate(zip(rows, generated)):
         lines.append(f"sample {i}: prompt={dec(r['ids'])!r}\n  reference={dec(r['reference'])!r}"
                      f"\n  generated={dec(new)!r}")
     return "\n".join(lines)
@@ -120,4 +114,5 @@ def make_eval_fn(layout, batch_spec: dict):
     return jax.jit(step_lib.make_eval_step(layout),
                    in_shardings=(layout.shardings,
                                  step_lib.batch_shardings(layout.mesh, layout.rules, batch_spec)),
-                   out_shardings=NamedSharding(layout.mesh, P()))
+                   out_shardings=NamedSharding(layout.mesh, P()),
+                   compiler_options=layout.compiler_options)

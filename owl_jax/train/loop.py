@@ -227,7 +227,7 @@ def train(config, workdir: str) -> dict:
 
     # 8.-9. preemption and the loop -------------------------------------------------------------
     cfg_dict = ckpt_lib.config_to_dict(config)
-    last, eval_out, preempted = {}, {}, False
+    last, eval_out, preempted, saved = {}, {}, False, start
     pending = (first, first_state)
     every = int(config.checkpoint.every_steps)
     with Preemption() as pre:
@@ -256,11 +256,13 @@ def train(config, workdir: str) -> dict:
                 writer.scalars(step, last)
             if (every and step % every == 0) or step == total:
                 ckpt.save(step, state, data_state, cfg_dict)
+                saved = step
             if config.eval_every and step % int(config.eval_every) == 0 and step < total:
                 eval_out = _evaluate(config, cfg, layout, state, eval_fn, tokenizer, mesh,
                                      rules, writer, step)
             if step < total and pre.requested():
-                ckpt.save(step, state, data_state, cfg_dict)
+                if saved != step:
+                    ckpt.save(step, state, data_state, cfg_dict)
                 ckpt.wait()
                 writer.log(f"owl-train: SIGTERM: saved step {step}, stopping")
                 preempted = True

@@ -105,7 +105,8 @@ def jit_train_step(layout: StateLayout, config, schedule, batch_spec: dict):
     return jax.jit(step, donate_argnums=0,
                    in_shardings=(layout.shardings,
                                  batch_shardings(layout.mesh, layout.rules, batch_spec)),
-                   out_shardings=(layout.shardings, repl))
+                   out_shardings=(layout.shardings, repl),
+                   compiler_options=layout.compiler_options)
 
 
 def make_eval_step(layout: StateLayout):
