@@ -1,0 +1,56 @@
+"""notebooks/inference.ipynb runs top to bottom (nbclient, the current python's kernel) on a tiny
+checkpoint built here: a tiny sentencepiece tokenizer and random Owl weights."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from owl_jax.checkpoint import save_checkpoint
+from owl_jax.testing.spm import train_tiny_tokenizer
+
+NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks",
+                        "inference.ipynb")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from tests.test_generate import random_params, small_config
+    import dataclasses
+    root = tmp_path_factory.mktemp("nb")
+    train_tiny_tokenizer(str(root / "tok"), vocab_size=384)
+    cfg = small_config()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=384))
+    save_checkpoint(str(root / "ckpt"), random_params(cfg, seed=1), cfg,
+                    tokenizer_dir=str(root / "tok"))
+    img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(root / "image.png")
+    return str(root / "ckpt"), str(root / "image.png")
+
+
+def test_inference_notebook_runs(tiny_ckpt, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+    ckpt, image = tiny_ckpt
+    monkeypatch.setenv("OWL_CKPT", ckpt)
+    monkeypatch.setenv("OWL_IMAGE", image)
+    monkeypatch.setenv("OWL_MAX_NEW_TOKENS", "6")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the image was not shown"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "LLM 2 layers x 64" in text and "Human: What colors do you see?" in text
+
+    # the answer printed by the notebook is what the API gives for the same question
+    import owl_jax
+    from owl_jax.tokenizer import build_prompt
+    owl = owl_jax.load_pretrained(ckpt)
+    want = owl.generate(build_prompt("What is in the image?", 1), [image], max_new_tokens=6)
+    answer_cell = next(c for c in nb.cells if c.cell_type == "code"
+                       and c.source.startswith('question = "What is in the image?"'))
+    printed = "".join(o.get("text", "") for o in answer_cell.outputs)
+    assert printed == want.text + "\n"
