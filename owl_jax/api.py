@@ -60,7 +60,8 @@ class OwlPipeline:
     `.prepare` / `.logits` / `.generate`."""
 
     def __init__(self, config: OwlConfig, params, tokenizer: OwlTokenizer | None,
-                 dtype=jnp.float32, mesh=None, stream_chunk: int = 8):
+                 dtype=jnp.float32, mesh=None, stream_chunk: int = 8,
+                 compiler_options: dict | None = None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -68,13 +69,13 @@ class OwlPipeline:
         self.mesh = mesh
         self.processor = Processor(tokenizer, config) if tokenizer is not None else None
         self.generator = Generator(config, params, dtype=self.dtype, mesh=mesh,
-                                   stream_chunk=stream_chunk)
+                                   stream_chunk=stream_chunk, compiler_options=compiler_options)
         model = Owl(config, dtype=self.dtype, param_dtype=self.dtype)
 
         def forward(params, ids, mask, pixel_values):
             logits = model.apply({"params": params}, ids, pixel_values, segment_ids=mask)
             return logits.astype(jnp.float32)
-        self._forward = jax.jit(forward)
+        self._forward = jax.jit(forward, compiler_options=compiler_options or None)
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -166,7 +167,8 @@ def _image_list(images) -> list:
 
 
 def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = None,
-                    stream_chunk: int = 8, rules=None) -> OwlPipeline:
+                    stream_chunk: int = 8, rules=None,
+                    compiler_options: dict | None = None) -> OwlPipeline:
     """Loads a JAX checkpoint directory (`owl-convert torch-to-jax` output).
 
     dtype: compute and weight dtype ("bfloat16", "float32", ...); None keeps the stored dtype.
@@ -174,6 +176,9 @@ def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = No
       restored straight into their shardings (logical rules `owl_jax.sharding.DEFAULT_RULES`
       unless `rules` is given), for models that do not fit one device.
     tokenizer: a directory with tokenizer.model when the checkpoint has none.
+    stream_chunk: tokens per compiled call when streaming (see docs/inference.md).
+    compiler_options: XLA options for every compile (e.g. {"xla_backend_optimization_level": 0}
+      for tiny models, where compile time dominates).
     """
     from owl_jax import sharding as sh
     dtype = as_dtype(dtype)
@@ -197,7 +202,8 @@ def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = No
            if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")) else None)
     if tokenizer is not None and tok is None:
         raise FileNotFoundError(f"{tokenizer} has no tokenizer.model")
-    return OwlPipeline(cfg, params, tok, dtype=dtype, mesh=mesh, stream_chunk=stream_chunk)
+    return OwlPipeline(cfg, params, tok, dtype=dtype, mesh=mesh, stream_chunk=stream_chunk,
+                       compiler_options=compiler_options)
 
 
 def _param_shardings(cfg: OwlConfig, mesh, rules):

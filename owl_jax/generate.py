@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from typing import Callable, Sequence
 
@@ -108,11 +109,13 @@ class Generator:
 
     params: the unrolled Owl param tree (plain arrays, already in the compute dtype and, with a
     mesh, already placed on their shardings). mesh: optional; the KV cache is then sharded over
-    the `tensor` axis by kv head.
+    the `tensor` axis by kv head. compiler_options: XLA options for every compile (e.g.
+    {"xla_backend_optimization_level": 0} when compile time dominates, as in tests).
     """
 
     def __init__(self, cfg: OwlConfig, params, dtype=jnp.float32, mesh=None,
-                 bucket: Callable[[int], int] = bucket_length, stream_chunk: int = 16):
+                 bucket: Callable[[int], int] = bucket_length, stream_chunk: int = 16,
+                 compiler_options: dict | None = None):
         self.cfg = cfg
         self.params = params
         self.dtype = jnp.dtype(dtype)
@@ -122,9 +125,10 @@ class Generator:
         self.owl = Owl(cfg, dtype=self.dtype, param_dtype=self.dtype)
         self.lm = llama_lib.Llama(cfg.text, dtype=self.dtype, param_dtype=self.dtype)
         self.traces = 0  # how many times a prefill / decode function was traced (= compiled)
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("spec", "slots"))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
-        self._generate = jax.jit(self._generate_fn, static_argnames=("spec", "slots"))
+        jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
+        self._prefill = jit(self._prefill_fn, static_argnames=("spec", "slots"))
+        self._decode = jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
+        self._generate = jit(self._generate_fn, static_argnames=("spec", "slots"))
 
     # ---------------------------------------------------------------------------------------
     # Model pieces (traced)

@@ -14,6 +14,7 @@ import owl_jax
 from convert.cli import main as owl_convert
 from owl_jax.checkpoint import load_checkpoint, save_checkpoint
 
+FAST = {"xla_backend_optimization_level": 0}  # tiny shapes: compile time dominates
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "official_tiny_bf16")
 
 
@@ -31,7 +32,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def owl(ckpt):
-    return owl_jax.load_pretrained(ckpt, dtype="float32")
+    return owl_jax.load_pretrained(ckpt, dtype="float32", compiler_options=FAST)
 
 
 def _prompts():
@@ -100,7 +101,8 @@ def test_unmerged_lora_is_merged_on_load(ckpt, owl, tmp_path):
             dense["lora_b"] = (rng.standard_normal((rank, d_out)) * 0.3).astype(np.float32)
     save_checkpoint(str(tmp_path / "lora"), params, cfg, tokenizer_dir=ckpt,
                     lora={"rank": rank, "alpha": alpha})
-    lora_owl = owl_jax.load_pretrained(str(tmp_path / "lora"), dtype="float32")
+    lora_owl = owl_jax.load_pretrained(str(tmp_path / "lora"), dtype="float32",
+                                       compiler_options=FAST)
     k = lora_owl.params["language_model"]["layers_1"]["self_attn"]["v_proj"]
     dense = params["language_model"]["layers_1"]["self_attn"]["v_proj"]
     assert set(k) == {"kernel"}
@@ -119,7 +121,8 @@ def test_load_pretrained_into_a_tensor_mesh(ckpt, owl):
         import owl_jax
         from owl_jax.sharding import make_mesh
         owl = owl_jax.load_pretrained({ckpt!r}, dtype="float32",
-                                      mesh=make_mesh(data=1, fsdp=1, tensor=4))
+                                      mesh=make_mesh(data=1, fsdp=1, tensor=4),
+                                      compiler_options={FAST!r})
         k = owl.params["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
         assert len(k.sharding.device_set) == 4 and not k.is_fully_replicated, k.sharding
         out = owl.generate({texts[1]!r}, {images[1]!r}, max_new_tokens=6)

@@ -15,6 +15,7 @@ from owl_jax.generate import GenerationConfig, Generator, bucket_length
 from owl_jax.models.owl import Owl
 
 VOCAB = 48
+FAST = {"xla_backend_optimization_level": 0}  # tiny shapes: compile time dominates
 
 
 def random_params(cfg, seed=0):
@@ -74,7 +75,7 @@ def model():
     params = random_params(cfg)
     # A louder EOS column so that answers (and beam hypotheses) do end within a few tokens.
     params["language_model"]["lm_head"]["kernel"][:, 2] *= 2.5
-    return cfg, params, Generator(cfg, jax.tree.map(jnp.asarray, params))
+    return cfg, params, Generator(cfg, jax.tree.map(jnp.asarray, params), compiler_options=FAST)
 
 
 def _rows(cfg, rng):
@@ -101,7 +102,7 @@ def _full_greedy(cfg, params, row, px, n):
     Right padding to a fixed length keeps one compile; causality makes it harmless."""
     model = Owl(cfg)
     length = len(row) + n
-    f = jax.jit(lambda p, ids, px: model.apply({"params": p}, ids, px))
+    f = jax.jit(lambda p, ids, px: model.apply({"params": p}, ids, px), compiler_options=FAST)
     seq = list(row)
     for _ in range(n):
         ids = np.zeros((1, length), np.int32)
@@ -287,15 +288,15 @@ def test_bf16_decoding_follows_bf16_logits(model, batch):
     cfg, params, _ = model
     rows, px = batch
     p16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-    gen = Generator(cfg, p16, dtype=jnp.bfloat16)
-    out = gen.generate(rows[1:2], px[:1], GenerationConfig(max_new_tokens=4, eos_token_id=-1))
-    assert out[0].token_ids == _full_greedy_bf16(cfg, p16, rows[1], px[:1], 4)
+    gen = Generator(cfg, p16, dtype=jnp.bfloat16, compiler_options=FAST)
+    out = gen.generate(rows[:1], None, GenerationConfig(max_new_tokens=4, eos_token_id=-1))
+    assert out[0].token_ids == _full_greedy_bf16(cfg, p16, rows[0], None, 4)
 
 
 def _full_greedy_bf16(cfg, params, row, px, n):
     model = Owl(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     seq = list(row)
-    f = jax.jit(lambda p, ids, px: model.apply({"params": p}, ids, px))
+    f = jax.jit(lambda p, ids, px: model.apply({"params": p}, ids, px), compiler_options=FAST)
     for _ in range(n):
         ids = np.zeros((1, len(row) + n), np.int32)
         ids[0, :len(seq)] = seq
