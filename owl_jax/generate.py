@@ -57,6 +57,9 @@ class GenerationConfig:
     early_stopping: bool = True
     seed: int = 0
     eos_token_id: int | None = None   # None: the model config's (2 for LLaMA)
+    # Repetition penalty / no-repeat-ngram over prompt + new tokens (HF generate on input_ids);
+    # False: over [BOS] + new tokens only, as the official mPLUG-Owl generate (inputs_embeds).
+    penalize_prompt: bool = True
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -189,12 +192,16 @@ class Generator:
             "tokens": jnp.zeros((b, tc), jnp.int32), "step": jnp.zeros((), jnp.int32),
             "key": jax.random.key(knobs["seed"]),
         }
+        # The token history the repetition penalty and n-gram ban look at: the prompt, or
+        # (penalize_prompt=False, as the official generate whose HF call sees only
+        # [BOS] + new tokens) just a BOS in the prompt's last slot.
+        only_bos = jnp.where(jnp.arange(lb) == lb - 1, self.cfg.text.bos_token_id, -1)
+        prompt = jnp.where(knobs["penalize_prompt"], jnp.where(valid > 0, ids, -1),
+                           only_bos[None])
         if spec.penalty:
-            state["seen"] = sampling.seen_from_prompt(jnp.where(valid > 0, ids, -1),
-                                                      self.cfg.text.vocab_size)
+            state["seen"] = sampling.seen_from_prompt(prompt, self.cfg.text.vocab_size)
         if spec.ngram:
-            state["hist"] = jnp.concatenate(
-                [jnp.where(valid > 0, ids, -1), jnp.full((b, tc), -1, jnp.int32)], 1)
+            state["hist"] = jnp.concatenate([prompt, jnp.full((b, tc), -1, jnp.int32)], 1)
         if spec.beam_search:
             return beam_lib.start(state, logits, budget, knobs, spec)
         state.update(count=jnp.zeros((b,), jnp.int32), done=budget <= 0,
@@ -322,7 +329,8 @@ class Generator:
                  "top_p": jnp.float32(config.top_p),
                  "penalty": jnp.float32(config.repetition_penalty),
                  "length_penalty": jnp.float32(config.length_penalty),
-                 "seed": jnp.uint32(config.seed % 2**32), "eos": jnp.int32(eos)}
+                 "seed": jnp.uint32(config.seed % 2**32), "eos": jnp.int32(eos),
+                 "penalize_prompt": jnp.bool_(config.penalize_prompt)}
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             total = int(budget.max())
             if stream is None or spec.beam_search:

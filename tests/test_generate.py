@@ -275,6 +275,37 @@ def test_matches_hf_generate(model, hf, kw):
     assert n_eos >= 1  # stopping at EOS (for beams: hypotheses closed by EOS) was exercised
 
 
+def test_penalties_over_new_tokens_only_as_official(model, hf):
+    """penalize_prompt=False: the history is [BOS] + new tokens, what the official generate's
+    HF call sees. Reference: HF's own processors applied to exactly that sequence."""
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor,
+                                                        RepetitionPenaltyLogitsProcessor)
+    _, _, gen = model
+
+    class OnNewTokens:
+        def __init__(self, n_prompt):
+            self.n = n_prompt
+            self.procs = [RepetitionPenaltyLogitsProcessor(1.8), NoRepeatNGramLogitsProcessor(2)]
+
+        def __call__(self, input_ids, scores):
+            seq = torch.cat([torch.ones_like(input_ids[:, :1]), input_ids[:, self.n:]], 1)
+            for p in self.procs:
+                scores = p(seq, scores)
+            return scores
+    rng = np.random.default_rng(6)
+    rows = [[1] + rng.integers(3, VOCAB, n).tolist() for n in (4, 11, 7)]
+    kw = dict(repetition_penalty=1.8, no_repeat_ngram_size=2)
+    ours = gen.generate(rows, None, GenerationConfig(max_new_tokens=24, penalize_prompt=False,
+                                                      **kw))
+    full = gen.generate(rows, None, GenerationConfig(max_new_tokens=24, **kw))
+    assert [g.token_ids for g in ours] != [g.token_ids for g in full]  # the scope matters
+    for row, got in zip(rows, ours):
+        ref = _hf_new_tokens(hf, row, max_new_tokens=24, do_sample=False,
+                             logits_processor=LogitsProcessorList([OnNewTokens(len(row))]))
+        assert (got.token_ids, got.finish_reason) == ref, row
+
+
 def test_one_beam_is_greedy(model, batch):
     _, _, gen = model
     rows, px = batch
