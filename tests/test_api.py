@@ -134,3 +134,25 @@ def test_load_pretrained_into_a_tensor_mesh(ckpt, owl):
                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == str(want)
+
+
+def test_owl_generate_cli(ckpt, owl, monkeypatch):
+    """owl-generate: the official template, the streamed answer, and a chat turn (the model is
+    the fixture's, so no recompiles)."""
+    import io
+    from owl_jax.cli.generate import main
+    monkeypatch.setattr(owl_jax, "load_pretrained", lambda *a, **k: owl)
+    texts, images = _prompts()
+    want = owl.tokenizer.decode(_reference()["greedy_fp32"]["prompt1"])
+    args = ["--ckpt", ckpt, "--image", images[1][0], "--max_new_tokens", "12",
+            "--stream_chunk", "4"]
+    out = io.StringIO()
+    assert main(args + ["--prompt", "What is in the image?"], stdout=out) == 0
+    assert out.getvalue() == want + "\n"
+    out = io.StringIO()
+    assert main(args + ["--raw", "--prompt", texts[1]], stdout=out) == 0
+    assert out.getvalue() == want + "\n"
+    out = io.StringIO()
+    assert main(args + ["--chat"], stdin=io.StringIO("What is in the image?\n/exit\n"),
+                stdout=out) == 0
+    assert out.getvalue() == f"Human: AI: {want}\nHuman: "
