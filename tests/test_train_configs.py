@@ -76,3 +76,30 @@ def test_tiny_recipe_trains_one_step(name, tmp_path):
         assert 0 < out["eval_loss"] < 10
         samples = read_metrics(str(tmp_path), split="samples")[1]["text"]
         assert samples.count("generated=") == c.num_samples
+
+
+def test_dry_run_tiny_reports_memory_and_flops(capsys):
+    """The dry run compiles the real step from shapes only; its FLOP accounting is consistent:
+    the unrolled HLO count covers the analytic model FLOPs (plus elementwise work), while the
+    compiled count (scanned layers counted once) is below it."""
+    from owl_jax.train.dry_run import dry_run
+    c = importlib.import_module("configs.tiny_stage1").get_config("mesh=1x1x1,micro=2")
+    out = dry_run(c, peak_tflops=100.0, step_time=2.0, target_mfu=0.5,
+                  devices=jax.devices()[:1])
+    text = capsys.readouterr().out
+    assert "memory per device" in text and "MFU" in text
+    assert out["mem_arguments_gib"] > 0 and out["mem_peak_gib"] >= out["mem_arguments_gib"]
+    assert out["params_trainable"] == 59_104
+    a = out["analytic_model_flops_per_step"]
+    assert a < out["hlo_flops_per_step_unrolled"] < 2 * a
+    assert out["compiled_flops_per_device_loops_once"] < out["hlo_flops_per_step_unrolled"]
+    assert out["mfu_at_step_time"] == pytest.approx(a / 2.0 / 100e12)
+    assert out["step_time_at_target_mfu_s"] == pytest.approx(a / (0.5 * 100e12))
+
+
+def test_topology_dry_run_is_skipped_without_libtpu(capsys):
+    from owl_jax.cli.train import main
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert main(["--config", f"{root}/configs/tiny_stage1.py", "--dry_run",
+                 "--topology", "v5p:2x2x2"]) == 0
+    assert "skipping the topology dry run" in capsys.readouterr().err

@@ -6,7 +6,7 @@ shards + a sentencepiece tokenizer, random-resized-crop augmentation on):
 - one epoch (the first 8 steps of 4 rows over 32 samples) sees every sample exactly once;
 - SIGTERM makes the trainer save a checkpoint at the step it reached and exit 0 (that
   checkpoint is an ordinary one: the SIGKILL case covers resuming from it).
-The runs share one module fixture, so the tests are pinned to one xdist worker.
+The runs share one fixture, computed once: the tests are pinned to one xdist worker.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, SAMPLES = 10, 4, 32
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="session")  # session: computed once per xdist worker, not per module
+def resume_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     wds = shards.write_webdataset(str(tmp / "wds"), n_shards=2, per_shard=SAMPLES // 2,
                                   failure_rate=0.0)
@@ -93,10 +93,11 @@ def metrics(workdir) -> dict[int, dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(setup):
+@pytest.fixture(scope="session")
+def resume_runs(resume_setup):
+    setup = resume_setup
     """Wave 1 (concurrently): the uninterrupted run, a run SIGKILLed at step >= 5 and a run
-    SIGTERMed at step >= 3. Wave 2 (concurrently): both interrupted runs started again."""
+    SIGTERMed at step >= 3. Then the killed run is started again."""
     ref, ref_wd = start(setup, "uninterrupted", sleep=0.2)
     # The others start once the reference has compiled (and cached) its step: they then load
     # the compiled programs from the persistent cache instead of compiling them again.
@@ -133,25 +134,25 @@ def runs(setup):
     return out
 
 
-def test_one_epoch_sees_every_sample_once(runs):
-    reference = runs["reference"]
+def test_one_epoch_sees_every_sample_once(resume_runs):
+    reference = resume_runs["reference"]
     assert sorted(reference) == list(range(1, STEPS + 1))
     epoch = [r for s in range(1, SAMPLES // BATCH + 1) for r in reference[s]["rows"]]
     assert len(epoch) == len(set(epoch)) == SAMPLES
 
 
-def test_sigkill_resume_replays_the_same_losses_and_rows(runs):
-    assert runs["killed_at"] < STEPS
-    assert "resumed from checkpoint step" in runs["killed_log"]
-    got, reference = runs["killed"], runs["reference"]
+def test_sigkill_resume_replays_the_same_losses_and_rows(resume_runs):
+    assert resume_runs["killed_at"] < STEPS
+    assert "resumed from checkpoint step" in resume_runs["killed_log"]
+    got, reference = resume_runs["killed"], resume_runs["reference"]
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
         assert got[s]["rows"] == reference[s]["rows"], s
         assert got[s]["loss"] == reference[s]["loss"], s
 
 
-def test_sigterm_saves_and_exits_cleanly(runs):
-    stopped = runs["termed_at"]
-    assert "preempted (SIGTERM), checkpoint saved" in runs["termed_log"]
+def test_sigterm_saves_and_exits_cleanly(resume_runs):
+    stopped = resume_runs["termed_at"]
+    assert "preempted (SIGTERM), checkpoint saved" in resume_runs["termed_log"]
     assert stopped < STEPS
-    assert runs["termed_ckpts"][-1] == stopped  # saved at the step where it stopped
+    assert resume_runs["termed_ckpts"][-1] == stopped  # saved at the step where it stopped

@@ -44,6 +44,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if platforms in ("", "cpu") or "cpu" in platforms.split(","):
         # CPU collectives across processes need gloo; harmless when a GPU/TPU backend runs.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Gloo gives up on a peer after 30 s by default: processes that compile at different
+        # speeds (loaded hosts) reach their first collective further apart than that.
+        if "xla_cpu_collective_timeout_seconds" not in env.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                                       " --xla_cpu_collective_timeout_seconds=1800").strip()
     kwargs = dict(initialization_timeout=timeout_s)
     if coordinator_address:
         kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes,
@@ -53,6 +58,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(**kwargs)
     _done = True
     return True
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """All processes wait here (coordination service, not a device collective, so it tolerates
+    processes arriving minutes apart). No-op in single-process runs. `name` must be unique."""
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def describe() -> str:

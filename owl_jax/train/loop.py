@@ -204,9 +204,14 @@ def train(config, workdir: str) -> dict:
     first_state = train_it.get_state()
     check_batch(first, config, cfg)
     mb = model_batch(first)
-    train_step = step_lib.jit_train_step(layout, config, schedule, mb)
-    eval_fn = evaluation.make_eval_fn(layout, mb)
     rule_ctx = lambda: _contexts(mesh, rules)  # noqa: E731
+    with rule_ctx():  # compiled ahead of time: its memory is logged below
+        train_step = step_lib.jit_train_step(layout, config, schedule, mb).lower(
+            state, sh.global_batch(mb, mesh, rules)).compile()
+    eval_fn = evaluation.make_eval_fn(layout, mb)
+    # Everyone has compiled before the first collective runs (slow compilers would otherwise
+    # hit collective timeouts on loaded hosts).
+    distributed.barrier("owl_train_step_compiled")
 
     # 7. observability --------------------------------------------------------------------------
     total = int(config.total_steps)
@@ -220,6 +225,12 @@ def train(config, workdir: str) -> dict:
     tokens_per_step = int(config.batch.global_size) * int(config.batch.seq_len)
     meter = metrics_lib.Throughput(tokens_per_step, fl["total"], jax.device_count(), peak)
     writer.log(f"owl-train: {distributed.describe()}; mesh {dict(mesh.shape)}")
+    mem = train_step.memory_analysis()
+    if mem is not None:
+        gib = 2.0 ** 30
+        writer.log(f"owl-train: step memory per device: arguments "
+                   f"{mem.argument_size_in_bytes / gib:.3g} GiB, temporaries "
+                   f"{mem.temp_size_in_bytes / gib:.3g} GiB")
     writer.log(f"owl-train: {tr.summary(layout.abstract.trainable, layout.abstract.frozen)}")
     writer.log(f"owl-train: {'; '.join(notes)}; step {step}/{total}; analytic "
                f"{fl['total'] / 1e12:.4g} TFLOP/step (vision {fl['vision'] / 1e12:.3g}, "
@@ -258,6 +269,7 @@ def train(config, workdir: str) -> dict:
                 ckpt.save(step, state, data_state, cfg_dict)
                 saved = step
             if config.eval_every and step % int(config.eval_every) == 0 and step < total:
+                distributed.barrier(f"owl_train_eval_{step}")
                 eval_out = _evaluate(config, cfg, layout, state, eval_fn, tokenizer, mesh,
                                      rules, writer, step)
             if step < total and pre.requested():
@@ -273,6 +285,7 @@ def train(config, workdir: str) -> dict:
     export_dir = None
     if not preempted:
         if config.eval_data.get("kind", "none") != "none":
+            distributed.barrier(f"owl_train_eval_{step}")
             eval_out = _evaluate(config, cfg, layout, state, eval_fn, tokenizer, mesh, rules,
                                  writer, step)
         if config.export_at_end:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -28,8 +29,7 @@ class MetricWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if progress:
             from tqdm import tqdm
@@ -80,6 +80,21 @@ class MetricWriter:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without the optional `import torch` it attempts
+    at module level (2-3 s per process; we only log scalars and text). torch stays importable
+    afterwards."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError for this import only
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _plain(v):
