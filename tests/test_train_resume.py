@@ -6,7 +6,7 @@ shards + a sentencepiece tokenizer, random-resized-crop augmentation on):
 - one epoch (the first 8 steps of 4 rows over 32 samples) sees every sample exactly once;
 - SIGTERM makes the trainer save a checkpoint at the step it reached and exit 0 (that
   checkpoint is an ordinary one: the SIGKILL case covers resuming from it).
-The runs share one fixture, computed once: the tests are pinned to one xdist worker.
+All checks are one test: the runs are shared, and xdist must not split them over workers.
 """
 from __future__ import annotations
 
@@ -19,8 +19,6 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.xdist_group("train_resume")
-
 from owl_jax.testing import shards
 from owl_jax.testing.spm import train_tiny_tokenizer
 
@@ -28,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, SAMPLES = 10, 4, 32
 
 
-@pytest.fixture(scope="session")  # session: computed once per xdist worker, not per module
+@pytest.fixture(scope="module")
 def resume_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     wds = shards.write_webdataset(str(tmp / "wds"), n_shards=2, per_shard=SAMPLES // 2,
@@ -93,7 +91,7 @@ def metrics(workdir) -> dict[int, dict]:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def resume_runs(resume_setup):
     setup = resume_setup
     """Wave 1 (concurrently): the uninterrupted run, a run SIGKILLed at step >= 5 and a run
@@ -134,25 +132,25 @@ def resume_runs(resume_setup):
     return out
 
 
-def test_one_epoch_sees_every_sample_once(resume_runs):
+def test_restarts_replay_exactly_and_sigterm_saves(resume_runs):
+    """One test (the runs are shared and expensive; xdist must not split them)."""
     reference = resume_runs["reference"]
     assert sorted(reference) == list(range(1, STEPS + 1))
+    # One epoch = SAMPLES / BATCH steps: every sample exactly once.
     epoch = [r for s in range(1, SAMPLES // BATCH + 1) for r in reference[s]["rows"]]
     assert len(epoch) == len(set(epoch)) == SAMPLES
 
-
-def test_sigkill_resume_replays_the_same_losses_and_rows(resume_runs):
+    # SIGKILL mid-run, then rerun: the same rows and bitwise the same losses at every step.
     assert resume_runs["killed_at"] < STEPS
     assert "resumed from checkpoint step" in resume_runs["killed_log"]
-    got, reference = resume_runs["killed"], resume_runs["reference"]
+    got = resume_runs["killed"]
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in range(1, STEPS + 1):
         assert got[s]["rows"] == reference[s]["rows"], s
         assert got[s]["loss"] == reference[s]["loss"], s
 
-
-def test_sigterm_saves_and_exits_cleanly(resume_runs):
+    # SIGTERM: a checkpoint at the step reached, exit code 0 (wait_ok checked it).
     stopped = resume_runs["termed_at"]
     assert "preempted (SIGTERM), checkpoint saved" in resume_runs["termed_log"]
     assert stopped < STEPS
-    assert resume_runs["termed_ckpts"][-1] == stopped  # saved at the step where it stopped
+    assert resume_runs["termed_ckpts"][-1] == stopped
