@@ -141,9 +141,9 @@ def format_report(o: dict, config, peak_tflops, step_time, target_mfu) -> str:
         f"{b.max_images_per_row} image(s)/row; scan_layers={config.model.scan_layers}, "
         f"remat={config.model.remat_policy}, compute {config.model.dtype}",
         f"  params: trainable {o['params_trainable']:,}, frozen {o['params_frozen']:,}",
-        f"  memory per device (GiB): arguments {o['mem_arguments_gib']:.2f}, outputs "
-        f"{o['mem_outputs_gib']:.2f}, aliased {o['mem_aliased_gib']:.2f}, temporaries "
-        f"{o['mem_temp_gib']:.2f} -> peak ~{o['mem_peak_gib']:.2f}",
+        f"  memory per device (GiB): arguments {o['mem_arguments_gib']:.4g}, outputs "
+        f"{o['mem_outputs_gib']:.4g}, aliased {o['mem_aliased_gib']:.4g}, temporaries "
+        f"{o['mem_temp_gib']:.4g} -> peak ~{o['mem_peak_gib']:.4g}",
         f"  FLOPs/step, analytic model (no remat): {o['analytic_model_flops_per_step']:.4g} "
         f"(" + ", ".join(f"{k} {v:.3g}" for k, v in o["analytic_by_module"].items()) + ")",
         f"  FLOPs/device, compiled (loop bodies counted once): "
