@@ -27,6 +27,7 @@ import numpy as np
 from owl_jax import sampling
 
 _ROW_KEYS = ("cache", "kv_valid", "pos0", "seen", "hist")
+RESULT_KEYS = ("step", "scores", "tokens", "fin_tokens", "fin_scores", "fin_len", "done")
 
 
 def start(state, logits, budget, knobs, spec):

@@ -136,7 +136,6 @@ class Generator:
     # ---------------------------------------------------------------------------------------
     # Model pieces (traced)
 
-
     def _lm(self, params, x, positions, mask, cache, index, hidden=False):
         return self.lm.apply({"params": params["language_model"]}, x, positions, mask, cache,
                              index, True, hidden)
@@ -269,8 +268,11 @@ class Generator:
         px[:n] = np.asarray(pixel_values, np.float32)
         return px
 
-    def prepare(self, rows: Sequence[Sequence[int]], max_new_tokens: int, beams: int = 1):
-        """Left-pads rows into buckets. Returns (ids, valid, budget, slots) as numpy."""
+    def prepare(self, rows: Sequence[Sequence[int]], max_new_tokens: int,
+                uniform_budget: bool = False):
+        """Left-pads rows into buckets. Returns (ids, valid, budget, slots) as numpy: budget =
+        new tokens each row may make (the context may allow fewer than max_new_tokens; beam
+        search uses the smallest for all rows)."""
         ctx = self.cfg.text.max_position_embeddings
         lens = [len(r) for r in rows]
         for i, n in enumerate(lens):
@@ -286,7 +288,7 @@ class Generator:
             i = int(np.argmin(budget))
             warnings.warn(f"prompt {i} has {lens[i]} tokens: only {budget[i]} of the "
                           f"{max_new_tokens} new tokens fit the {ctx}-token context")
-        if beams > 1:
+        if uniform_budget:
             budget[:] = budget.min()
         b = _pow2(len(rows))
         lb = self.bucket(max(lens))
@@ -317,13 +319,14 @@ class Generator:
             raise ValueError(f"the prompts reserve {n_slots} image slots "
                              f"({n_slots / self.cfg.image_tokens:g} images of "
                              f"{self.cfg.image_tokens}) but {n_img} images were given")
-        ids, valid, budget, slots = self.prepare(rows, config.max_new_tokens, config.num_beams)
-        px = self._pad_images(pixel_values)
         spec = Spec(sample=config.temperature > 0, top_k=config.top_k if config.temperature > 0
                     else 0, top_p=config.temperature > 0 and config.top_p < 1.0,
                     penalty=config.repetition_penalty != 1.0, ngram=config.no_repeat_ngram_size,
                     beams=config.num_beams, early_stopping=config.early_stopping,
                     beam_search=config.num_beams > 1 or force_beam_search)
+        ids, valid, budget, slots = self.prepare(rows, config.max_new_tokens,
+                                                 uniform_budget=spec.beam_search)
+        px = self._pad_images(pixel_values)
         eos = self.cfg.text.eos_token_id if config.eos_token_id is None else config.eos_token_id
         knobs = {"temperature": jnp.float32(max(config.temperature, 1e-6)),
                  "top_p": jnp.float32(config.top_p),
@@ -347,7 +350,9 @@ class Generator:
                     limit = min(limit + self.stream_chunk, total)
                     state = self._decode(self.params, state, jnp.int32(limit), knobs, spec=spec)
         if spec.beam_search:
-            out = beam_lib.finish(jax.device_get(state), len(rows), config.length_penalty, eos)
+            out = beam_lib.finish(jax.device_get({k: v for k, v in state.items()
+                                                  if k in beam_lib.RESULT_KEYS}),
+                                  len(rows), config.length_penalty, eos)
             if stream is not None:
                 stream([g.token_ids for g in out])
             return out
