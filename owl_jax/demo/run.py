@@ -178,10 +178,11 @@ def init_checkpoint(p: dict, vocab_size: int, seed: int = 0) -> None:
 # 4-6: training
 
 
-def train_stage(stage: str, p: dict, out: str, steps: int | None):
+def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = False):
     from configs import demo_shapes
     from owl_jax.train.loop import train
-    arg = f"stage={stage},out={out}" + (f",steps={steps}" if steps else "")
+    arg = f"stage={stage},out={out}" + (f",steps={steps}" if steps else "") + \
+        (",fast" if fast else "")
     config = demo_shapes.get_config(arg)
     workdir = p[f"run_{stage}"]
     shutil.rmtree(workdir, ignore_errors=True)  # a demo run always starts from scratch
@@ -331,17 +332,18 @@ def main(argv=None) -> int:
 
     # 4-6. training ---------------------------------------------------------------------------
     st("text warm-up of the LLM (template, answer phrasing, colour and shape words)")
-    train_stage("warmup", p, args.out, steps.get("warmup"))
+    train_stage("warmup", p, args.out, steps.get("warmup"), args.quick)
     st("stage 1: captioning, LLM frozen, ViT + abstractor trained")
-    train_stage("stage1", p, args.out, steps.get("stage1"))
+    train_stage("stage1", p, args.out, steps.get("stage1"), args.quick)
     st("stage 2: instruction tuning, LoRA on the LLM")
-    final = train_stage("stage2", p, args.out, steps.get("stage2"))["export_dir"]
+    final = train_stage("stage2", p, args.out, steps.get("stage2"), args.quick)["export_dir"]
 
     # 7. evaluate -----------------------------------------------------------------------------
     st(f"answering questions about {size['heldout']} held-out images")
     from owl_jax.api import load_pretrained
     images = heldout_images(held_dir)
-    pipe = load_pretrained(final)
+    xla = {"xla_backend_optimization_level": 0} if args.quick else None
+    pipe = load_pretrained(final, compiler_options=xla)
     answers = answer_all(pipe, images)
     res = score(images, answers)
     for i in range(min(4, len(images))):
@@ -361,7 +363,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"owl-convert {argv_[0]} failed with status {rc}")
     torch_files = sorted(f for f in os.listdir(p["torch"]) if not f.startswith("."))
     print(f"  official layout: {', '.join(torch_files)}", flush=True)
-    again = answer_all(load_pretrained(p["roundtrip"]), images)
+    again = answer_all(load_pretrained(p["roundtrip"], compiler_options=xla), images)
     same = sum(a == b for k in answers for a, b in zip(answers[k], again[k]))
     total = sum(len(v) for v in answers.values())
     print(f"  round trip: {same}/{total} answers identical", flush=True)
