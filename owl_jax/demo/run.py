@@ -195,6 +195,30 @@ def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = F
     return result
 
 
+def check_frozen(p: dict) -> None:
+    """Each stage changed exactly what it trains: reads the three exports back and compares
+    them leaf by leaf (a frozen parameter must come out bit-identical)."""
+    from owl_jax import checkpoint as ckpt
+    from owl_jax.train import trainable as tr
+    flat = {s: tr.flatten(ckpt.load_checkpoint(f"{p[f'run_{s}']}/export", check=False)[1])
+            for s in ("warmup", "stage1", "stage2")}
+
+    def changed(a, b):
+        return {k for k in flat[b] if k not in flat[a] or
+                not np.array_equal(np.asarray(flat[a][k]), np.asarray(flat[b][k]))}
+    c1, c2 = changed("warmup", "stage1"), changed("stage1", "stage2")
+    n = lambda keys, src: sum(int(np.prod(np.shape(flat[src][k]))) for k in keys)  # noqa: E731
+    bad1 = sorted(k for k in c1 if k.startswith("language_model/"))
+    bad2 = sorted(k for k in c2 if not re.search(r"/lora_[ab]$", k))
+    if bad1 or bad2 or not c1 or not c2:
+        raise SystemExit(f"a stage changed what it should have frozen: stage 1 {bad1[:3]}, "
+                         f"stage 2 {bad2[:3]} (changed: {len(c1)}, {len(c2)})")
+    frozen_llm = n([k for k in flat["stage1"] if k.startswith("language_model/")], "stage1")
+    print(f"  checked: stage 1 changed {n(c1, 'stage1'):,} ViT/abstractor params and left the "
+          f"{frozen_llm:,} LLM params bit-identical; stage 2 changed only the "
+          f"{n(c2, 'stage2'):,} LoRA params", flush=True)
+
+
 # --------------------------------------------------------------------------------------------
 # 7-8: evaluation
 
@@ -337,6 +361,7 @@ def main(argv=None) -> int:
     train_stage("stage1", p, args.out, steps.get("stage1"), args.quick)
     st("stage 2: instruction tuning, LoRA on the LLM")
     final = train_stage("stage2", p, args.out, steps.get("stage2"), args.quick)["export_dir"]
+    check_frozen(p)
 
     # 7. evaluate -----------------------------------------------------------------------------
     st(f"answering questions about {size['heldout']} held-out images")
