@@ -58,6 +58,7 @@ def test_quick_demo_end_to_end(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"demo accuracy: \d+\.\d% on 8 held-out images", lines[-1]), lines[-1]
     assert "round trip: 24/24 answers identical" in proc.stdout
+    assert "left the 557,696 LLM params bit-identical" in proc.stdout  # stage 1 froze the LLM
     for k in range(1, 9):
         assert f"[{k}/8]" in proc.stdout
 

@@ -278,8 +278,8 @@ def score(images, answers) -> dict:
 
 
 def _truth(meta: dict) -> tuple[str, str]:
-    c, s = meta["colour"], meta["shape"]
-    return c, s
+    """(colour, shape) of a held-out sample, from its shard `.json`."""
+    return meta["colour"], meta["shape"]
 
 
 # --------------------------------------------------------------------------------------------
