@@ -286,6 +286,21 @@ def _truth(meta: dict) -> tuple[str, str]:
 # The demo
 
 
+MARKER = ".owl_jax_demo"
+
+
+def _fresh_output_dir(out: str) -> None:
+    """Empties `out` for a new run, but only if it is empty or an earlier demo's output
+    (it holds the marker file): never deletes a directory the demo did not make."""
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.exists(os.path.join(out, MARKER)):
+            raise SystemExit(f"{out} exists, is not empty and is not a demo output directory: "
+                             f"pass another --out")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    open(os.path.join(out, MARKER), "w").close()
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m owl_jax.demo", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,8 +330,7 @@ def main(argv=None) -> int:
 
     from configs import demo_shapes
     p = demo_shapes.paths(args.out)
-    shutil.rmtree(p["out"], ignore_errors=True)
-    os.makedirs(p["out"])
+    _fresh_output_dir(p["out"])
     st = Steps(["data", "tokenizer", "init", "warmup", "stage1", "stage2", "evaluate",
                 "round trip"])
     print(f"owl-jax demo -> {p['out']} ({'quick' if args.quick else 'full'} run)", flush=True)
