@@ -138,19 +138,23 @@ def apply_rope(x, cos, sin):
 # Attention core
 
 
-def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div"):
-    """Multi-head attention. q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask bool [B, Lq, Lk].
+def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div",
+              heads_first: bool = False):
+    """Multi-head attention. q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (or [B, Hkv, Lk, D] with
+    `heads_first`, the KV-cache layout), mask bool [B, Lq, Lk].
 
     `scale_after` mirrors the reference op order: "div" is `(q.k) / sqrt(D)` (LLaMA, abstractor),
     "mul" is `(q.k) * D**-0.5` (the ViT). Softmax runs in fp32 for LLaMA and in the activation
     dtype for the ViT and the abstractor, as the official model does.
+
+    Grouped-query attention groups the query heads by kv head (query head i reads kv head
+    i // (H // Hkv)) instead of repeating k and v, so a KV cache is never copied.
     """
     b, lq, h, d = q.shape
-    hkv = k.shape[2]
-    if hkv != h:  # grouped-query attention: each kv head serves h // hkv query heads
-        k = jnp.repeat(k, h // hkv, axis=2)
-        v = jnp.repeat(v, h // hkv, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    hkv = k.shape[1 if heads_first else 2]
+    q = q.reshape(b, lq, hkv, h // hkv, d)
+    kv = "bhkd" if heads_first else "bkhd"
+    s = jnp.einsum(f"bqhgd,{kv}->bhgqk", q, k)
     if scale_after == "div":
         s = s / jnp.asarray(math.sqrt(d), s.dtype)
     else:
@@ -158,6 +162,6 @@ def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div
     if softmax_fp32:
         s = s.astype(jnp.float32)
     if mask is not None:
-        s = jnp.where(mask[:, None], s, jnp.finfo(s.dtype).min)
+        s = jnp.where(mask[:, None, None], s, jnp.finfo(s.dtype).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+    return jnp.einsum(f"bhgqk,{kv}->bqhgd", p, v).reshape(b, lq, h, d)
