@@ -142,17 +142,64 @@ def test_epochs_are_reshuffled_permutations(data):
 def test_eval_pixels_match_processor_and_batch_layout(data):
     it = make_train_iterator(cfg(data["ar"], augment=False, batch_size=2), data["tok"], OWL, 0, 1)
     b = next(it)
-    assert b["pixel_values"].shape == (2, 2, 28, 28, 3) and b["pixel_values"].dtype == np.float32
+    # uint8 in the batch; the train step normalizes on the device (normalize_pixels)
+    assert b["pixel_values"].shape == (2, 2, 28, 28, 3) and b["pixel_values"].dtype == np.uint8
     originals = {ex["text"]: ex["image"] for ex in open_source(data["ar"])}
     for row, text in enumerate(captions([b], data["tok"])):
-        ref = preprocess_image(Image.fromarray(originals[text]), 28, OWL.image_mean, OWL.image_std)
-        np.testing.assert_allclose(b["pixel_values"][row, 0], ref, atol=1e-5)
+        pil = Image.fromarray(originals[text])
+        np.testing.assert_array_equal(b["pixel_values"][row, 0],
+                                      np.asarray(pil.resize((28, 28), Image.BICUBIC)))
+        ref = preprocess_image(pil, 28, OWL.image_mean, OWL.image_std)
+        np.testing.assert_array_equal(
+            imgs.normalize_pixels(b["pixel_values"][row, 0], OWL.image_mean, OWL.image_std), ref)
         assert not b["pixel_values"][row, 1].any()  # the unused image slot
         ids = b["input_ids"][row]
         assert list(ids[:1 + N_IMG]) == [1] + [-1] * N_IMG
         n = int((b["segment_ids"][row] > 0).sum())
         np.testing.assert_array_equal(b["targets"][row, :n - 1], np.maximum(ids[1:n], 0))
         assert b["loss_mask"][row, :N_IMG].sum() == 0 and b["loss_mask"][row, n - 1] == 1
+
+
+def test_train_step_normalizes_uint8_pixels_like_the_processor():
+    """The batch ships uint8 pixels; the train step's forward normalizes them on the device
+    and must compute what the model computes on the processor's float32 pixels."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from owl_jax.models.owl import Owl
+    from owl_jax.train import step as step_lib
+
+    rng = np.random.default_rng(0)
+    s = OWL.vision.image_size
+    pils = [Image.fromarray(shards.natural_image(rng, 40 + 9 * i, 33)) for i in range(2)]
+    u8 = np.stack([np.asarray(p.resize((s, s), Image.BICUBIC)) for p in pils])[:, None]
+    ref = np.stack([preprocess_image(p, s, OWL.image_mean, OWL.image_std) for p in pils])[:, None]
+    on_device = np.asarray(jax.jit(lambda x: imgs.normalize_pixels(
+        x, OWL.image_mean, OWL.image_std))(jnp.asarray(u8)))
+    assert on_device.dtype == np.float32
+    np.testing.assert_allclose(on_device, ref, rtol=0, atol=1e-6)
+    assert imgs.normalize_pixels(ref, OWL.image_mean, OWL.image_std) is ref  # float: as is
+
+    L = N_IMG + 4
+    ids = np.concatenate([np.ones((2, 1), np.int32), np.full((2, N_IMG), -1, np.int32),
+                          rng.integers(3, OWL.text.vocab_size, (2, 3), dtype=np.int32)], 1)
+    batch = {"input_ids": ids, "segment_ids": np.ones((2, L), np.int32),
+             "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (2, L)),
+             "pixel_values": u8}
+    model = Owl(OWL)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), ids, ref)["params"])
+    prng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: ((1.0 if str(path[-1].key) == "scale" else 0.0)
+                         + prng.normal(0, 0.08, x.shape)).astype(np.float32), shapes)
+    got = jax.jit(lambda b: step_lib.forward(model, params, b, train=False))(batch)
+    apply = jax.jit(lambda b: model.apply({"params": params}, b["input_ids"], b["pixel_values"],
+                                          b["segment_ids"], b["positions"]))
+    want = apply(dict(batch, pixel_values=ref))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+    # and the pixels matter: raw 0..255 values fed as if normalized would differ
+    raw = apply(dict(batch, pixel_values=u8.astype(np.float32)))
+    assert np.abs(np.asarray(raw) - np.asarray(want)).max() > 1e-3
 
 
 def test_random_resized_crop_is_torchvision_recipe():

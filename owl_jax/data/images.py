@@ -156,7 +156,18 @@ def random_resized_crop_flip(img: Image.Image, size: int, rng: np.random.Generat
     return np.asarray(out)
 
 
-def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 HWC -> float32 (x/255 - mean) / std, as the CLIP processor does."""
-    scale = np.asarray(std, np.float32) * 255.0
-    return (pixels.astype(np.float32) - np.asarray(mean, np.float32) * 255.0) / scale
+def normalize_pixels(pixels, mean, std):
+    """The model's input normalization, in one place: uint8 HWC pixels (the training batch
+    ships them so) -> float32 (x / 255 - mean) / std, the same float32 operations in the same
+    order as the official processor (`owl_jax.processor.preprocess_image`). Pixels that are
+    not uint8 are taken as already normalized and returned unchanged (the processor's float32
+    output, synthetic batches). numpy arrays give numpy; jax arrays and tracers give jax (the
+    train step calls this inside jit, on the device)."""
+    if pixels.dtype != np.uint8:
+        return pixels
+    if isinstance(pixels, np.ndarray):
+        xp = np
+    else:
+        import jax.numpy as xp
+    x = pixels.astype(xp.float32) / xp.float32(255)
+    return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)

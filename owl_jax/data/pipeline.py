@@ -2,7 +2,8 @@
 
     it = make_train_iterator(config, tokenizer, owl_cfg, process_index=None, process_count=None)
     batch = next(it)        # the BRIEF training batch: numpy input_ids, targets, loss_mask,
-                            # segment_ids, positions [B, L]; pixel_values [B, M, S, S, 3]
+                            # segment_ids, positions [B, L]; pixel_values uint8 [B, M, S, S, 3]
+                            # (the train step normalizes them: images.normalize_pixels)
     state = it.get_state()  # JSON-able; a fresh iterator + set_state(state) continues exactly
     it.dropped              # Counter: reason -> samples dropped on this process so far
     it.close()              # stops worker processes
@@ -32,12 +33,13 @@ Its fields (defaults in `default_config()`):
   shm_min_bytes      arrays at least this big go from workers through shared memory, smaller
                      ones are pickled through the pipe (cheaper for single images)
   max_pixels         decompression-bomb limit (None: PIL's MAX_IMAGE_PIXELS)
-S, the image mean and std come from `owl_cfg` (OwlConfig).
+S comes from `owl_cfg` (OwlConfig); its image mean and std are applied on the device by the
+train step (`images.normalize_pixels`).
 
 Order of operations, and why: each source is a random-access dataset that is globally
 shuffled (Feistel, no memory), cut to a multiple of process_count and strided so every process
 reads an equal, disjoint share, repeated (reshuffled per epoch), and mapped sample by sample
-(decode, augment, normalize, tokenize) with an RNG keyed by (seed, index); sources are mixed by
+(decode, augment, tokenize) with an RNG keyed by (seed, index); sources are mixed by
 weight (grain MapDataset.mix); workers decode; then, in this process, dropped samples are
 counted, samples are packed or padded into rows, and rows batched. Nothing before the worker
 boundary filters, so the sample order does not depend on the number of workers, and a state
@@ -111,7 +113,7 @@ def _source_config(s, i) -> dict[str, Any]:
 
 
 class SampleMaker(grain.transforms.RandomMap):
-    """Stored sample -> tokenized sample with normalized images, or {"drop": reason}.
+    """Stored sample -> tokenized sample with uint8 images, or {"drop": reason}.
     Runs in the decoding workers; `rng` is grain's, keyed by (seed, index)."""
 
     def __init__(self, task: str, tokenizer, owl_cfg, cfg: dict, src: dict):
@@ -272,7 +274,7 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
     samples = stages.DropCounting(stages.Unchunk(it_ds), dropped)
     L, M = cfg["seq_len"], cfg["max_images_per_row"]
     # Rows are laid out with image_size 0: their pixel_values are empty placeholders, the real
-    # ones are normalized straight into the batch from each row's uint8 `pixels` (BatchRows).
+    # ones are copied straight into the batch from each row's uint8 `pixels` (BatchRows).
     if cfg["packing"]:
         rows = stages.pack_with_pixels(samples, L, M)
     else:

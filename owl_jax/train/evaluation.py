@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax import sharding as sh
+from owl_jax.data.images import normalize_pixels
 from owl_jax.train import step as step_lib
 from owl_jax.train import trainable as tr
 
@@ -75,7 +76,9 @@ def greedy(layout, state, rows: list[dict], max_new_tokens: int) -> list[list[in
         _GENERATORS.clear()
         _GENERATORS[id(layout)] = gen
     gen.params = params
-    images = [r["pixel_values"][: int(np.sum(np.asarray(r["ids"]) < 0)) // layout.cfg.image_tokens]
+    cfg = layout.cfg  # uint8 batch pixels -> the normalized float32 the Generator takes
+    images = [normalize_pixels(r["pixel_values"][: int(np.sum(np.asarray(r["ids"]) < 0))
+                                                 // cfg.image_tokens], cfg.image_mean, cfg.image_std)
               for r in rows]
     pixels = np.concatenate(images) if sum(len(i) for i in images) else None
     out = gen.generate([list(map(int, r["ids"])) for r in rows], pixels,

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from owl_jax import sharding as sh
+from owl_jax.data.images import normalize_pixels
 from owl_jax.train import loss as loss_lib
 from owl_jax.train import trainable as tr
 from owl_jax.train.state import StateLayout, TrainState
@@ -25,10 +26,13 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "
 
 
 def forward(model, params, batch, *, train: bool, rng=None):
-    """Logits [B, L, V] for a training batch dict (BRIEF contract)."""
+    """Logits [B, L, V] for a training batch dict (BRIEF contract). uint8 pixel_values (what
+    the data pipeline ships) are normalized here, on the device; float ones pass as they are."""
     pixel_values = batch.get("pixel_values")
     if pixel_values is not None and pixel_values.shape[1] == 0:
         pixel_values = None
+    if pixel_values is not None:
+        pixel_values = normalize_pixels(pixel_values, model.cfg.image_mean, model.cfg.image_std)
     rngs = {"dropout": rng} if train and rng is not None else None
     return model.apply({"params": params}, batch["input_ids"], pixel_values,
                        batch["segment_ids"], batch["positions"], deterministic=not train,
