@@ -89,13 +89,13 @@ class Generation:
 # Shape buckets
 
 
-def bucket_length(n: int, minimum: int = 32, step: int = 256) -> int:
-    """Prompt-length bucket: powers of two from `minimum` up to `step`, then multiples of
-    `step` (so at most ~2x prefill waste for short prompts, < `step` tokens for long ones)."""
+def bucket_length(n: int, minimum: int = 32, per_octave: int = 4) -> int:
+    """Prompt-length bucket: `per_octave` buckets between consecutive powers of two, at least
+    `minimum` tokens apart (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, ...), so a prompt
+    pays at most ~25% (or < `minimum` tokens) of padded prefill, and a few compiles per octave."""
     if n <= minimum:
         return minimum
-    if n <= step:
-        return 1 << (n - 1).bit_length()
+    step = max(minimum, (1 << ((n - 1).bit_length() - 1)) // per_octave)
     return -(-n // step) * step
 
 

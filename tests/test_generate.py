@@ -176,7 +176,8 @@ def test_prompt_too_long_is_a_clear_error(model):
 def test_prompt_lengths_in_one_bucket_share_a_compile(model):
     _, _, gen = model
     assert bucket_length(5) == bucket_length(32) == 32 and bucket_length(33) == 64
-    assert bucket_length(300) == 512 and bucket_length(513) == 768
+    assert bucket_length(130) == 160 and bucket_length(256) == 256
+    assert bucket_length(300) == 320 and bucket_length(513) == 640
     gc = GenerationConfig(max_new_tokens=5)
     gen.generate([[1, 4, 5, 6]], None, gc)
     before = gen.traces

@@ -140,8 +140,8 @@ def apply_rope(x, cos, sin):
 
 def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div",
               heads_first: bool = False):
-    """Multi-head attention. q [B, Lq, H, D], k/v [B, Lk, Hkv, D] (or [B, Hkv, Lk, D] with
-    `heads_first`, the KV-cache layout), mask bool [B, Lq, Lk].
+    """Multi-head attention. q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask bool [B, Lq, Lk].
+    `heads_first`: k [B, Hkv, Lk, D] and v [B, Hkv, D, Lk], the KV-cache layouts.
 
     `scale_after` mirrors the reference op order: "div" is `(q.k) / sqrt(D)` (LLaMA, abstractor),
     "mul" is `(q.k) * D**-0.5` (the ViT). Softmax runs in fp32 for LLaMA and in the activation
@@ -153,8 +153,8 @@ def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div
     b, lq, h, d = q.shape
     hkv = k.shape[1 if heads_first else 2]
     q = q.reshape(b, lq, hkv, h // hkv, d)
-    kv = "bhkd" if heads_first else "bkhd"
-    s = jnp.einsum(f"bqhgd,{kv}->bhgqk", q, k)
+    ks, vs = ("bhkd", "bhdk") if heads_first else ("bkhd", "bkhd")
+    s = jnp.einsum(f"bqhgd,{ks}->bhgqk", q, k)
     if scale_after == "div":
         s = s / jnp.asarray(math.sqrt(d), s.dtype)
     else:
@@ -164,4 +164,4 @@ def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div
     if mask is not None:
         s = jnp.where(mask[:, None, None], s, jnp.finfo(s.dtype).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bhgqk,{kv}->bqhgd", p, v).reshape(b, lq, h, d)
+    return jnp.einsum(f"bhgqk,{vs}->bqhgd", p, v).reshape(b, lq, h, d)

@@ -54,13 +54,14 @@ class LlamaAttention(nn.Module):
         new_cache = None
         if cache is not None:
             # Write this chunk at cache_index, attend over the whole preallocated buffer; the mask
-            # hides slots that are not written yet. The cache is heads-first ([B, Hkv, S, D]) so
-            # that both attention matmuls read it as stored: with [B, S, Hkv, D] XLA transposes
+            # hides slots that are not written yet. Layouts k [B, Hkv, S, D], v [B, Hkv, D, S]
+            # are the ones both attention matmuls read as stored: with others XLA transposes
             # the whole cache of every layer at every decode step.
-            def write(buf, new):
-                new = new.transpose(0, 2, 1, 3).astype(buf.dtype)
-                return jax.lax.dynamic_update_slice(buf, new, (0, 0, cache_index, 0))
-            k, v = write(cache["k"], k), write(cache["v"], v)
+            def write(buf, new, perm, at):
+                new = new.transpose(perm).astype(buf.dtype)
+                return jax.lax.dynamic_update_slice(buf, new, at)
+            k = write(cache["k"], k, (0, 2, 1, 3), (0, 0, cache_index, 0))
+            v = write(cache["v"], v, (0, 2, 3, 1), (0, 0, 0, cache_index))
             new_cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
         o = attention(q, k, v, mask=mask, softmax_fp32=True, heads_first=cache is not None)
@@ -170,7 +171,7 @@ class Llama(nn.Module):
                  return_hidden=False):
         """x: input embeddings [B, L, D]; positions [B, L]; mask bool [B, L, Lk].
 
-        With `cache` (a list of {"k", "v"} [B, Hkv, S, hd] per layer, see `init_cache`), the chunk is written at
+        With `cache` (a list of {"k", "v"} per layer, see `init_cache`), the chunk is written at
         `cache_index` and Lk == S. Returns (logits [B, L, V], new cache or None).
         """
         c = self.cfg
@@ -200,7 +201,9 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype=jnp.float32):
-    """Zeroed KV cache: per layer {"k", "v"} [batch, kv_heads, length, head_dim]."""
+    """Zeroed KV cache: per layer k [batch, kv_heads, length, head_dim] and v [batch, kv_heads,
+    head_dim, length] (the layouts the decode matmuls read without a transpose)."""
     shape = (batch, cfg.kv_heads, length, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    vshape = (batch, cfg.kv_heads, cfg.head_dim, length)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(vshape, dtype)}
             for _ in range(cfg.num_hidden_layers)]
