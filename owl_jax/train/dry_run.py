@@ -60,6 +60,20 @@ def _lower(config, mesh, rules, rows=None):
         return fn.lower(layout.abstract, batch), layout, cfg
 
 
+def _lowered_flops(lowered) -> float:
+    """XLA's FLOP count of a lowered (unpartitioned, whole-step) module."""
+    c = lowered.cost_analysis()
+    if c is None:
+        # PJRT plugin backends (TPU) cannot analyse a lowered module; the analysis is a walk
+        # over the same HLO, so let the CPU client do it.
+        from jax._src import xla_bridge
+        from jax._src.lib import _jax
+        c = _jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"),
+                                          lowered._lowering.hlo().as_hlo_module())
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    return float(c.get("flops", 0.0))
+
+
 def topology_devices(topology: str):
     """'v5p:2x2x2' -> devices of that TPU topology (needs jax[tpu]); raises RuntimeError."""
     try:
@@ -110,6 +124,8 @@ def dry_run(config, peak_tflops: float | None = None, step_time: float | None = 
     }
     out["mem_peak_gib"] = (out["mem_arguments_gib"] + out["mem_outputs_gib"]
                            - out["mem_aliased_gib"] + out["mem_temp_gib"])
+    # The compiler's own peak of live buffers (TPU reports it; the CPU client gives 0).
+    out["mem_compiler_peak_gib"] = getattr(mem, "peak_memory_in_bytes", 0) / gib
     if unrolled_flops:
         flat = copy.deepcopy(config)
         flat.model.scan_layers = False
@@ -117,9 +133,7 @@ def dry_run(config, peak_tflops: float | None = None, step_time: float | None = 
         flat.batch.micro_batches = 1
         rows = int(config.batch.global_size) // k
         lo, _, _ = _lower(flat, mesh, rules, rows=rows)
-        c = lo.cost_analysis()
-        c = c[0] if isinstance(c, (list, tuple)) else c
-        out["hlo_flops_per_step_unrolled"] = float(c.get("flops", 0.0)) * k
+        out["hlo_flops_per_step_unrolled"] = _lowered_flops(lo) * k
     tokens = int(config.batch.global_size) * int(config.batch.seq_len)
     if peak_tflops:
         peak = peak_tflops * 1e12 * n_dev
@@ -143,7 +157,9 @@ def format_report(o: dict, config, peak_tflops, step_time, target_mfu) -> str:
         f"  params: trainable {o['params_trainable']:,}, frozen {o['params_frozen']:,}",
         f"  memory per device (GiB): arguments {o['mem_arguments_gib']:.4g}, outputs "
         f"{o['mem_outputs_gib']:.4g}, aliased {o['mem_aliased_gib']:.4g}, temporaries "
-        f"{o['mem_temp_gib']:.4g} -> peak ~{o['mem_peak_gib']:.4g}",
+        f"{o['mem_temp_gib']:.4g} -> peak ~{o['mem_peak_gib']:.4g}"
+        + (f" (compiler's peak {o['mem_compiler_peak_gib']:.4g})"
+           if o["mem_compiler_peak_gib"] else ""),
         f"  FLOPs/step, analytic model (no remat): {o['analytic_model_flops_per_step']:.4g} "
         f"(" + ", ".join(f"{k} {v:.3g}" for k, v in o["analytic_by_module"].items()) + ")",
         f"  FLOPs/device, compiled (loop bodies counted once): "
