@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax import sampling
+from owl_jax.models.llama import select_cache_rows
 
-_ROW_KEYS = ("cache", "kv_valid", "pos0", "seen", "hist")
+_ROW_KEYS = ("kv_valid", "pos0", "seen", "hist")  # and the cache (`select_cache_rows`)
 RESULT_KEYS = ("step", "scores", "tokens", "fin_tokens", "fin_scores", "fin_len", "done")
 
 
@@ -38,6 +39,7 @@ def start(state, logits, budget, knobs, spec):
     for k in _ROW_KEYS:
         if k in st:
             st[k] = jax.tree.map(lambda x: jnp.repeat(x, nb, axis=0), st[k])
+    st["cache"] = select_cache_rows(state["cache"], jnp.repeat(jnp.arange(b), nb), b)
     st.update(
         tokens=jnp.zeros((b, nb, tc), jnp.int32),
         scores=jnp.tile(jnp.array([0.0] + [-1e9] * (nb - 1), jnp.float32), (b, 1)),
@@ -94,7 +96,7 @@ def step(st, logits, knobs, spec):
         now_done = (fin["fin_count"] >= nb) & (worst >= jnp.max(top_s, axis=1) / length ** lp)
     new = dict(st, tokens=new_tokens, scores=nscore, done=done | now_done, last=flat_tok,
                step=t + 1, **fin)
-    new["cache"] = jax.tree.map(lambda x: x[flat], st["cache"])
+    new["cache"] = select_cache_rows(st["cache"], flat, b * nb)
     if "seen" in st:
         new["seen"] = sampling.mark_seen(st["seen"][flat], flat_tok)
     if "hist" in st:

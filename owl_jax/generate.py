@@ -148,7 +148,7 @@ class Generator:
         if self.mesh is None or "tensor" not in self.mesh.shape:
             return cache
         t = self.mesh.shape["tensor"]
-        spec = P(None, "tensor", None, None) if self.cfg.text.kv_heads % t == 0 else P()
+        spec = P("tensor", None, None) if self.cfg.text.kv_heads % t == 0 else P()
         sh = NamedSharding(self.mesh, spec)
         return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sh), cache)
 

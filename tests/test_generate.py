@@ -61,9 +61,10 @@ def to_hf(cfg, params):
 
 
 def small_config():
-    """tiny() with one ViT / abstractor layer (compile time) and two LLM layers."""
+    """tiny() with one ViT / abstractor layer (compile time), two LLM layers and grouped-query
+    attention (4 heads over 2 kv heads), so the cache layout is checked against HF with GQA."""
     import dataclasses
-    cfg = tiny(vocab_size=VOCAB)
+    cfg = tiny(vocab_size=VOCAB, num_key_value_heads=2)
     return dataclasses.replace(
         cfg, vision=dataclasses.replace(cfg.vision, num_hidden_layers=1),
         abstractor=dataclasses.replace(cfg.abstractor, num_hidden_layers=1))

@@ -226,7 +226,7 @@ def _prefill(params, ids, valid, pixel_values, cache):
     l = ids.shape[1]
     img = m.apply(v, pixel_values, method=Owl.encode_images)
     emb = m.apply(v, ids, img, method=Owl.embed)
-    kv_valid = jnp.zeros((ids.shape[0], cache[0]["k"].shape[2]), bool).at[:, :l].set(valid)
+    kv_valid = jnp.zeros((ids.shape[0], cache[0]["k"].shape[1]), bool).at[:, :l].set(valid)
     pos = jnp.where(valid, jnp.cumsum(valid, axis=1) - 1, 1)  # HF: cumsum(mask) - 1, pads 1
     logits, cache = m.apply(v, emb, pos, masks.cache_mask(kv_valid, jnp.arange(l)), cache, 0,
                             method=Owl.decode)

@@ -138,30 +138,49 @@ def apply_rope(x, cos, sin):
 # Attention core
 
 
-def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div",
-              heads_first: bool = False):
+def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div"):
     """Multi-head attention. q [B, Lq, H, D], k/v [B, Lk, Hkv, D], mask bool [B, Lq, Lk].
-    `heads_first`: k [B, Hkv, Lk, D] and v [B, Hkv, D, Lk], the KV-cache layouts.
 
     `scale_after` mirrors the reference op order: "div" is `(q.k) / sqrt(D)` (LLaMA, abstractor),
     "mul" is `(q.k) * D**-0.5` (the ViT). Softmax runs in fp32 for LLaMA and in the activation
     dtype for the ViT and the abstractor, as the official model does.
 
     Grouped-query attention groups the query heads by kv head (query head i reads kv head
-    i // (H // Hkv)) instead of repeating k and v, so a KV cache is never copied.
+    i // (H // Hkv)) instead of repeating k and v.
     """
     b, lq, h, d = q.shape
-    hkv = k.shape[1 if heads_first else 2]
+    hkv = k.shape[2]
     q = q.reshape(b, lq, hkv, h // hkv, d)
-    ks, vs = ("bhkd", "bhdk") if heads_first else ("bkhd", "bkhd")
-    s = jnp.einsum(f"bqhgd,{ks}->bhgqk", q, k)
-    if scale_after == "div":
-        s = s / jnp.asarray(math.sqrt(d), s.dtype)
-    else:
-        s = s * jnp.asarray(d ** -0.5, s.dtype)
+    s = _scale(jnp.einsum("bqhgd,bkhd->bhgqk", q, k), d, scale_after)
     if softmax_fp32:
         s = s.astype(jnp.float32)
     if mask is not None:
         s = jnp.where(mask[:, None, None], s, jnp.finfo(s.dtype).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum(f"bhgqk,{vs}->bqhgd", p, v).reshape(b, lq, h, d)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(b, lq, h, d)
+
+
+def cached_attention(q, k, v, mask):
+    """LLaMA attention (fp32 softmax, "div" scaling) against a KV cache.
+
+    q [B, Lq, H, D]; k [Hkv * B, S, D] and v [Hkv * B, D, S] (kv head major, then batch row:
+    see `owl_jax.models.llama.init_cache`); mask bool [B, Lq, S]. Both matmuls read the cache as
+    stored, with no unit dimension to squeeze at batch 1: otherwise XLA (CPU) transposes or
+    copies the whole cache of every layer at every decode step.
+    """
+    b, lq, h, d = q.shape
+    hkv = k.shape[0] // b
+    g = h // hkv
+    q = q.reshape(b, lq, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv * b, g * lq, d)
+    s = _scale(jnp.einsum("nqd,nkd->nqk", q, k), d, "div").astype(jnp.float32)
+    mask = jnp.broadcast_to(mask[None, :, None], (hkv, b, g, lq, mask.shape[-1]))
+    s = jnp.where(mask.reshape(s.shape), s, jnp.finfo(s.dtype).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    o = jnp.einsum("nqk,ndk->nqd", p, v).reshape(hkv, b, g, lq, d)
+    return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, h, d)
+
+
+def _scale(s, d, scale_after):
+    if scale_after == "div":
+        return s / jnp.asarray(math.sqrt(d), s.dtype)
+    return s * jnp.asarray(d ** -0.5, s.dtype)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from owl_jax.config import TextConfig
-from owl_jax.models.layers import (Dense, LoraSpec, RMSNorm, apply_rope, attention, constrain,
-                                   rope_cos_sin)
+from owl_jax.models.layers import (Dense, LoraSpec, RMSNorm, apply_rope, attention,
+                                   cached_attention, constrain, rope_cos_sin)
 
 REMAT_POLICIES = {
     "none": None,
@@ -51,20 +51,21 @@ class LlamaAttention(nn.Module):
         v = proj("v_proj", hkv * hd, ("embed", "kv"))(x, deterministic).reshape(b, l, hkv, hd)
         q = constrain(apply_rope(q, cos, sin), ("act_batch", "act_len", "act_heads", None))
         k = apply_rope(k, cos, sin)
-        new_cache = None
-        if cache is not None:
-            # Write this chunk at cache_index, attend over the whole preallocated buffer; the mask
-            # hides slots that are not written yet. Layouts k [B, Hkv, S, D], v [B, Hkv, D, S]
-            # are the ones both attention matmuls read as stored: with others XLA transposes
-            # the whole cache of every layer at every decode step.
-            def write(buf, new, perm, at):
-                new = new.transpose(perm).astype(buf.dtype)
-                return jax.lax.dynamic_update_slice(buf, new, at)
-            k = write(cache["k"], k, (0, 2, 1, 3), (0, 0, cache_index, 0))
-            v = write(cache["v"], v, (0, 2, 3, 1), (0, 0, 0, cache_index))
-            new_cache = {"k": k, "v": v}
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
-        o = attention(q, k, v, mask=mask, softmax_fp32=True, heads_first=cache is not None)
+        if cache is None:
+            o, new_cache = attention(q, k, v, mask=mask, softmax_fp32=True), None
+        else:
+            # Write this chunk at cache_index and attend over the whole preallocated buffer; the
+            # mask hides slots that are not written yet.
+            k_new = k.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)   # [Hkv * B, L, D]
+            v_new = v.transpose(2, 0, 3, 1).reshape(hkv * b, hd, l)   # [Hkv * B, D, L]
+            new_cache = {
+                "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype),
+                                                  (0, cache_index, 0)),
+                "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype),
+                                                  (0, 0, cache_index)),
+            }
+            o = cached_attention(q, new_cache["k"].astype(self.dtype),
+                                 new_cache["v"].astype(self.dtype), mask)
         o = proj("o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, l, h * hd),
                                                               deterministic)
         return o, new_cache
@@ -201,9 +202,19 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype=jnp.float32):
-    """Zeroed KV cache: per layer k [batch, kv_heads, length, head_dim] and v [batch, kv_heads,
-    head_dim, length] (the layouts the decode matmuls read without a transpose)."""
-    shape = (batch, cfg.kv_heads, length, cfg.head_dim)
-    vshape = (batch, cfg.kv_heads, cfg.head_dim, length)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(vshape, dtype)}
+    """Zeroed KV cache, per layer k [kv_heads * batch, length, head_dim] and v [kv_heads * batch,
+    head_dim, length]: kv head major (a `tensor` mesh axis splits it by head), then batch row.
+    These are the layouts the decode matmuls read as stored (`cached_attention`)."""
+    n = cfg.kv_heads * batch
+    return [{"k": jnp.zeros((n, length, cfg.head_dim), dtype),
+             "v": jnp.zeros((n, cfg.head_dim, length), dtype)}
             for _ in range(cfg.num_hidden_layers)]
+
+
+def select_cache_rows(cache, rows, batch: int):
+    """The cache of batch rows `rows` (int [B']) out of a cache of `batch` rows (beam search
+    reorders and repeats rows with this)."""
+    def pick(x):
+        x = x.reshape(x.shape[0] // batch, batch, *x.shape[1:])[:, rows]
+        return x.reshape(-1, *x.shape[2:])
+    return jax.tree.map(pick, cache)
