@@ -125,7 +125,14 @@ class SampleMaker(grain.transforms.RandomMap):
         self.checks = Checks(FilterSpec.from_kwargs(**src["filters"]), task != "instruction",
                              cfg["max_pixels"])
 
-    def random_map(self, element, rng: np.random.Generator):
+    @property
+    def uses_rng(self) -> bool:
+        return self.augment and self.task != "text"
+
+    def no_rng_map(self, element):
+        return self.random_map(element, None)
+
+    def random_map(self, element, rng: np.random.Generator | None):
         try:
             sample, reason = self._make(element, rng)
         except imgs.BadImage as e:
@@ -235,11 +242,13 @@ def build_sources(cfg, tokenizer, owl_cfg, process_index, process_count):
         if share == 0:
             raise SourceError(f"{src['spec']}: {len(seq)} samples cannot give each of "
                               f"{process_count} processes one")
-        ds = grain.MapDataset.source(seq).shuffle(seed=_seed(cfg["seed"], i, 1))
-        ds = ds[:share * process_count][process_index::process_count]
-        ds = ds.repeat(cfg["num_epochs"])
-        ds = ds.random_map(SampleMaker(src["task"], tokenizer, owl_cfg, cfg, src),
-                           seed=_seed(cfg["seed"], i, 2))
+        ds = stages.ProcessShare(seq, _seed(cfg["seed"], i, 1), process_index, process_count,
+                                 cfg["num_epochs"])
+        maker = SampleMaker(src["task"], tokenizer, owl_cfg, cfg, src)
+        if maker.uses_rng:
+            ds = ds.random_map(maker, seed=_seed(cfg["seed"], i, 2))
+        else:  # no augmentation: grain's per-sample RNG reset would be wasted work
+            ds = ds.map(maker.no_rng_map)
         parts.append(ds)
         weights.append(float(src["weight"]))
         sizes[src["spec"]] = share

@@ -88,7 +88,8 @@ class ArrayRecordSamples:
     """Random access: `[i]` -> RawSample (or Skipped for a corrupt record)."""
 
     def __init__(self, paths: list[str]):
-        from grain.sources import ArrayRecordDataSource
+        # array_record's own source: grain's subclass only adds per-read tracing and metrics
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
         self.paths = list(paths)
         self._src = ArrayRecordDataSource(self.paths)
 
