@@ -309,3 +309,35 @@ def test_packed_logits_equal_each_sample_alone():
     sl = row["segment_ids"][0] == 2
     assert np.abs(mixed[0, sl] - alone[1, :sl.sum()]).max() > 1e-2
     assert alone.std() > 0.1
+
+
+def test_pipeline_batch_stages_equal_pad_and_stack():
+    """The pipeline's direct batch builders (uint8 pixels) lay rows out exactly as
+    pad_to_length / Packer + stack_rows do with the same images."""
+    from owl_jax.config import tiny
+    from owl_jax.data import grain_stages as st
+    cfg, rng = tiny(), np.random.default_rng(0)
+    s, t, L, M = cfg.vision.image_size, cfg.image_tokens, 3 * cfg.image_tokens, 2
+
+    def sample(k, n_text):
+        ids = [1] + [-1] * (t * k) + rng.integers(3, 50, n_text).tolist() + [2]
+        px = rng.integers(0, 256, (k, s, s, 3), dtype=np.uint8)
+        return {"input_ids": np.array(ids, np.int32), "num_images": k, "pixels": px,
+                "loss_mask": (rng.random(len(ids)) < 0.5).astype(np.float32),
+                "images": px.astype(np.float32)}
+
+    samples = [sample(1, 5), sample(0, 9), sample(2, 3), sample(1, 1)]
+    got = st.BatchSamples(cfg, L, M)(samples)
+    want = stack_rows([pad_to_length(x, L, M, s) for x in samples])
+    assert got["pixel_values"].dtype == np.uint8
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    packer = st.ImagePacker(L, M, 0)
+    bare = [{k: v for k, v in x.items() if k != "images"} for x in samples]  # as the pipeline's
+    rows = [r for x in bare for r in packer.add(x)] + packer.flush()
+    got = st.BatchRows(cfg, M)(rows)
+    want = stack_rows(list(pack(samples, L, M, s)))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    with pytest.raises(ValueError, match="max_length <= seq_len"):
+        st.BatchSamples(cfg, 10, M)(samples[:1])

@@ -15,15 +15,19 @@ from owl_jax.data import packing
 
 
 class ProcessShare(grain.MapDataset):
-    """This process's share of a random-access source, globally shuffled and repeated: the
-    same elements in the same order as grain's
-        MapDataset.source(seq).shuffle(seed)[:share * count][index::count].repeat(num_epochs)
-    (Feistel `index_shuffle`, 4 rounds, seed + epoch per epoch; share = len(seq) // count),
-    in one stage instead of five, without grain's per-read metrics, which cost as much per
-    sample as the whole mapping. For sources under 2**16 samples, where one `index_shuffle`
-    costs 10-50 us, the epoch's mapping is computed once and kept (at most 2**16 ints)."""
+    """This process's share of a random-access source, globally shuffled and repeated, in one
+    stage (grain's shuffle / slice / slice / repeat / source chain costs as much per sample as
+    decoding a tenth of an image, mostly in per-read tracing and metrics).
 
-    CACHE_BELOW = 1 << 16
+    Index i reads, in epoch e = i // share (share = len(seq) // count), the source element
+    perm_e(index + (i % share) * count): processes take strided, disjoint, equal shares of
+    each epoch's permutation. perm_e is grain's Feistel `index_shuffle` (4 rounds, seed + e),
+    so for sources of 2**16 samples or more this is exactly
+        MapDataset.source(seq).shuffle(seed)[:share * count][index::count].repeat(num_epochs)
+    Below 2**16 one `index_shuffle` costs 10-50 us (it walks a larger domain), so there perm_e
+    is numpy's `default_rng([seed, e]).permutation(len(seq))`, computed once per epoch."""
+
+    SMALL = 1 << 16
 
     def __init__(self, seq, seed: int, index: int, count: int, num_epochs: int | None):
         super().__init__()
@@ -34,26 +38,23 @@ class ProcessShare(grain.MapDataset):
             raise ValueError(f"num_epochs must be positive, got {num_epochs}")
         self._len = (sys.maxsize if num_epochs is None else num_epochs * self.share) \
             if self.share else 0
-        self._epoch, self._order = -1, None
+        self._epoch, self._perm = -1, None
 
     def __len__(self) -> int:
         return self._len
-
-    def _source_index(self, epoch: int, r: int) -> int:
-        return int(grain.experimental.index_shuffle(
-            self._index + r * self._count, max_index=self._n - 1,
-            seed=(self._seed + epoch) % 2**32, rounds=4))
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.slice(i)
         epoch, r = divmod(int(i), self.share)
-        if self._n >= self.CACHE_BELOW:
-            return self._seq[self._source_index(epoch, r)]
+        j = self._index + r * self._count
+        if self._n >= self.SMALL:
+            return self._seq[int(grain.experimental.index_shuffle(
+                j, max_index=self._n - 1, seed=(self._seed + epoch) % 2**32, rounds=4))]
         if epoch != self._epoch:
-            self._order = [self._source_index(epoch, k) for k in range(self.share)]
+            self._perm = np.random.default_rng([self._seed, epoch]).permutation(self._n).tolist()
             self._epoch = epoch
-        return self._seq[self._order[r]]
+        return self._seq[self._perm[j]]
 
     def __str__(self) -> str:
         return (f"ProcessShare(n={self._n}, share={self.share}, process {self._index} of "
@@ -144,10 +145,38 @@ def pack_with_pixels(parent, seq_len: int, max_images: int) -> packing.PackIterD
     return packing.PackIterDataset(parent, seq_len, max_images, 0, packer_cls=ImagePacker)
 
 
-def pad_row(sample, seq_len, max_images, image_size):
-    row = packing.pad_to_length(sample, seq_len, max_images, image_size)
-    row["pixels"] = [sample["pixels"]]
-    return row
+class BatchSamples:
+    """Without packing: samples -> the batch dict directly, one sample per row (segment 1,
+    positions 0.., padding 0), laid out as `packing.pad_to_length` + `BatchRows` would, but
+    written straight into the [B, ...] arrays: no per-row arrays to build and stack."""
+
+    def __init__(self, owl_cfg, seq_len, max_images):
+        self.size, self.seq_len, self.max_images = owl_cfg.vision.image_size, seq_len, max_images
+        self.positions = np.arange(seq_len, dtype=np.int32)
+
+    def __call__(self, samples):
+        B, L, M, s = len(samples), self.seq_len, self.max_images, self.size
+        ids, targets = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
+        mask = np.zeros((B, L), np.float32)
+        seg, pos = np.zeros((B, L), np.int32), np.zeros((B, L), np.int32)
+        pv = np.zeros((B, M, s, s, 3), np.uint8)
+        for b, sample in enumerate(samples):
+            x = sample["input_ids"]
+            n = len(x) - 1
+            k = len(sample["pixels"])
+            if n > L or k > M:
+                raise ValueError(f"sample needs {n} slots and {k} images but rows have {L} "
+                                 f"and {M}: make the task's max_length <= seq_len")
+            ids[b, :n] = x[:-1]
+            targets[b, :n] = x[1:]
+            mask[b, :n] = sample["loss_mask"][:n]
+            seg[b, :n] = 1
+            pos[b, :n] = self.positions[:n]
+            if k:
+                pv[b, :k] = sample["pixels"]
+        np.maximum(targets, 0, out=targets)  # image slots are never trained
+        return {"input_ids": ids, "targets": targets, "loss_mask": mask, "segment_ids": seg,
+                "positions": pos, "pixel_values": pv}
 
 
 class BatchRows:

@@ -48,7 +48,6 @@ is a handful of indices.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 from typing import Any
 
@@ -282,13 +281,12 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
     dropped: collections.Counter = collections.Counter()
     samples = stages.DropCounting(stages.Unchunk(it_ds), dropped)
     L, M = cfg["seq_len"], cfg["max_images_per_row"]
-    # Rows are laid out with image_size 0: their pixel_values are empty placeholders, the real
-    # ones are copied straight into the batch from each row's uint8 `pixels` (BatchRows).
+    # Packed rows are laid out with image_size 0: their pixel_values are empty placeholders,
+    # the real ones are copied straight into the batch from each row's uint8 `pixels`.
     if cfg["packing"]:
-        rows = stages.pack_with_pixels(samples, L, M)
+        batches = stages.pack_with_pixels(samples, L, M).batch(
+            cfg["batch_size"], drop_remainder=True, batch_fn=stages.BatchRows(owl_cfg, M))
     else:
-        rows = samples.map(functools.partial(stages.pad_row, seq_len=L, max_images=M,
-                                             image_size=0))
-    batches = rows.batch(cfg["batch_size"], drop_remainder=True,
-                         batch_fn=stages.BatchRows(owl_cfg, M))
+        batches = samples.batch(cfg["batch_size"], drop_remainder=True,
+                                batch_fn=stages.BatchSamples(owl_cfg, L, M))
     return TrainIterator(batches.__iter__(), dropped, lost, sizes)

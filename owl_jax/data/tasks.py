@@ -33,14 +33,15 @@ _SPLIT_TEXT = re.compile("(" + "|".join(map(re.escape, [AI, "\nHuman: "])) + ")"
 
 
 def _sample(ids: list[int], labels: list[int], image_tokens: int) -> dict[str, Any]:
-    ids_a = np.asarray(ids, np.int32)
-    lab = np.asarray(labels, np.float32)
-    # Target alignment: position i is trained when the token it predicts (i + 1) is labelled.
-    loss_mask = np.zeros(len(ids_a), np.float32)
-    loss_mask[:-1] = lab[1:] * (ids_a[1:] >= 0)
+    # (lists until the end: a handful of small numpy ops cost more than the lists, per sample)
+    # Target alignment: position i is trained when the token it predicts (i + 1) is labelled;
+    # image slots never are.
+    mask = [lab if t >= 0 else 0 for lab, t in zip(labels[1:], ids[1:])]
+    mask.append(0)
     # Images are never cut, so slots / image_tokens counts them (adjacent images included).
-    num_images = int(np.sum(ids_a < 0)) // image_tokens if image_tokens else 0
-    return {"input_ids": ids_a, "loss_mask": loss_mask, "num_images": num_images}
+    num_images = ids.count(-1) // image_tokens if image_tokens else 0
+    return {"input_ids": np.array(ids, np.int32), "loss_mask": np.array(mask, np.float32),
+            "num_images": num_images}
 
 
 def tokenize_conversation(tok: OwlTokenizer, text: str, max_length: int,
