@@ -61,70 +61,64 @@ class ProcessShare(grain.MapDataset):
                 f"{self._count})")
 
 
-class DropCounting(grain.IterDataset):
-    """Skips {"drop": reason} markers and counts them into `counts` (this process)."""
+class Samples(grain.IterDataset):
+    """Chunks (lists of consecutive samples, one worker message each) -> samples in order,
+    skipping {"drop": reason} markers and counting them into `counts` (this process).
 
-    def __init__(self, parent: grain.IterDataset, counts: collections.Counter):
+    With `batch_size`, yields `batch_fn(list of batch_size samples)` instead (the last partial
+    batch is dropped): one stage instead of unchunk / count / batch, because grain wraps
+    every stage's __next__ in tracing and timing that costs as much per sample as the work.
+    The state is the parent's state before the current chunk, the position in that chunk and
+    the drop counts; it is taken between batches."""
+
+    def __init__(self, parent: grain.IterDataset, counts: collections.Counter,
+                 batch_size: int | None = None, batch_fn=None):
         super().__init__(parent)
-        self._counts = counts
+        self._counts, self._batch_size, self._batch_fn = counts, batch_size, batch_fn
 
     def __iter__(self):
-        return _DropCountingIterator(self._parent.__iter__(), self._counts)
+        return _SamplesIterator(self._parent.__iter__(), self._counts, self._batch_size,
+                                self._batch_fn)
 
 
-class _DropCountingIterator(grain.DatasetIterator):
-    def __init__(self, parent, counts):
+class _SamplesIterator(grain.DatasetIterator):
+    def __init__(self, parent, counts, batch_size, batch_fn):
         super().__init__(parent)
-        self._counts = counts
+        self._counts, self._batch_size, self._batch_fn = counts, batch_size, batch_fn
+        self._chunk, self._pos, self._skip = [], 0, 0
+        self._chunk_state = parent.get_state()
 
-    def __next__(self):
+    def _sample(self):
         while True:
-            el = next(self._parent)
+            while self._pos >= len(self._chunk):
+                self._chunk_state = self._parent.get_state()
+                self._chunk = next(self._parent)
+                self._pos, self._skip = self._skip, 0
+            el = self._chunk[self._pos]
+            self._pos += 1
             reason = el.get("drop") if isinstance(el, dict) else "not_a_sample"
             if reason is None:
                 return el
             self._counts[reason] += 1
 
-    def get_state(self):
-        return {"parent": self._parent.get_state(), "dropped": dict(self._counts)}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._counts.clear()
-        self._counts.update(state["dropped"])
-
-
-class Unchunk(grain.IterDataset):
-    """Chunks (lists of consecutive samples, one worker message each) -> samples, in order.
-    The state is the parent's state before the current chunk plus the position in it."""
-
-    def __iter__(self):
-        return _UnchunkIterator(self._parent.__iter__())
-
-
-class _UnchunkIterator(grain.DatasetIterator):
-    def __init__(self, parent):
-        super().__init__(parent)
-        self._chunk, self._pos, self._skip = [], 0, 0
-        self._chunk_state = parent.get_state()
-
     def __next__(self):
-        while self._pos >= len(self._chunk):
-            self._chunk_state = self._parent.get_state()
-            self._chunk = next(self._parent)
-            self._pos, self._skip = self._skip, 0
-        self._pos += 1
-        return self._chunk[self._pos - 1]
+        if self._batch_size is None:
+            return self._sample()
+        return self._batch_fn([self._sample() for _ in range(self._batch_size)])
 
     def get_state(self):
         if self._pos >= len(self._chunk) and not self._skip:
-            return {"parent": self._parent.get_state(), "pos": 0}
-        return {"parent": self._chunk_state, "pos": self._pos or self._skip}
+            state = {"parent": self._parent.get_state(), "pos": 0}
+        else:
+            state = {"parent": self._chunk_state, "pos": self._pos or self._skip}
+        return {**state, "dropped": dict(self._counts)}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self._chunk_state = state["parent"]
         self._chunk, self._pos, self._skip = [], 0, state["pos"]
+        self._counts.clear()
+        self._counts.update(state["dropped"])
 
 
 class ImagePacker(packing.Packer):

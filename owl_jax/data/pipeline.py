@@ -279,14 +279,12 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
             num_workers=cfg["workers"], per_worker_buffer_size=max(1, cfg["worker_buffer"] // chunk))
         it_ds = it_ds.mp_prefetch(options, worker_init_fn=_mark_absl_flags_parsed)
     dropped: collections.Counter = collections.Counter()
-    samples = stages.DropCounting(stages.Unchunk(it_ds), dropped)
-    L, M = cfg["seq_len"], cfg["max_images_per_row"]
-    # Packed rows are laid out with image_size 0: their pixel_values are empty placeholders,
-    # the real ones are copied straight into the batch from each row's uint8 `pixels`.
+    L, M, B = cfg["seq_len"], cfg["max_images_per_row"], cfg["batch_size"]
     if cfg["packing"]:
-        batches = stages.pack_with_pixels(samples, L, M).batch(
-            cfg["batch_size"], drop_remainder=True, batch_fn=stages.BatchRows(owl_cfg, M))
+        # Packed rows are laid out with image_size 0: their pixel_values are empty
+        # placeholders, the real ones are copied into the batch from each row's uint8 `pixels`.
+        rows = stages.pack_with_pixels(stages.Samples(it_ds, dropped), L, M)
+        batches = rows.batch(B, drop_remainder=True, batch_fn=stages.BatchRows(owl_cfg, M))
     else:
-        batches = samples.batch(cfg["batch_size"], drop_remainder=True,
-                                batch_fn=stages.BatchSamples(owl_cfg, L, M))
+        batches = stages.Samples(it_ds, dropped, B, stages.BatchSamples(owl_cfg, L, M))
     return TrainIterator(batches.__iter__(), dropped, lost, sizes)
