@@ -15,6 +15,8 @@ Baselines, measured in the same process:
   hierarchy, as many times in a row as the decode steps, between the decode runs) divided by
   those bytes (every layer, the final norm and the lm_head; the KV cache
   and one embedding row are left out, which makes the limit slightly optimistic for us).
+- matmul floors: the weight matmuls of one decode step alone, [batch, D] rows through every
+  kernel, in XLA and in PyTorch: what any decoder built on these fp32 GEMMs pays per step.
 - time to first token of a one-image prompt: our encode + splice + prefill + first token
   against the same steps in PyTorch (a torch re-implementation of the ViT and abstractor
   below, `language_model(inputs_embeds=...)` with HF LLaMA), on the same weights.
@@ -126,6 +128,55 @@ def step_bytes(params):
     return total
 
 
+class MatmulFloor:
+    """The weight matmuls of one decode step alone (every layer's q, k, v, o, gate, up, down and
+    the lm_head, [b, D] rows, nothing else), in XLA and in PyTorch: no decoder that uses these
+    libraries' fp32 GEMMs can take a step faster than its floor."""
+
+    def __init__(self, params, hf, b):
+        import jax
+        import jax.numpy as jnp
+        import torch
+        lm = params["language_model"]
+        layers = [lm[k] for k in sorted((k for k in lm if k.startswith("layers_")),
+                                        key=lambda k: int(k.split("_")[1]))]
+        self.kernels = [[l["self_attn"][n]["kernel"] for n in ("q_proj", "k_proj", "v_proj",
+                                                               "o_proj")] +
+                        [l["mlp"][n]["kernel"] for n in ("gate_proj", "up_proj", "down_proj")]
+                        for l in layers]
+        self.head = lm["lm_head"]["kernel"]
+
+        def xla(kernels, head, x):
+            for q, k, v, o, g, u, d in kernels:
+                x = x + (x @ q + x @ k + x @ v) @ o
+                x = x + ((x @ g) * (x @ u)) @ d
+            return x @ head
+        self.xla = jax.jit(xla)
+        self.x = jnp.ones((b, self.head.shape[0]), jnp.float32) * 0.01
+        self.hf_layers = hf.model.layers
+        self.hf_head = hf.lm_head
+        self.xt = torch.ones(b, self.head.shape[0]) * 0.01
+        self.run_xla()
+        self.best = {"xla": 1e9, "torch": 1e9}
+
+    def run_xla(self):
+        self.xla(self.kernels, self.head, self.x).block_until_ready()
+
+    def run_torch(self):
+        import torch
+        with torch.no_grad():
+            x = self.xt
+            for layer in self.hf_layers:
+                a, m = layer.self_attn, layer.mlp
+                x = x + a.o_proj(a.q_proj(x) + a.k_proj(x) + a.v_proj(x))
+                x = x + m.down_proj(m.gate_proj(x) * m.up_proj(x))
+            return self.hf_head(x)
+
+    def measure(self, reps=10):
+        for name, fn in (("xla", self.run_xla), ("torch", self.run_torch)):
+            self.best[name] = min(self.best[name], _best(fn, reps))
+
+
 # -------------------------------------------------------------------------------------------
 # Parts
 
@@ -154,12 +205,14 @@ def bench_decode(cfg, params, hf, args):
         with torch.no_grad():
             ref = hf.generate(ids, **kw)  # warm-up
         best = {"ours": 1e9, "ours1": 1e9, "hf": 1e9}
+        floor = MatmulFloor(params, hf, b)
         for _ in range(args.repeats):
             for name, fn in (("ours", lambda: gen.generate(rows, None, gcfg)),
                              ("ours1", lambda: gen.generate(rows, None, g1)),
                              ("hf", lambda: hf.generate(ids, **kw))):
                 with torch.no_grad():
                     best[name] = min(best[name], _best(fn, 1))
+            floor.measure()
             if b == 1 and probe is not None:
                 probe.measure(n_new - 1)
         same = sum(int(np.array_equal(o.token_ids[:16], r[n_prompt:n_prompt + 16].numpy()))
@@ -170,6 +223,9 @@ def bench_decode(cfg, params, hf, args):
               f"{b * n_new / best['hf']:8.1f} tok/s   ratio {best['hf'] / best['ours']:5.2f}x   "
               f"(first 16 tokens identical in {same}/{b} rows; our decode step "
               f"{1e3 * step:.2f} ms, prefill + first token {1e3 * best['ours1']:.1f} ms)",
+              flush=True)
+        print(f"batch {b}: the step's weight matmuls alone take {1e3 * floor.best['xla']:.2f} ms "
+              f"in XLA, {1e3 * floor.best['torch']:.2f} ms in PyTorch (floors for a decode step)",
               flush=True)
     if 1 in results:
         bw = max(probe.best.values())
