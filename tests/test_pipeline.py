@@ -290,3 +290,29 @@ def test_workers_give_the_same_stream_and_resume(data):
         assert same(take(resumed, 4), reference[2:])
     finally:
         resumed.close()
+
+
+def test_process_share_is_grains_shuffle_and_strided_share():
+    """ProcessShare == grain's source.shuffle[:share*count][index::count].repeat chain for
+    sources of 2**16+ samples; below that, each epoch is a fresh permutation split into equal,
+    disjoint, strided shares."""
+    import grain
+    from owl_jax.data.grain_stages import ProcessShare
+    n, count, epochs = 70_001, 3, 2
+    seq = range(n)
+    share = n // count
+    for index in range(count):
+        ref = grain.MapDataset.source(seq).shuffle(seed=77)[:share * count][index::count]
+        ref = ref.repeat(epochs)
+        mine = ProcessShare(seq, 77, index, count, epochs)
+        assert len(mine) == len(ref) == epochs * share
+        probe = list(range(0, len(ref), 997)) + [share - 1, share, len(ref) - 1]
+        assert [mine[i] for i in probe] == [ref[i] for i in probe]
+    n, count = 400, 3
+    shares = [ProcessShare(range(n), 5, i, count, None) for i in range(count)]
+    epoch = [[s[e * (n // count) + r] for s in shares for r in range(n // count)]
+             for e in range(2)]
+    for e in epoch:
+        assert len(set(e)) == len(e) == (n // count) * count and set(e) <= set(range(n))
+    assert epoch[0] != epoch[1]
+    assert ProcessShare(range(n), 5, 1, count, None)[7] == shares[1][7]  # deterministic
