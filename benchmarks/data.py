@@ -7,13 +7,15 @@
    to verify it), against the plain loop.
 2. Baseline: a plain Pillow loop over the same JPEG bytes (decode, RGB, bicubic resize to 224,
    to numpy), one core.
-3. The full training pipeline over the converted ArrayRecord (read, decode, resize, normalize,
-   tokenize, pad, batch), eval transform (bicubic resize) and train transform
-   (RandomResizedCrop + flip), in-process (1 and 2 decoding threads) and with 1 and 2 worker
-   processes. The baseline is re-measured right before each configuration.
+3. The full training pipeline over the converted ArrayRecord (read, shuffle, decode, resize,
+   tokenize, pad, batch; pixels ship as uint8 and are normalized by the train step on the
+   device), eval transform (bicubic resize) and train transform (RandomResizedCrop + flip),
+   in-process (1 and 2 decoding threads) and with 1 and 2 worker processes.
    Ratios are per core: images per CPU-second (this process + its workers, psutil) of the
-   pipeline over those of the loop; the goal is >= 0.9. Wall-clock img/s are printed too
-   (on a shared machine they move with the load; CPU-seconds do not).
+   pipeline over those of the loop; the goal is >= 0.9. To see the same machine load, the
+   loop runs interleaved with the pipeline (after each batch, over batch-size images, in this
+   thread; its CPU is this thread's time, the pipeline's is everything else). Wall-clock
+   img/s (pipeline alone) are printed too; on a shared machine they move with the load.
 """
 from __future__ import annotations
 
