@@ -61,6 +61,32 @@ class ProcessShare(grain.MapDataset):
                 f"{self._count})")
 
 
+class Chunks(grain.MapDataset):
+    """Consecutive elements in lists of `size` (the last one shorter), like
+    `MapDataset.batch(size, batch_fn=list)`, but fetched through the parents' `_getitems`,
+    so each map stage runs over the whole chunk before the next stage starts (grain's batch
+    does that only behind an experiment flag)."""
+
+    def __init__(self, parent: grain.MapDataset, size: int):
+        super().__init__(parent)
+        self._size = size
+        n = len(parent)
+        self._len = n if n >= sys.maxsize else -(-n // size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, c):
+        if isinstance(c, slice):
+            return self.slice(c)
+        start = int(c) * self._size
+        stop = min(start + self._size, len(self._parent))
+        return list(self._parent._getitems(list(range(start, stop))))  # noqa: SLF001
+
+    def __str__(self) -> str:
+        return f"Chunks({self._size})"
+
+
 class Samples(grain.IterDataset):
     """Chunks (lists of consecutive samples, one worker message each) -> samples in order,
     skipping {"drop": reason} markers and counting them into `counts` (this process).
