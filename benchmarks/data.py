@@ -13,9 +13,9 @@
    in-process (1 and 2 decoding threads) and with 1 and 2 worker processes.
    Ratios are per core: images per CPU-second (this process + its workers, psutil) of the
    pipeline over those of the loop; the goal is >= 0.9. To see the same machine load, the
-   loop runs interleaved with the pipeline (after each batch, over batch-size images, in this
-   thread; its CPU is this thread's time, the pipeline's is everything else). Wall-clock
-   img/s (pipeline alone) are printed too; on a shared machine they move with the load.
+   loop runs concurrently in a separate process while the pipeline's CPU rate is measured.
+   Wall-clock img/s (pipeline alone, measured before) are printed too; on a shared machine
+   they move with the load.
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ def write_shards(root: str, n: int, per_shard: int = 100) -> list[bytes]:
     return jpegs
 
 
-def cpu_seconds() -> float:
-    """CPU time (user + system) of this process, its live descendants (the workers) and its
-    reaped children (a finished multiprocessing pool)."""
+def cpu_seconds(exclude: tuple[int, ...] = ()) -> float:
+    """CPU time (user + system) of this process, its live descendants (the workers) but
+    `exclude`, and its reaped children (a finished multiprocessing pool)."""
     import resource
 
     import psutil
@@ -66,6 +66,8 @@ def cpu_seconds() -> float:
     done = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = done.ru_utime + done.ru_stime
     for p in [me] + me.children(recursive=True):
+        if p.pid in exclude:
+            continue
         try:
             t = p.cpu_times()
             total += t.user + t.system
@@ -107,16 +109,50 @@ def baseline(jpegs: list[bytes], size: int = 224, repeat: int = 2) -> tuple[floa
     return best
 
 
+def _loop_forever(jpegs, count, stop):
+    """The baseline loop, in its own process, until `stop` is set; `count` = images done."""
+    i = 0
+    while not stop.is_set():
+        loop_image(jpegs[i % len(jpegs)])
+        i += 1
+        count.value = i
+
+
+class ConcurrentLoop:
+    """The plain loop running in a separate process while the pipeline is measured, so both
+    see the same machine load (others' jobs on a shared VM move per-core speed by +-30% from
+    minute to minute), without sharing this process's GIL."""
+
+    def __init__(self, jpegs):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.count, self.stop = ctx.Value("q", 0, lock=False), ctx.Event()
+        self.proc = ctx.Process(target=_loop_forever, args=(jpegs, self.count, self.stop),
+                                daemon=True)
+
+    def __enter__(self):
+        self.proc.start()
+        while self.count.value < 5:  # started and warm
+            time.sleep(0.01)
+        return self
+
+    def snapshot(self) -> tuple[int, float]:
+        import psutil
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return self.count.value, t.user + t.system
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.proc.join()
+
+
 def pipeline_rate(spec, tok, owl_cfg, jpegs, *, workers, augment, batches, batch_size,
                   threads=1):
     """(wall img/s, img/CPU-s, the loop's img/CPU-s) of the pipeline.
 
-    Wall img/s: `batches` batches on their own. CPU rates: another `batches` batches, each
-    followed by the plain loop over `batch_size` of the JPEGs in this thread, so that both
-    see the same machine load (others' jobs on a shared VM move per-core speed by +-30% from
-    minute to minute). The loop's CPU is this thread's CPU time during it; the pipeline's is
-    everything else the process and its workers used meanwhile (its threads and workers keep
-    decoding while the loop runs; that counts as the pipeline's)."""
+    Wall img/s: `batches` batches on their own. CPU rates: another `batches` batches while
+    the plain loop runs in a separate process (`ConcurrentLoop`); the pipeline's CPU is this
+    process and its workers', the loop's that process's."""
     from owl_jax.data.pipeline import make_train_iterator
     cfg = dict(sources=[dict(spec=spec)], seq_len=96, batch_size=batch_size, packing=False,
                max_images_per_row=1, workers=workers, threads=threads, augment=augment,
@@ -129,19 +165,17 @@ def pipeline_rate(spec, tok, owl_cfg, jpegs, *, workers, augment, batches, batch
             for _ in range(batches):
                 b = next(it)
         assert b["pixel_values"].shape == (batch_size, 1, 224, 224, 3)
-        j, loop_cpu = 0, 0.0
-        with Meter() as both:
+        with ConcurrentLoop(jpegs) as loop:
+            n0, l0 = loop.snapshot()
+            c0 = cpu_seconds(exclude=(loop.proc.pid,))
             for _ in range(batches):
                 next(it)
-                t = time.thread_time()
-                for _ in range(batch_size):
-                    loop_image(jpegs[j % len(jpegs)])
-                    j += 1
-                loop_cpu += time.thread_time() - t
+            c1 = cpu_seconds(exclude=(loop.proc.pid,))
+            n1, l1 = loop.snapshot()
     finally:
         it.close()
     n = batches * batch_size
-    return n / m.wall, n / max(both.cpu - loop_cpu, 1e-9), n / max(loop_cpu, 1e-9)
+    return n / m.wall, n / max(c1 - c0, 1e-9), (n1 - n0) / max(l1 - l0, 1e-9)
 
 
 def main(argv=None):
