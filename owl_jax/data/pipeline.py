@@ -37,11 +37,13 @@ S comes from `owl_cfg` (OwlConfig); its image mean and std are applied on the de
 train step (`images.normalize_pixels`).
 
 Order of operations, and why: each source is a random-access dataset that is globally
-shuffled (Feistel, no memory), cut to a multiple of process_count and strided so every process
-reads an equal, disjoint share, repeated (reshuffled per epoch), and mapped sample by sample
-(decode, augment, tokenize) with an RNG keyed by (seed, index); sources are mixed by
-weight (grain MapDataset.mix); workers decode; then, in this process, dropped samples are
-counted, samples are packed or padded into rows, and rows batched. Nothing before the worker
+shuffled (Feistel, no memory; a cached permutation below 2**16 samples), cut to a multiple of
+process_count and strided so every process reads an equal, disjoint share, repeated
+(reshuffled per epoch) (grain_stages.ProcessShare), and mapped sample by sample in two phases
+(tokenize; decode + augment with an RNG keyed by (seed, index)); sources are mixed by weight
+(grain MapDataset.mix); chunks of consecutive samples are made, phase by phase, in the
+workers; then, in this process, dropped samples are counted, samples are packed or padded
+into rows, and rows batched. Nothing before the worker
 boundary filters, so the sample order does not depend on the number of workers, and a state
 is a handful of indices.
 """
