@@ -44,7 +44,7 @@ def abstract_batch(config, cfg, mesh, rules, rows: int | None = None) -> dict:
               "loss_mask": ((n, b.seq_len), jnp.float32),
               "segment_ids": ((n, b.seq_len), jnp.int32),
               "positions": ((n, b.seq_len), jnp.int32),
-              "pixel_values": ((n, b.max_images_per_row, s, s, 3), jnp.float32)}
+              "pixel_values": ((n, b.max_images_per_row, s, s, 3), jnp.uint8)}
     return {k: jax.ShapeDtypeStruct(shape, dt, sharding=sh.batch_sharding(mesh, len(shape), rules))
             for k, (shape, dt) in shapes.items()}
 
