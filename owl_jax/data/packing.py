@@ -1,6 +1,6 @@
 """Samples -> training rows: padding one sample per row, or greedy packing of several.
 
-A row is the unbatched form of the training batch contract (see BRIEF / docs/text_data.md):
+A row is the unbatched form of the training batch contract (see docs/data.md / docs/text_data.md):
   input_ids int32 [L], targets int32 [L], loss_mask float32 [L], segment_ids int32 [L],
   positions int32 [L], pixel_values float32 [M, S, S, 3].
 `stack_rows(rows)` makes the batch. Everything here is numpy, no jax.

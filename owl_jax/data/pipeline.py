@@ -1,7 +1,7 @@
 """The training input pipeline (grain), one per JAX process.
 
     it = make_train_iterator(config, tokenizer, owl_cfg, process_index=None, process_count=None)
-    batch = next(it)        # the BRIEF training batch: numpy input_ids, targets, loss_mask,
+    batch = next(it)        # the training batch: numpy input_ids, targets, loss_mask,
                             # segment_ids, positions [B, L]; pixel_values uint8 [B, M, S, S, 3]
                             # (the train step normalizes them: images.normalize_pixels)
     state = it.get_state()  # JSON-able; a fresh iterator + set_state(state) continues exactly

@@ -26,8 +26,9 @@ BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "
 
 
 def forward(model, params, batch, *, train: bool, rng=None):
-    """Logits [B, L, V] for a training batch dict (BRIEF contract). uint8 pixel_values (what
-    the data pipeline ships) are normalized here, on the device; float ones pass as they are."""
+    """Logits [B, L, V] for a training batch dict (the contract: docs/data.md). uint8
+    pixel_values (what the data pipeline ships) are normalized here, on the device; float ones
+    pass as they are."""
     pixel_values = batch.get("pixel_values")
     if pixel_values is not None and pixel_values.shape[1] == 0:
         pixel_values = None

@@ -1,4 +1,4 @@
-"""A synthetic, learnable, checkpointable stream of training batches (BRIEF batch contract).
+"""A synthetic, learnable, checkpointable stream of training batches (docs/data.md contract).
 
 For dry runs, benchmarks and tests that must not depend on files. Example i of the dataset is
 an image of a flat colour class c(i) plus noise and the "caption" of that class (a fixed token
