@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from owl_jax.config import AbstractorConfig
-from owl_jax.models.layers import Dense, LayerNorm, attention, param_with_axes
+from owl_jax.models.layers import Dense, LayerNorm, attention, constrain, param_with_axes
 
 _TORCH_LN_EPS = 1e-5
 
@@ -50,8 +50,10 @@ class AbstractorLayer(nn.Module):
         y = LayerNorm(_TORCH_LN_EPS, self.param_dtype, name="norm2")(x)
         g = jax.nn.silu(dense(c.intermediate_size, ("embed", "mlp"), "w1")(y))
         g = g * dense(c.intermediate_size, ("embed", "mlp"), "w3")(y)
+        g = constrain(g, ("act_batch", "act_len", "act_mlp"))
         g = LayerNorm(c.layer_norm_eps, self.param_dtype, name="ffn_ln")(g)
-        return x + dense(d, ("mlp", "embed"), "w2")(g)
+        return constrain(x + dense(d, ("mlp", "embed"), "w2")(g),
+                         ("act_batch", "act_len", "act_embed"))
 
 
 def _attention_with_dropout(module, q, k, v, rate):
