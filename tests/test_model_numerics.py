@@ -311,6 +311,12 @@ def test_scan_remat_matches_unrolled_logits_and_grads(params, pixels):
     (_, logits_u), g_u = grad_fn(MODEL)(params)
     sp = scan_params(params)
     assert sp["language_model"]["layers"]["layer"]["mlp"]["up_proj"]["kernel"].shape == (2, 40, 56)
+    n_vit = CFG.vision.num_hidden_layers
+    assert sp["vision_model"]["layers"]["layer"]["mlp"]["fc1"]["kernel"].shape[0] == n_vit
+    assert not any(k.startswith("layers_") for k in sp["vision_model"])
+    # the scanned model's own init has exactly this layout
+    init = jax.eval_shape(lambda: nn.unbox(scanned.init(jax.random.key(0), ids, px[:3])["params"]))
+    assert jax.tree.structure(init) == jax.tree.structure(sp)
     (_, logits_s), g_s = grad_fn(scanned)(sp)
     np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits_u), rtol=1e-5, atol=1e-5)
     g_s = unscan_params(g_s)

@@ -45,7 +45,9 @@ def splice_images(text_embeds, input_ids, image_embeds, slots: int | None = None
         k = jnp.cumsum(is_slot, axis=1) - 1
         img = jnp.clip(k // slots, 0, image_embeds.shape[1] - 1)
         tok = k % slots
-        picked = image_embeds[jnp.arange(b)[:, None], img, jnp.minimum(tok, t - 1)]
+        # vmapped over rows, the gather keeps the batch as a batching dim, so it partitions with
+        # the batch; indexing with arange(b) made XLA all-gather every row's images (fsdp).
+        picked = jax.vmap(lambda e, i, j: e[i, j])(image_embeds, img, jnp.minimum(tok, t - 1))
     fill = is_slot & (tok < t)
     return jnp.where(fill[..., None], picked.astype(text_embeds.dtype), text_embeds)
 
@@ -63,7 +65,8 @@ class Owl(nn.Module):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         remat = self.remat_policy != "none"
-        self.vision_model = VisionTransformer(c.vision, **kw, remat=remat)
+        self.vision_model = VisionTransformer(c.vision, **kw, remat=remat,
+                                              scan_layers=self.scan_layers)
         self.query_tokens = param_with_axes(
             self, "query_tokens", nn.initializers.normal(0.02),
             (1, c.num_query_tokens, c.abstractor.hidden_size), self.param_dtype,
@@ -121,26 +124,34 @@ class Owl(nn.Module):
 
 
 _LAYER = re.compile(r"^layers_(\d+)$")
+_SCANNED = ("vision_model", "language_model")  # the towers whose layers scan_layers stacks
 
 
 def scan_params(params):
-    """Unrolled LLM layers (`layers_{i}`) -> one stacked `layers/layer` subtree (for scan)."""
-    lm = dict(params["language_model"])
-    idx = sorted(int(_LAYER.match(k).group(1)) for k in lm if _LAYER.match(k))
-    if not idx:
-        return params
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[lm.pop(f"layers_{i}") for i in idx])
-    lm["layers"] = {"layer": stacked}
-    return {**params, "language_model": lm}
+    """Unrolled layers (`layers_{i}`) of the ViT and the LLM -> one stacked `layers/layer`
+    subtree each (for scan_layers=True)."""
+    out = dict(params)
+    for tower in _SCANNED:
+        if tower not in out:
+            continue
+        sub = dict(out[tower])
+        idx = sorted(int(_LAYER.match(k).group(1)) for k in sub if _LAYER.match(k))
+        if idx:
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[sub.pop(f"layers_{i}") for i in idx])
+            sub["layers"] = {"layer": stacked}
+            out[tower] = sub
+    return out
 
 
 def unscan_params(params):
     """Inverse of `scan_params`."""
-    lm = dict(params["language_model"])
-    if "layers" not in lm:
-        return params
-    stacked = lm.pop("layers")["layer"]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    for i in range(n):
-        lm[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
-    return {**params, "language_model": lm}
+    out = dict(params)
+    for tower in _SCANNED:
+        if tower not in out or "layers" not in out[tower]:
+            continue
+        sub = dict(out[tower])
+        stacked = sub.pop("layers")["layer"]
+        for i in range(jax.tree.leaves(stacked)[0].shape[0]):
+            sub[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+        out[tower] = sub
+    return out

@@ -88,18 +88,41 @@ class VisionLayer(nn.Module):
         return constrain(x, ("act_batch", "act_len", "act_embed"))
 
 
+class _ScanBody(nn.Module):
+    """VisionLayer adapted to nn.scan's carry -> (carry, ys) signature."""
+    cfg: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        return VisionLayer(self.cfg, self.dtype, self.param_dtype, name="layer")(x), None
+
+
 class VisionTransformer(nn.Module):
-    """pixel_values [N, H, W, C] -> last_hidden_state [N, 257, D] (post-LN on every token)."""
+    """pixel_values [N, H, W, C] -> last_hidden_state [N, 257, D] (post-LN on every token).
+
+    `scan_layers=True`: one scanned block with params stacked on a leading `layers` axis
+    (`layers/layer/...`, see `owl_jax.models.owl.scan_params`), so that compile time does not
+    grow with depth; otherwise `layers_{i}`, the layout of checkpoints and conversion."""
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, pixel_values):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = VisionEmbeddings(self.cfg, **kw, name="embeddings")(pixel_values)
-        layer = nn.remat(VisionLayer) if self.remat else VisionLayer
-        for i in range(self.cfg.num_hidden_layers):
-            x = layer(self.cfg, **kw, name=f"layers_{i}")(x)
+        if self.scan_layers:
+            body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
+            x, _ = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=self.cfg.num_hidden_layers,
+                           metadata_params={nn.PARTITION_NAME: "layers"},
+                           )(self.cfg, **kw, name="layers")(x)
+        else:
+            layer = nn.remat(VisionLayer) if self.remat else VisionLayer
+            for i in range(self.cfg.num_hidden_layers):
+                x = layer(self.cfg, **kw, name=f"layers_{i}")(x)
         return LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x)

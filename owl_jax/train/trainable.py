@@ -4,8 +4,8 @@ The trainable tree gets gradients and optimizer state; the frozen tree is a cons
 (gradients still flow THROUGH frozen modules, e.g. the frozen LLM in stage 1, but no weight
 gradient is formed for them and they are returned untouched, bit for bit).
 
-Recipes (paths as in owl_jax/models/owl.py; scanned LLM layers live under
-`language_model/layers/layer/...`):
+Recipes (paths as in owl_jax/models/owl.py; scanned layers live under
+`vision_model/layers/layer/...` and `language_model/layers/layer/...`):
 
   stage 1             vision_model/.*  query_tokens  abstractor/.*       (LLM frozen)
   stage 2 LoRA        .*/lora_[ab]                                      (+ abstractor/.* as the
