@@ -67,10 +67,11 @@ def test_stats_counts_and_filters(kind, folder, columns, capsys):
     assert main(["stats", spec, "--quiet"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["samples"] == counts["success"]
-    shard_stats = [json.load(open(f)) for f in glob.glob(os.path.join(GOLDEN, folder, "*_stats.json"))]
     if kind == "webdataset":
-        assert out["img2dataset"] == {k: sum(s[k] for s in shard_stats) for k in
-                                      ("count", "successes", "failed_to_download", "failed_to_resize")}
+        shard_stats = [json.load(open(f))
+                       for f in glob.glob(os.path.join(GOLDEN, folder, "*_stats.json"))]
+        keys = ("count", "successes", "failed_to_download", "failed_to_resize")
+        assert out["img2dataset"] == {k: sum(s[k] for s in shard_stats) for k in keys}
     else:
         assert out["skipped"] == {k: v for k, v in counts.items() if k != "success"}
 

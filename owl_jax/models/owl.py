@@ -137,8 +137,8 @@ def scan_params(params):
         sub = dict(out[tower])
         idx = sorted(int(_LAYER.match(k).group(1)) for k in sub if _LAYER.match(k))
         if idx:
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[sub.pop(f"layers_{i}") for i in idx])
-            sub["layers"] = {"layer": stacked}
+            layers = [sub.pop(f"layers_{i}") for i in idx]
+            sub["layers"] = {"layer": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
             out[tower] = sub
     return out
 
