@@ -71,7 +71,10 @@ def _checks(args):
 def contact_sheet(examples: list[dict], cols: int = 4, cell: int = 192):
     """A grid of thumbnails, each with its key and wrapped caption underneath."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
-    font = ImageFont.load_default()
+    try:  # captions are multilingual; DejaVu covers far more of them than Pillow's own font
+        font = ImageFont.truetype("DejaVuSans.ttf", 10)
+    except OSError:
+        font = ImageFont.load_default()
     line_h, n_lines = 12, 5
     chars = max(8, cell // 6)
     rows = max(1, -(-len(examples) // cols))
