@@ -16,8 +16,8 @@ Fields (all recipes share them; `docs/training.md` explains each):
   model.param_dtype     master-weight dtype of the TRAINED parameters ('float32')
   model.frozen_dtype    storage dtype of FROZEN parameters ('' = param_dtype). Storing a frozen
                         LLM in bf16 is exact when model.dtype is bf16 (kernels are cast anyway).
-  model.scan_layers     scan the ViT and LLM layers (stacked params; compile time independent of
-                        depth)
+  model.scan_layers     scan the ViT, abstractor and LLM layers (stacked params; compile time
+                        independent of depth)
   model.remat_policy    'none' | 'full' | 'dots' (LLM layers; the ViT remats whenever != none)
   model.dropout         train with dropout (abstractor attention 0.1, LoRA dropout)
   lora.rank             0 = no adapters; else LoRA of this rank on `lora.targets` of the LLM

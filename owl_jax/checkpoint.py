@@ -98,7 +98,7 @@ def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str |
     """
     directory = os.path.abspath(directory)
     flat = _flat(params)
-    if any(k.startswith(("language_model/layers/", "vision_model/layers/")) for k in flat):
+    if any(k.split("/")[1:2] == ["layers"] for k in flat):  # a tower's stacked layers
         raise ValueError("params are in the scanned layout; save the unrolled tree "
                          "(owl_jax.models.owl.unscan_params)")
     found_targets = lora_targets_in(params)

@@ -314,6 +314,8 @@ def test_scan_remat_matches_unrolled_logits_and_grads(params, pixels):
     n_vit = CFG.vision.num_hidden_layers
     assert sp["vision_model"]["layers"]["layer"]["mlp"]["fc1"]["kernel"].shape[0] == n_vit
     assert not any(k.startswith("layers_") for k in sp["vision_model"])
+    assert sp["abstractor"]["layers"]["layer"]["w1"]["kernel"].shape[0] == \
+        CFG.abstractor.num_hidden_layers
     # the scanned model's own init has exactly this layout
     init = jax.eval_shape(lambda: nn.unbox(scanned.init(jax.random.key(0), ids, px[:3])["params"]))
     assert jax.tree.structure(init) == jax.tree.structure(sp)
@@ -330,3 +332,11 @@ def test_scan_remat_matches_unrolled_logits_and_grads(params, pixels):
     assert float(jnp.abs(g_u["query_tokens"]).max()) > 1e-3 * scale  # grads reach the vision side
     assert float(jnp.abs(g_u["language_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"])
                  .max()) > 1e-3 * scale
+
+
+def test_saving_a_scanned_tree_is_refused(params, tmp_path):
+    from owl_jax.checkpoint import save_checkpoint
+    for tower in ("vision_model", "abstractor", "language_model"):
+        one = {**params, tower: scan_params(params)[tower]}
+        with pytest.raises(ValueError, match="scanned layout"):
+            save_checkpoint(str(tmp_path / tower), one, CFG)

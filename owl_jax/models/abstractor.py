@@ -64,22 +64,49 @@ def _attention_with_dropout(module, q, k, v, rate):
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
 
 
+class _ScanBody(nn.Module):
+    """AbstractorLayer adapted to nn.scan's (carry, broadcast image) -> (carry, ys) signature."""
+    cfg: AbstractorConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, q, image):
+        layer = AbstractorLayer(self.cfg, self.dtype, self.param_dtype, name="layer")
+        return layer(q, image, self.deterministic), None
+
+
 class Abstractor(nn.Module):
-    """queries [N, Q, D], image [N, P, D] -> [N, Q + 1, text_hidden]."""
+    """queries [N, Q, D], image [N, P, D] -> [N, Q + 1, text_hidden].
+
+    `scan_layers=True` stacks the layers' params under `layers/layer/...`, as the ViT and the
+    LLM do (see `owl_jax.models.owl.scan_params`)."""
     cfg: AbstractorConfig
     text_hidden_size: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, queries, image, deterministic: bool = True):
-        layer = nn.remat(AbstractorLayer, static_argnums=(3,)) if self.remat else AbstractorLayer
         q = queries.astype(self.dtype)
         image = image.astype(self.dtype)
-        for i in range(self.cfg.num_hidden_layers):
-            q = layer(self.cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
-                q, image, deterministic)
+        if self.scan_layers:
+            body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
+            q, _ = nn.scan(body, variable_axes={"params": 0},
+                           split_rngs={"params": True, "dropout": True},
+                           in_axes=(nn.broadcast,), length=self.cfg.num_hidden_layers,
+                           metadata_params={nn.PARTITION_NAME: "layers"},
+                           )(self.cfg, self.dtype, self.param_dtype, deterministic,
+                             name="layers")(q, image)
+        else:
+            layer = (nn.remat(AbstractorLayer, static_argnums=(3,)) if self.remat
+                     else AbstractorLayer)
+            for i in range(self.cfg.num_hidden_layers):
+                q = layer(self.cfg, self.dtype, self.param_dtype, name=f"layers_{i}")(
+                    q, image, deterministic)
         out = Dense(self.text_hidden_size, ("embed", "text_embed"), dtype=self.dtype,
                     param_dtype=self.param_dtype, name="visual_fc")(q)
         eos = param_with_axes(self, "vit_eos", nn.initializers.normal(0.02),

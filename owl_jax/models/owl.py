@@ -71,7 +71,8 @@ class Owl(nn.Module):
             self, "query_tokens", nn.initializers.normal(0.02),
             (1, c.num_query_tokens, c.abstractor.hidden_size), self.param_dtype,
             (None, None, "embed"))
-        self.abstractor = Abstractor(c.abstractor, c.text.hidden_size, **kw, remat=remat)
+        self.abstractor = Abstractor(c.abstractor, c.text.hidden_size, **kw, remat=remat,
+                                     scan_layers=self.scan_layers)
         self.language_model = Llama(c.text, **kw, scan_layers=self.scan_layers,
                                     remat_policy=self.remat_policy, lora=self.lora,
                                     lora_targets=self.lora_targets)
@@ -124,12 +125,12 @@ class Owl(nn.Module):
 
 
 _LAYER = re.compile(r"^layers_(\d+)$")
-_SCANNED = ("vision_model", "language_model")  # the towers whose layers scan_layers stacks
+_SCANNED = ("vision_model", "abstractor", "language_model")  # what scan_layers stacks
 
 
 def scan_params(params):
-    """Unrolled layers (`layers_{i}`) of the ViT and the LLM -> one stacked `layers/layer`
-    subtree each (for scan_layers=True)."""
+    """Unrolled layers (`layers_{i}`) of the ViT, the abstractor and the LLM -> one stacked
+    `layers/layer` subtree each (for scan_layers=True)."""
     out = dict(params)
     for tower in _SCANNED:
         if tower not in out:

@@ -193,7 +193,7 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
     """Loads an owl-convert / owl-train export directory into the state layout.
 
     Stored weights are restored straight into their target shardings (in the unrolled on-disk
-    layout), then one jitted function stacks the ViT and LLM layers when training scans them,
+    layout), then one jitted function stacks each tower's layers when training scans them,
     casts to the master / frozen dtypes, initialises whatever the directory lacks (LoRA adapters,
     or a module the export does not hold) and builds the optimizer state. Returns (state, report)
     where report lists the loaded and initialised parameter paths.

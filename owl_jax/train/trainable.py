@@ -5,7 +5,7 @@ The trainable tree gets gradients and optimizer state; the frozen tree is a cons
 gradient is formed for them and they are returned untouched, bit for bit).
 
 Recipes (paths as in owl_jax/models/owl.py; scanned layers live under
-`vision_model/layers/layer/...` and `language_model/layers/layer/...`):
+`{vision_model,abstractor,language_model}/layers/layer/...`):
 
   stage 1             vision_model/.*  query_tokens  abstractor/.*       (LLM frozen)
   stage 2 LoRA        .*/lora_[ab]                                      (+ abstractor/.* as the
