@@ -153,13 +153,16 @@ def pipeline_rate(spec, tok, owl_cfg, jpegs, *, workers, augment, batches, batch
     Wall img/s: `batches` batches on their own. CPU rates: another `batches` batches while
     the plain loop runs in a separate process (`ConcurrentLoop`); the pipeline's CPU is this
     process and its workers', the loop's that process's."""
-    from owl_jax.data.pipeline import make_train_iterator
+    from owl_jax.data.pipeline import default_config, make_train_iterator
     cfg = dict(sources=[dict(spec=spec)], seq_len=96, batch_size=batch_size, packing=False,
                max_images_per_row=1, workers=workers, threads=threads, augment=augment,
                num_epochs=None, read_buffer=2 * batch_size, worker_buffer=batch_size)
     it = make_train_iterator(cfg, tok, owl_cfg, 0, 1)
     try:
-        for _ in range(2):  # start-up and the first buffers
+        # start-up: until every worker has delivered its first chunk (a worker process takes
+        # seconds to start), then the first buffers
+        chunk = default_config().chunk
+        for _ in range(2 + -(-max(workers, 1) * chunk // batch_size)):
             next(it)
         with Meter() as m:
             for _ in range(batches):

@@ -106,7 +106,8 @@ def test_process_shares_equal_disjoint_complete(data):
 
 
 def test_deterministic_and_resume_exact_with_packing(data):
-    c = cfg(data["ar"], packing=True, batch_size=3, num_epochs=None, augment=True)
+    # chunks of 4: the cuts below fall inside chunks and at their ends
+    c = cfg(data["ar"], packing=True, batch_size=3, num_epochs=None, augment=True, chunk=4)
     it = make_train_iterator(c, data["tok"], OWL, 0, 1)
     first = take(it, 3)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores

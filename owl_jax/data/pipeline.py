@@ -29,6 +29,7 @@ Its fields (defaults in `default_config()`):
                      A saved state only restores with the same number of workers.
   threads            decoding threads per process (grain ReadOptions.num_threads)
   read_buffer        samples each process decodes ahead; worker_buffer: ahead per worker
+                     (at least two chunks)
   chunk              consecutive samples per worker message (amortizes the IPC cost)
   shm_min_bytes      arrays at least this big go from workers through shared memory, smaller
                      ones are pickled through the pipe (cheaper for single images)
@@ -72,7 +73,7 @@ def default_config():
     return ml_collections.ConfigDict(dict(
         sources=[], seq_len=512, batch_size=8, packing=True, max_images_per_row=4,
         augment=True, seed=0, num_epochs=None, workers=0, threads=2, read_buffer=32,
-        worker_buffer=16, chunk=8, shm_min_bytes=1 << 20, max_pixels=None))
+        worker_buffer=16, chunk=32, shm_min_bytes=1 << 20, max_pixels=None))
 
 
 def data_config(config) -> dict[str, Any]:
@@ -282,8 +283,10 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
         # worker pipe costs less than a shared-memory block per array (grain's default)
         it_ds = grain.experimental.WithOptionsIterDataset(
             it_ds, grain.experimental.DatasetOptions(min_shm_size=cfg["shm_min_bytes"]))
+        # at least two chunks per worker: with one, a worker idles while its chunk waits
         options = grain.MultiprocessingOptions(
-            num_workers=cfg["workers"], per_worker_buffer_size=max(1, cfg["worker_buffer"] // chunk))
+            num_workers=cfg["workers"],
+            per_worker_buffer_size=max(2, cfg["worker_buffer"] // chunk))
         it_ds = it_ds.mp_prefetch(options, worker_init_fn=_mark_absl_flags_parsed)
     dropped: collections.Counter = collections.Counter()
     L, M, B = cfg["seq_len"], cfg["max_images_per_row"], cfg["batch_size"]
