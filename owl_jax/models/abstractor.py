@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from owl_jax.config import AbstractorConfig
-from owl_jax.models.layers import Dense, LayerNorm, attention, constrain, param_with_axes
+from owl_jax.models.layers import (Dense, LayerNorm, attention, constrain, param_with_axes,
+                                   scanned_layers)
 
 _TORCH_LN_EPS = 1e-5
 
@@ -94,13 +95,9 @@ class Abstractor(nn.Module):
         q = queries.astype(self.dtype)
         image = image.astype(self.dtype)
         if self.scan_layers:
-            body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
-            q, _ = nn.scan(body, variable_axes={"params": 0},
-                           split_rngs={"params": True, "dropout": True},
-                           in_axes=(nn.broadcast,), length=self.cfg.num_hidden_layers,
-                           metadata_params={nn.PARTITION_NAME: "layers"},
-                           )(self.cfg, self.dtype, self.param_dtype, deterministic,
-                             name="layers")(q, image)
+            q, _ = scanned_layers(_ScanBody, self.cfg.num_hidden_layers, remat=self.remat,
+                                  in_axes=(nn.broadcast,))(
+                self.cfg, self.dtype, self.param_dtype, deterministic, name="layers")(q, image)
         else:
             layer = (nn.remat(AbstractorLayer, static_argnums=(3,)) if self.remat
                      else AbstractorLayer)

@@ -110,6 +110,17 @@ class RMSNorm(nn.Module):
         return scale.astype(x.dtype) * h.astype(x.dtype)
 
 
+def scanned_layers(body, length: int, *, remat: bool = False, policy=None, in_axes=0,
+                   static_argnums=()):
+    """`body` (a module class, (carry, *args) -> (carry, None)) scanned `length` times: each
+    layer has its own params, stacked on a leading `layers` axis, and its own dropout rng;
+    rematerialised per layer when `remat`."""
+    if remat:
+        body = nn.remat(body, policy=policy, prevent_cse=False, static_argnums=static_argnums)
+    return nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 

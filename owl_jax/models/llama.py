@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from owl_jax.config import TextConfig
 from owl_jax.models.layers import (Dense, LoraSpec, RMSNorm, apply_rope, attention,
-                                   cached_attention, constrain, rope_cos_sin)
+                                   cached_attention, constrain, rope_cos_sin, scanned_layers)
 
 REMAT_POLICIES = {
     "none": None,
@@ -148,13 +148,9 @@ class Llama(nn.Module):
                   lora_targets=self.lora_targets)
         policy = REMAT_POLICIES[self.remat_policy]
         if self.scan_layers:
-            body = _ScanBody
-            if self.remat_policy != "none":
-                body = nn.remat(body, policy=policy, prevent_cse=False, static_argnums=(5,))
-            self.layers = nn.scan(
-                body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            self.layers = scanned_layers(
+                _ScanBody, c.num_hidden_layers, remat=self.remat_policy != "none",
+                policy=policy, in_axes=(nn.broadcast,) * 4, static_argnums=(5,),
             )(**kw, cfg=c, name="layers")
         else:
             layer = LlamaLayer

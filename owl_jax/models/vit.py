@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from owl_jax.config import VisionConfig
-from owl_jax.models.layers import Dense, LayerNorm, attention, constrain, param_with_axes, quick_gelu
+from owl_jax.models.layers import (Dense, LayerNorm, attention, constrain, param_with_axes,
+                                   quick_gelu, scanned_layers)
 
 
 class VisionEmbeddings(nn.Module):
@@ -116,11 +117,8 @@ class VisionTransformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = VisionEmbeddings(self.cfg, **kw, name="embeddings")(pixel_values)
         if self.scan_layers:
-            body = nn.remat(_ScanBody, prevent_cse=False) if self.remat else _ScanBody
-            x, _ = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=self.cfg.num_hidden_layers,
-                           metadata_params={nn.PARTITION_NAME: "layers"},
-                           )(self.cfg, **kw, name="layers")(x)
+            x, _ = scanned_layers(_ScanBody, self.cfg.num_hidden_layers, remat=self.remat)(
+                self.cfg, **kw, name="layers")(x)
         else:
             layer = nn.remat(VisionLayer) if self.remat else VisionLayer
             for i in range(self.cfg.num_hidden_layers):
