@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from owl_jax import small_m_matmul
+
 Dtype = jnp.dtype
 Axes = Sequence[str | None]
 
@@ -57,7 +59,7 @@ class Dense(nn.Module):
         kernel = param_with_axes(self, "kernel", self.kernel_init, (d_in, self.features),
                                  self.param_dtype, self.axes)
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))
+        y = small_m_matmul.matmul(x, kernel.astype(self.dtype))  # jnp.dot unless enabled
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
                                    self.param_dtype, self.axes[1:])
