@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from owl_jax import beam as beam_lib
 from owl_jax import sampling
-from owl_jax import small_m_matmul
+from owl_jax import decode_kernels
 from owl_jax.config import OwlConfig
 from owl_jax.models import llama as llama_lib
 from owl_jax.models.masks import cache_mask
@@ -115,20 +115,20 @@ class Generator:
     mesh, already placed on their shardings). mesh: optional; the KV cache is then sharded over
     the `tensor` axis by kv head. compiler_options: XLA options for every compile (e.g.
     {"xla_backend_optimization_level": 0} when compile time dominates, as in tests).
-    small_m_kernel: run the decode step's fp32 weight matmuls through `owl_jax.small_m_matmul`
-    (single-device CPU only; None: wherever that applies).
+    decode_kernels: run the decode step's fp32 matmuls and attention through
+    `owl_jax.decode_kernels` (single-device CPU only; None: wherever that applies).
     """
 
     def __init__(self, cfg: OwlConfig, params, dtype=jnp.float32, mesh=None,
                  bucket: Callable[[int], int] = bucket_length, stream_chunk: int = 16,
-                 compiler_options: dict | None = None, small_m_kernel: bool | None = None):
+                 compiler_options: dict | None = None, decode_kernels: bool | None = None):
         self.cfg = cfg
         self.params = params
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
-        if small_m_kernel is None:  # the kernel has no sharding rule: one CPU device only
-            small_m_kernel = mesh is None and jax.default_backend() == "cpu"
-        self.small_m_kernel = small_m_kernel
+        if decode_kernels is None:  # the kernels have no sharding rule: one CPU device only
+            decode_kernels = mesh is None and jax.default_backend() == "cpu"
+        self.decode_kernels = decode_kernels
         self.bucket = bucket
         self.stream_chunk = stream_chunk
         self.owl = Owl(cfg, dtype=self.dtype, param_dtype=self.dtype)
@@ -143,12 +143,12 @@ class Generator:
     # Model pieces (traced)
 
     def _lm(self, params, x, positions, mask, cache, index, hidden=False):
-        with small_m_matmul.enabled(self.small_m_kernel):
+        with decode_kernels.enabled(self.decode_kernels):
             return self.lm.apply({"params": params["language_model"]}, x, positions, mask, cache,
                                  index, True, hidden)
 
     def _head(self, params, h):
-        with small_m_matmul.enabled(self.small_m_kernel):
+        with decode_kernels.enabled(self.decode_kernels):
             return self.lm.apply({"params": params["language_model"]}, h,
                                  method=lambda m, h: m.lm_head(h))
 

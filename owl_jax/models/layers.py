@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from owl_jax import small_m_matmul
+from owl_jax import decode_kernels
 
 Dtype = jnp.dtype
 Axes = Sequence[str | None]
@@ -59,7 +59,9 @@ class Dense(nn.Module):
         kernel = param_with_axes(self, "kernel", self.kernel_init, (d_in, self.features),
                                  self.param_dtype, self.axes)
         x = x.astype(self.dtype)
-        y = small_m_matmul.matmul(x, kernel.astype(self.dtype))  # jnp.dot unless enabled
+        kernel = kernel.astype(self.dtype)
+        y = (decode_kernels.matmul(x, kernel) if decode_kernels.matmul_applies(x, kernel)
+             else jnp.dot(x, kernel))
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
                                    self.param_dtype, self.axes[1:])
@@ -185,11 +187,16 @@ def cached_attention(q, k, v, mask):
     hkv = k.shape[0] // b
     g = h // hkv
     q = q.reshape(b, lq, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv * b, g * lq, d)
-    s = _scale(jnp.einsum("nqd,nkd->nqk", q, k), d, "div").astype(jnp.float32)
     mask = jnp.broadcast_to(mask[None, :, None], (hkv, b, g, lq, mask.shape[-1]))
-    s = jnp.where(mask.reshape(s.shape), s, jnp.finfo(s.dtype).min)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("nqk,ndk->nqd", p, v).reshape(hkv, b, g, lq, d)
+    mask = mask.reshape(hkv * b, g * lq, -1)
+    if decode_kernels.attention_applies(q, k, v):  # a decode step on CPU, see generate.py
+        o = decode_kernels.attention(q, k, v, mask)
+    else:
+        s = _scale(jnp.einsum("nqd,nkd->nqk", q, k), d, "div").astype(jnp.float32)
+        s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        o = jnp.einsum("nqk,ndk->nqd", p, v)
+    o = o.reshape(hkv, b, g, lq, d)
     return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, h, d)
 
 

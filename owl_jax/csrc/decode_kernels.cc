@@ -1,0 +1,260 @@
+// CPU kernels for a decode step in fp32, registered with XLA's FFI (owl_jax/decode_kernels.py).
+//
+// 1. owl_small_m_matmul: y[M, N] = x[M, K] @ w[K, N] for the few rows of a step (M = batch).
+// 2. owl_cached_attention: softmax(q k^T / sqrt(D)) v for a few query rows against a KV cache.
+//
+// Both are streams over memory (weights, cache) with little arithmetic per byte, where XLA's
+// library calls pay per-call packing or per-head overheads that cost more than the work.
+//
+// --- 1. matmul
+//
+// At small M a matmul is a stream over the weights: every byte of w is read once per token and
+// used for only M multiply-adds. General GEMM kernels pack w into panels first, which costs more
+// memory traffic than the matmul itself at M <= 8. This kernel reads w in place, row-major, in
+// sweeps of KB rows at a time (KB concurrent sequential streams, which the hardware prefetcher
+// follows), keeps a 32-column tile of every output row in registers across the sweep, and
+// splits the columns between the threads of XLA's intra-op pool.
+//
+// Each output element is summed over k in the same order whatever M is, so a row's result does
+// not depend on which other rows share the batch.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kSweepRows = 16;  // KB: rows of w per sweep
+
+inline __mmask16 TailMask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+// y[:M, c0:c1] = x[:M] @ w[:, c0:c1]; x rows have stride K, y rows stride N.
+template <int M>
+void Columns(const float* x, int64_t K, const float* w, int64_t N, float* y, int64_t c0,
+             int64_t c1) {
+  for (int64_t k0 = 0; k0 < K; k0 += kSweepRows) {
+    const int64_t rows = std::min(kSweepRows, K - k0);
+    for (int64_t c = c0; c < c1; c += 32) {
+      const __mmask16 m0 = TailMask(c1 - c), m1 = TailMask(c1 - c - 16);
+      __m512 a0[M], a1[M];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        if (k0 == 0) {
+          a0[m] = _mm512_setzero_ps();
+          a1[m] = _mm512_setzero_ps();
+        } else {
+          a0[m] = _mm512_maskz_loadu_ps(m0, y + m * N + c);
+          a1[m] = _mm512_maskz_loadu_ps(m1, y + m * N + c + 16);
+        }
+      }
+      const float* wk = w + k0 * N + c;
+      const float* xk = x + k0;
+      auto row = [&](int64_t k) {
+        const __m512 w0 = _mm512_maskz_loadu_ps(m0, wk + k * N);
+        const __m512 w1 = _mm512_maskz_loadu_ps(m1, wk + k * N + 16);
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m512 xv = _mm512_set1_ps(xk[m * K + k]);
+          a0[m] = _mm512_fmadd_ps(xv, w0, a0[m]);
+          a1[m] = _mm512_fmadd_ps(xv, w1, a1[m]);
+        }
+      };
+      if (rows == kSweepRows) {  // the common case, fully unrolled
+#pragma GCC unroll 16
+        for (int64_t k = 0; k < kSweepRows; ++k) row(k);
+      } else {
+        for (int64_t k = 0; k < rows; ++k) row(k);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        _mm512_mask_storeu_ps(y + m * N + c, m0, a0[m]);
+        _mm512_mask_storeu_ps(y + m * N + c + 16, m1, a1[m]);
+      }
+    }
+  }
+}
+
+// All M rows, in groups of at most 8 (16 accumulators + 2 weight registers).
+void AllRows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
+             int64_t c0, int64_t c1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const float* xm = x + m0 * K;
+    float* ym = y + m0 * N;
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: Columns<1>(xm, K, w, N, ym, c0, c1); break;
+      case 2: Columns<2>(xm, K, w, N, ym, c0, c1); break;
+      case 3: Columns<3>(xm, K, w, N, ym, c0, c1); break;
+      case 4: Columns<4>(xm, K, w, N, ym, c0, c1); break;
+      case 5: Columns<5>(xm, K, w, N, ym, c0, c1); break;
+      case 6: Columns<6>(xm, K, w, N, ym, c0, c1); break;
+      case 7: Columns<7>(xm, K, w, N, ym, c0, c1); break;
+      default: Columns<8>(xm, K, w, N, ym, c0, c1); break;
+    }
+  }
+}
+
+// Runs fn(p) for p in [0, parts) on the calling thread and XLA's intra-op pool. Whoever runs
+// `Work` takes the next part not yet taken, so the calling thread alone finishes the job if no
+// pool thread comes: it never waits on a task still in the queue (the pool may be busy with a
+// concurrent op, or be this very thread).
+template <typename Fn>
+struct Job {
+  Fn fn;
+  int64_t parts;
+  std::atomic<int64_t> next{0}, done{0};
+
+  Job(Fn f, int64_t n) : fn(std::move(f)), parts(n) {}
+  void Work() {
+    for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
+      fn(p);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
+  auto job = std::make_shared<Job<Fn>>(std::move(fn), parts);
+  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < parts) {
+  }
+}
+
+// --- 2. attention
+//
+// For each of N = kv heads x batch rows: R query rows q[n] [R, D], the cache k[n] [S, D] and
+// v[n] [D, S] (the layout of owl_jax.models.llama.init_cache), a mask [R, S]. As the XLA path:
+// scores divided by sqrt(D), masked to the float minimum, an fp32 softmax, then p @ v^T.
+// Slots past the last unmasked one get exactly zero weight, so they are not read: a decode step
+// reads the written part of the cache only.
+
+// exp on 16 lanes: 2^n exp(r) with n = round(x / ln 2), |r| <= ln(2) / 2, and a degree-7 Taylor
+// polynomial for exp(r) (truncation error < 1e-8, below fp32's half ulp). Inputs below -104
+// give 0, as exp does in fp32.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline float Dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+void AttendOne(const float* q, const float* k, const float* v, const bool* mask, float* o,
+               int64_t R, int64_t S, int64_t D, float* s) {
+  const float lowest = std::numeric_limits<float>::lowest();
+  const float root = std::sqrt(float(D));
+  for (int64_t r = 0; r < R; ++r) {
+    const float* qr = q + r * D;
+    const bool* mr = mask + r * S;
+    int64_t len = S;
+    while (len > 0 && !mr[len - 1]) --len;
+    if (len == 0) len = S;  // nothing unmasked: every slot equal, as the XLA path
+    float top = lowest;
+    for (int64_t j = 0; j < len; ++j) {
+      // The loads below wait on memory unless the rows ahead are requested early.
+      for (int64_t b = 0; b < D * 4; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(k + (j + 8) * D) + b, _MM_HINT_T0);
+      s[j] = mr[j] ? Dot(qr, k + j * D, D) / root : lowest;
+      top = std::max(top, s[j]);
+    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j += 16) {
+      const __mmask16 m = TailMask(len - j);
+      const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(top)));
+      _mm512_mask_storeu_ps(s + j, m, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    for (int64_t j = 0; j < len; ++j) s[j] /= total;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t b = 0; b < len * 4; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(v + (d + 2) * S) + b, _MM_HINT_T0);
+      o[r * D + d] = Dot(s, v + d * S, len);
+    }
+  }
+}
+
+}  // namespace
+
+static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("small_m_matmul: w must be 2-D");
+  const int64_t K = wd[0], N = wd[1];
+  const int64_t M = K ? x.element_count() / K : 0;
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t parts = std::clamp<int64_t>(N / 64, 1, std::max<int64_t>(1, pool.num_threads()));
+  ParallelFor(pool, parts, [=](int64_t p) {
+    // Column ranges cut at multiples of 16 keep the parts' stores off each other's cache lines.
+    const int64_t c0 = (N * p / parts) & ~int64_t{15};
+    const int64_t c1 = p + 1 == parts ? N : (N * (p + 1) / parts) & ~int64_t{15};
+    AllRows(xp, M, K, wp, N, yp, c0, c1);
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul, SmallMMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+using F32x3 = ffi::Buffer<ffi::F32, 3>;  // aliases: a comma inside the handler macro breaks it
+using PREDx3 = ffi::Buffer<ffi::PRED, 3>;
+
+static ffi::Error CachedAttention(ffi::ThreadPool pool, F32x3 q, F32x3 k, F32x3 v, PREDx3 mask,
+                                  ffi::Result<F32x3> o) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  const int64_t N = qd[0], R = qd[1], D = qd[2], S = kd[1];
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const bool* mp = mask.typed_data();
+  float* op = o->typed_data();
+  const int64_t parts = std::clamp<int64_t>(N, 1, std::max<int64_t>(1, pool.num_threads()));
+  ParallelFor(pool, parts, [=](int64_t p) {
+    std::vector<float> scores(S);
+    for (int64_t n = N * p / parts; n < N * (p + 1) / parts; ++n)
+      AttendOne(qp + n * R * D, kp + n * S * D, vp + n * D * S, mp + n * R * S, op + n * R * D, R,
+                S, D, scores.data());
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_cached_attention, CachedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32x3>()
+                                  .Arg<F32x3>()
+                                  .Arg<F32x3>()
+                                  .Arg<PREDx3>()
+                                  .Ret<F32x3>());

@@ -1,0 +1,146 @@
+"""CPU kernels for a decode step, and the switch that routes to them.
+
+At batch 1 to 8 a decode step is a stream over the LLM's weights and its KV cache, with little
+arithmetic per byte. XLA's CPU library calls are built for larger work: its dot packs the weights
+into panels first (at M <= 8 rows that costs more memory traffic than the product), and its
+cached attention runs one tiny GEMM per head. `csrc/decode_kernels.cc` has two XLA FFI targets
+that stream the weights and the cache once, in place, on XLA's intra-op threads:
+- `matmul(x, w)`: x [..., K] @ w [K, N] for up to `MAX_ROWS` rows;
+- `attention(q, k, v, mask)`: the decode step's attention against the KV cache; it reads only
+  the cache slots up to the last unmasked one.
+Measured on 2 cores in docs/generation.md.
+
+The kernels are compiled on first use with the system C++ compiler for this machine's CPU (they
+need AVX-512) and cached under `$OWL_JAX_CACHE` (default `~/.cache/owl_jax`). Where they cannot
+be built, or with `OWL_JAX_DECODE_KERNELS=0`, the XLA path runs instead, after one warning
+saying why.
+
+Only code that opts in uses them: `Dense` and `cached_attention` ask `matmul_applies` /
+`attention_applies`, which say no unless the caller traces inside `enabled()`. The generation
+engine does for its single-device CPU runs; training never does (the kernels have no gradient).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MATMUL = "owl_small_m_matmul"
+ATTENTION = "owl_cached_attention"
+MAX_ROWS = 16  # above this XLA's GEMM is the better matmul
+MAX_QUERIES = 8  # query rows per kv head (grouped heads x new tokens) for the attention kernel
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "decode_kernels.cc")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-fPIC", "-shared"]
+
+_enabled = contextvars.ContextVar("owl_decode_kernels", default=False)
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "why": str (set once)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build() -> str:
+    """Compiles the kernels (once per source, compiler flags, jaxlib and CPU) and returns the
+    shared library's path. The key includes the CPU's feature flags because `-march=native`
+    code must not run on another CPU sharing the cache (a cluster's home directory)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler (set CXX)")
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), jax.__version__.encode(),
+                                     _cpu_flags().encode(), cxx.encode()])).hexdigest()[:16]
+    cache = os.environ.get("OWL_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "owl_jax")
+    os.makedirs(cache, exist_ok=True)
+    lib = os.path.join(cache, f"decode_kernels-{key}.so")
+    if not os.path.exists(lib):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and registered (builds them on the first call)."""
+    with _lock:
+        if "ok" not in _state:
+            why = ""
+            if os.environ.get("OWL_JAX_DECODE_KERNELS", "1") == "0":
+                why = "OWL_JAX_DECODE_KERNELS=0"
+            elif platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
+                why = "the CPU has no AVX-512"
+            else:
+                try:
+                    lib = ctypes.cdll.LoadLibrary(_build())
+                    for name in (MATMUL, ATTENTION):
+                        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                                    platform="cpu")
+                except (OSError, RuntimeError) as e:
+                    why = str(e)
+            _state.update(ok=not why, why=why)
+            if why:
+                log.warning("decode kernels off, XLA's ops are used instead: %s", why)
+        return _state["ok"]
+
+
+@contextlib.contextmanager
+def enabled(on: bool = True):
+    """Within this context, `matmul_applies` / `attention_applies` can say yes."""
+    token = _enabled.set(on and available())
+    try:
+        yield
+    finally:
+        _enabled.reset(token)
+
+
+def matmul_applies(x, w) -> bool:
+    rows = int(np.prod(x.shape[:-1]))
+    return (_enabled.get() and x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2
+            and 0 < rows <= MAX_ROWS and x.shape[-1] == w.shape[0] > 0 and w.shape[1] > 0)
+
+
+def matmul(x, w):
+    """x [..., K] @ w [K, N] (see `matmul_applies`)."""
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
+    return jax.ffi.ffi_call(MATMUL, out)(x, w)
+
+
+def attention_applies(q, k, v) -> bool:
+    """q [N, R, D], k [N, S, D], v [N, D, S] in fp32 with few query rows R."""
+    return (_enabled.get() and all(a.dtype == jnp.float32 for a in (q, k, v))
+            and 0 < q.shape[1] <= MAX_QUERIES and q.shape[2] > 0 and k.shape[1] > 0)
+
+
+def attention(q, k, v, mask):
+    """softmax(where(mask, q k^T / sqrt(D), min)) v for q [N, R, D], k [N, S, D], v [N, D, S],
+    mask bool [N, R, S] -> [N, R, D] (see `attention_applies`)."""
+    return jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))(q, k, v, mask)

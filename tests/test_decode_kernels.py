@@ -1,0 +1,146 @@
+"""The decode-step CPU kernels (owl_jax/csrc/decode_kernels.cc) against numpy in float64: the
+matmul on ragged shapes (column tails, partial row sweeps, row groups past 8) and its batch
+invariance, the cached attention with padded, unwritten and fully masked slots; and the switch
+around them: when they are used, and the fallback to XLA when they cannot be built."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from owl_jax import decode_kernels
+from owl_jax.models.layers import Dense, cached_attention
+
+needs_kernel = pytest.mark.skipif(
+    not decode_kernels.available(),
+    reason=f"kernel not built here: {decode_kernels._state.get('why')}")
+
+
+def _run(x, w):
+    with decode_kernels.enabled():
+        assert decode_kernels.matmul_applies(x, w)
+        return np.asarray(jax.jit(decode_kernels.matmul)(x, w))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 15), (16, 16), (17, 33), (33, 100), (64, 1000),
+                                 (300, 47), (768, 130)])
+def test_matches_numpy_on_ragged_shapes(k, n):
+    rng = np.random.default_rng(k * 1000 + n)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    for m in (1, 2, 3, 5, 8, 9, 13, 16):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        want = x.astype(np.float64) @ w.astype(np.float64)
+        got = _run(x, w)
+        assert got.shape == (m, n)
+        scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)
+        assert np.all(np.abs(got - want) <= 1e-6 * k * scale + 1e-30), (m, k, n)
+
+
+@needs_kernel
+def test_leading_dims_and_batch_invariance():
+    """[B, L, K] inputs; each row's result is bit-identical alone and in any batch, because
+    every output element is summed in the same order whatever the batch."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((200, 70)).astype(np.float32)
+    x = rng.standard_normal((3, 4, 200)).astype(np.float32)
+    full = _run(x, w)
+    assert full.shape == (3, 4, 70)
+    rows = x.reshape(12, 200)
+    for i in range(12):
+        np.testing.assert_array_equal(_run(rows[i:i + 1], w)[0], full.reshape(12, 70)[i])
+    np.testing.assert_array_equal(_run(rows[5:12], w), full.reshape(12, 70)[5:12])
+
+
+def _dense_hlo(x, dtype=jnp.float32):
+    dense = Dense(24, ("embed", "mlp"), use_bias=True, dtype=dtype)
+    params = dense.init(jax.random.key(0), x)
+
+    def f(p, x):
+        return dense.apply(p, x)
+    return params, jax.jit(f).lower(params, x).as_text(), f
+
+
+@needs_kernel
+def test_dense_uses_the_kernel_only_where_it_applies():
+    x = jnp.ones((2, 1, 16))
+    with decode_kernels.enabled():
+        params, hlo, f = _dense_hlo(x)
+        y = jax.jit(f)(params, x)
+        assert decode_kernels.MATMUL in hlo
+        # too many rows or bf16 compute: XLA's dot
+        assert decode_kernels.MATMUL not in _dense_hlo(jnp.ones((1, 17, 16)))[1]
+        assert decode_kernels.MATMUL not in _dense_hlo(x, jnp.bfloat16)[1]
+    assert decode_kernels.MATMUL not in _dense_hlo(x)[1]  # not enabled outside the context
+    p = nn.unbox(params)["params"]
+    np.testing.assert_allclose(y, x @ p["kernel"] + p["bias"], rtol=1e-6)
+
+
+def test_falls_back_to_xla_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(decode_kernels, "_state", {})
+    monkeypatch.setenv("OWL_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setattr(decode_kernels, "_cpu_flags", lambda: "flags : avx512f")
+    monkeypatch.setattr(decode_kernels.platform, "machine", lambda: "x86_64")
+    assert not decode_kernels.available()
+    assert "/bin/false" in decode_kernels._state["why"]
+    assert "decode kernels off" in caplog.text
+    x, w = np.ones((1, 4), np.float32), np.ones((4, 3), np.float32)
+    with decode_kernels.enabled():
+        assert not decode_kernels.matmul_applies(x, w)
+        np.testing.assert_array_equal(Dense(3, (None, None), use_bias=False).apply(
+            {"params": {"kernel": w}}, x), x @ w)
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+def _attention_ref(q, k, v, mask):
+    """numpy float64: softmax over unmasked slots (all slots if none is unmasked)."""
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    s = np.einsum("nrd,nsd->nrs", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(mask, s, -np.inf)
+    s = np.where(mask.any(-1, keepdims=True), s, 0.0)  # every slot equally
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("nrs,nds->nrd", p, v)
+
+
+@needs_kernel
+@pytest.mark.parametrize("r,s,d", [(1, 1, 8), (1, 256, 64), (2, 17, 64), (4, 40, 100),
+                                   (8, 33, 16)])
+def test_attention_matches_numpy(r, s, d):
+    rng = np.random.default_rng(r * 100 + s)
+    n = 6
+    q = rng.standard_normal((n, r, d)).astype(np.float32)
+    k = rng.standard_normal((n, s, d)).astype(np.float32)
+    v = rng.standard_normal((n, d, s)).astype(np.float32)
+    mask = np.ones((n, r, s), bool)
+    mask[1, :, : s // 3] = False             # left padding
+    mask[2, :, s // 2 + 1:] = False          # slots not written yet
+    mask[3, :, ::3] = False                  # holes
+    mask[4, 0, :] = False                    # nothing visible: uniform, as the XLA path
+    mask[5, :, :] = rng.random((r, s)) < 0.5
+    with decode_kernels.enabled():
+        assert decode_kernels.attention_applies(q, k, v)
+        got = np.asarray(jax.jit(decode_kernels.attention)(q, k, v, mask))
+    want = _attention_ref(q, k, v, mask)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@needs_kernel
+def test_cached_attention_with_and_without_the_kernel():
+    """The model's `cached_attention` (grouped-query, [B, Lq, H, D]) gives the same result
+    through the kernel and through XLA, and uses the kernel only inside `enabled()`."""
+    rng = np.random.default_rng(0)
+    b, lq, h, hkv, d, s = 3, 1, 4, 2, 16, 24
+    q = rng.standard_normal((b, lq, h, d)).astype(np.float32)
+    k = rng.standard_normal((hkv * b, s, d)).astype(np.float32)
+    v = rng.standard_normal((hkv * b, d, s)).astype(np.float32)
+    mask = rng.random((b, lq, s)) < 0.7
+    def jitted():  # a new function each time: jit would reuse the trace of the same one
+        return jax.jit(lambda *a: cached_attention(*a))
+    want = np.asarray(jitted()(q, k, v, mask))
+    assert decode_kernels.ATTENTION not in jitted().lower(q, k, v, mask).as_text()
+    with decode_kernels.enabled():
+        assert decode_kernels.ATTENTION in jitted().lower(q, k, v, mask).as_text()
+        got = np.asarray(jitted()(q, k, v, mask))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
