@@ -16,7 +16,8 @@ Baselines, measured in the same process:
   those bytes (every layer, the final norm and the lm_head; the KV cache
   and one embedding row are left out, which makes the limit slightly optimistic for us).
 - matmul floors: the weight matmuls of one decode step alone, [batch, D] rows through every
-  kernel, in XLA and in PyTorch: what any decoder built on these fp32 GEMMs pays per step.
+  kernel, in XLA, in PyTorch and in our decode kernel (`owl_jax.decode_kernels`, which our
+  decode step uses on CPU): what a decoder built on each pays per step.
 - time to first token of a one-image prompt: our encode + splice + prefill + first token
   against the same steps in PyTorch (a torch re-implementation of the ViT and abstractor
   below, `language_model(inputs_embeds=...)` with HF LLaMA), on the same weights.
@@ -27,6 +28,7 @@ machine may be shared: a load change then hits both sides).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -146,18 +148,27 @@ class MatmulFloor:
                         for l in layers]
         self.head = lm["lm_head"]["kernel"]
 
-        def xla(kernels, head, x):
+        from owl_jax import decode_kernels
+
+        def chain(kernels, head, x, mm=jnp.dot):
             for q, k, v, o, g, u, d in kernels:
-                x = x + (x @ q + x @ k + x @ v) @ o
-                x = x + ((x @ g) * (x @ u)) @ d
-            return x @ head
-        self.xla = jax.jit(xla)
+                x = x + mm(mm(x, q) + mm(x, k) + mm(x, v), o)
+                x = x + mm(mm(x, g) * mm(x, u), d)
+            return mm(x, head)
+        self.xla = jax.jit(chain)
         self.x = jnp.ones((b, self.head.shape[0]), jnp.float32) * 0.01
+        self.kernel = None
+        with decode_kernels.enabled():
+            if decode_kernels.matmul_applies(self.x, self.head):  # built here, on AVX-512
+                self.kernel = functools.partial(
+                    jax.jit(functools.partial(chain, mm=decode_kernels.matmul)),
+                    self.kernels, self.head, self.x)
+                self.kernel().block_until_ready()
         self.hf_layers = hf.model.layers
         self.hf_head = hf.lm_head
         self.xt = torch.ones(b, self.head.shape[0]) * 0.01
         self.run_xla()
-        self.best = {"xla": 1e9, "torch": 1e9}
+        self.best = {"xla": 1e9, "torch": 1e9, "kernel": 1e9}
 
     def run_xla(self):
         self.xla(self.kernels, self.head, self.x).block_until_ready()
@@ -173,7 +184,10 @@ class MatmulFloor:
             return self.hf_head(x)
 
     def measure(self, reps=10):
-        for name, fn in (("xla", self.run_xla), ("torch", self.run_torch)):
+        fns = [("xla", self.run_xla), ("torch", self.run_torch)]
+        if self.kernel is not None:
+            fns.append(("kernel", lambda: self.kernel().block_until_ready()))
+        for name, fn in fns:
             self.best[name] = min(self.best[name], _best(fn, reps))
 
 
@@ -225,8 +239,9 @@ def bench_decode(cfg, params, hf, args):
               f"{1e3 * step:.2f} ms, prefill + first token {1e3 * best['ours1']:.1f} ms)",
               flush=True)
         print(f"batch {b}: the step's weight matmuls alone take {1e3 * floor.best['xla']:.2f} ms "
-              f"in XLA, {1e3 * floor.best['torch']:.2f} ms in PyTorch (floors for a decode step)",
-              flush=True)
+              f"in XLA, {1e3 * floor.best['torch']:.2f} ms in PyTorch"
+              + (f", {1e3 * floor.best['kernel']:.2f} ms in owl-jax's decode kernel"
+                 if floor.kernel else "") + " (floors for a decode step)", flush=True)
     if 1 in results:
         bw = max(probe.best.values())
         limit = bw / probe.nbytes
