@@ -21,10 +21,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -104,17 +109,14 @@ void AllRows(const float* x, int64_t M, int64_t K, const float* w, int64_t N, fl
   }
 }
 
-// Runs fn(p) for p in [0, parts) on the calling thread and XLA's intra-op pool. Whoever runs
-// `Work` takes the next part not yet taken, so the calling thread alone finishes the job if no
-// pool thread comes: it never waits on a task still in the queue (the pool may be busy with a
-// concurrent op, or be this very thread).
-template <typename Fn>
+// A parallel loop: fn(p) for p in [0, parts). Whoever runs `Work` takes the next part not yet
+// taken, so the calling thread alone finishes the job if no helper comes: it never waits on a
+// part nobody has started.
 struct Job {
-  Fn fn;
+  std::function<void(int64_t)> fn;
   int64_t parts;
   std::atomic<int64_t> next{0}, done{0};
 
-  Job(Fn f, int64_t n) : fn(std::move(f)), parts(n) {}
   void Work() {
     for (int64_t p; (p = next.fetch_add(1, std::memory_order_relaxed)) < parts;) {
       fn(p);
@@ -123,13 +125,64 @@ struct Job {
   }
 };
 
-template <typename Fn>
-void ParallelFor(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
-  auto job = std::make_shared<Job<Fn>>(std::move(fn), parts);
-  for (int64_t i = 1; i < parts; ++i) pool.Schedule([job] { job->Work(); });
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < parts) {
+// Helper threads that wait for jobs by spinning for a millisecond before they sleep. A decode
+// step calls these kernels every 0.1-1 ms, and each call lasts about as long as waking a
+// sleeping thread does (XLA's pool threads sleep between ops): with the pool, the caller often
+// did the whole job alone. Created once, never destroyed (no join at process exit).
+class Helpers {
+ public:
+  static Helpers& Get(int64_t threads) {
+    static Helpers* helpers = new Helpers(threads);
+    return *helpers;
   }
+  void Offer(std::shared_ptr<Job> job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = std::move(job);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  explicit Helpers(int64_t threads) {
+    for (int64_t i = 0; i < threads; ++i) std::thread([this] { Loop(); }).detach();
+  }
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int64_t spins = 0; gen_.load(std::memory_order_acquire) == seen; ++spins) {
+        _mm_pause();
+        if (spins % 256 == 0 &&
+            std::chrono::steady_clock::now() - start > std::chrono::milliseconds(1)) {
+          std::unique_lock<std::mutex> lock(mu_);
+          cv_.wait(lock, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
+          break;
+        }
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        job = job_;
+        seen = gen_.load(std::memory_order_relaxed);
+      }
+      if (job) job->Work();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::shared_ptr<Job> job_;
+};
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_t)> fn) {
+  auto job = std::make_shared<Job>();
+  job->fn = std::move(fn);
+  job->parts = parts;
+  if (parts > 1) Helpers::Get(std::max<int64_t>(1, pool.num_threads() - 1)).Offer(job);
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < parts) _mm_pause();
 }
 
 // --- 2. attention
