@@ -4,7 +4,8 @@ At batch 1 to 8 a decode step is a stream over the LLM's weights and its KV cach
 arithmetic per byte. XLA's CPU library calls are built for larger work: its dot packs the weights
 into panels first (at M <= 8 rows that costs more memory traffic than the product), and its
 cached attention runs one tiny GEMM per head. `csrc/decode_kernels.cc` has two XLA FFI targets
-that stream the weights and the cache once, in place, on XLA's intra-op threads:
+that stream the weights and the cache once, in place, on as many threads as XLA's intra-op
+pool has:
 - `matmul(x, w)`: x [..., K] @ w [K, N] for up to `MAX_ROWS` rows;
 - `attention(q, k, v, mask)`: the decode step's attention against the KV cache; it reads only
   the cache slots up to the last unmasked one.

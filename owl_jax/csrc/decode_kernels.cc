@@ -13,7 +13,7 @@
 // memory traffic than the matmul itself at M <= 8. This kernel reads w in place, row-major, in
 // sweeps of KB rows at a time (KB concurrent sequential streams, which the hardware prefetcher
 // follows), keeps a 32-column tile of every output row in registers across the sweep, and
-// splits the columns between the threads of XLA's intra-op pool.
+// splits the columns between threads (see Helpers).
 //
 // Each output element is summed over k in the same order whatever M is, so a row's result does
 // not depend on which other rows share the batch.
