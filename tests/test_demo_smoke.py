@@ -16,7 +16,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from owl_jax.demo import run, shapes
+from owl_jax.demo import run, scoring, shapes
 
 
 def test_shapes_are_deterministic_and_splits_disjoint():
@@ -28,8 +28,8 @@ def test_shapes_are_deterministic_and_splits_disjoint():
     # The caption names the drawn colour and shape, and the pixels agree on the colour.
     for i in range(40):
         s = shapes.sample(run.HELDOUT_SEED, i)
-        assert run.words_in(s.caption, run.COLOUR_WORDS) == {s.colour}
-        assert run.words_in(s.caption, run.SHAPE_WORDS) == {s.shape}
+        assert scoring.words_in(s.caption, scoring.COLOUR_WORDS) == {s.colour}
+        assert scoring.words_in(s.caption, scoring.SHAPE_WORDS) == {s.shape}
         px = np.asarray(s.image, np.float32).reshape(-1, 3)
         bg = np.asarray(shapes.BACKGROUNDS[s.background], np.float32)
         fg = px[np.abs(px - bg).sum(1) > 90].mean(0)  # pixels far from the background
@@ -38,11 +38,11 @@ def test_shapes_are_deterministic_and_splits_disjoint():
 
 
 def test_scoring_rule():
-    assert run.words_in("The shape is Red.", run.COLOUR_WORDS) == {"red"}
-    assert run.words_in("It is a star.", run.SHAPE_WORDS) == {"star"}
-    assert run.words_in("a starred redhead", run.COLOUR_WORDS + run.SHAPE_WORDS) == set()
+    assert scoring.words_in("The shape is Red.", scoring.COLOUR_WORDS) == {"red"}
+    assert scoring.words_in("It is a star.", scoring.SHAPE_WORDS) == {"star"}
+    assert scoring.words_in("a starred redhead", scoring.COLOUR_WORDS + scoring.SHAPE_WORDS) == set()
     images = [({"colour": "red", "shape": "star"}, b""), ({"colour": "blue", "shape": "circle"}, b"")]
-    res = run.score(images, {"colour": ["red.", "It is red or blue."],
+    res = scoring.score(images, {"colour": ["red.", "It is red or blue."],
                              "shape": ["It is a star.", "A circle."],
                              "caption": ["a red star on gray", "a blue square"]})
     assert res["colour"] == 0.5 and res["shape"] == 1.0 and res["both"] == 0.5

@@ -15,11 +15,7 @@
                same answers
 The last line printed is `demo accuracy: X% on N held-out images`.
 
-Scoring rule: an answer is right when the set of colour words it contains (red, green, blue,
-yellow, purple, orange; whole words, any case) is exactly {the true colour} for the colour
-question, and likewise the set of shape words (circle, square, triangle, star) for the shape
-question. An image counts as correct when BOTH its answers are right. Captions are scored the
-same way on both word sets and reported on a separate line.
+The scoring rule is in `owl_jax/demo/scoring.py`.
 """
 from __future__ import annotations
 
@@ -35,7 +31,7 @@ import time
 
 import numpy as np
 
-from owl_jax.demo import shapes
+from owl_jax.demo import scoring, shapes
 
 # Sample counts (full demo, --quick)
 SIZES = dict(
@@ -220,69 +216,6 @@ def check_frozen(p: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# 7-8: evaluation
-
-
-COLOUR_WORDS = tuple(sorted(shapes.COLOURS))
-SHAPE_WORDS = shapes.SHAPES
-
-
-def words_in(text: str, vocab) -> set[str]:
-    low = text.lower()
-    return {w for w in vocab if re.search(rf"\b{w}\b", low)}
-
-
-def heldout_images(shard_dir: str) -> list[tuple[dict, bytes]]:
-    """(metadata json, jpg bytes) of every held-out sample, read back from its shards."""
-    out = []
-    for name in sorted(os.listdir(shard_dir)):
-        if not name.endswith(".tar"):
-            continue
-        parts: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(os.path.join(shard_dir, name)) as tar:
-            for m in tar.getmembers():
-                key, _, ext = m.name.partition(".")
-                parts.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key in sorted(parts):
-            out.append((json.loads(parts[key]["json"]), parts[key]["jpg"]))
-    return out
-
-
-def answer_all(pipe, images, max_new_tokens: int = 16) -> dict[str, list[str]]:
-    """Greedy answers of the three prompts for every image (one batched call per prompt)."""
-    from PIL import Image
-    from tqdm import tqdm
-
-    from owl_jax.tokenizer import build_prompt
-    pil = [Image.open(io.BytesIO(jpg)).convert("RGB") for _, jpg in images]
-    out = {}
-    prompts = {"colour": shapes.COLOUR_QUESTION, "shape": shapes.SHAPE_QUESTION,
-               "caption": shapes.CAPTION_PROMPT}
-    for name, q in tqdm(prompts.items(), desc="  generating", unit="prompt", leave=False):
-        gens = pipe.generate([build_prompt(q)] * len(pil), [[im] for im in pil],
-                             max_new_tokens=max_new_tokens, temperature=0.0)
-        out[name] = [g.text.strip() for g in gens]
-    return out
-
-
-def score(images, answers) -> dict:
-    truth = [_truth(meta) for meta, _ in images]
-    col = [words_in(a, COLOUR_WORDS) == {c} for a, (c, _) in zip(answers["colour"], truth)]
-    shp = [words_in(a, SHAPE_WORDS) == {s} for a, (_, s) in zip(answers["shape"], truth)]
-    cap = [words_in(a, COLOUR_WORDS) == {c} and words_in(a, SHAPE_WORDS) == {s}
-           for a, (c, s) in zip(answers["caption"], truth)]
-    both = [a and b for a, b in zip(col, shp)]
-    n = max(len(truth), 1)
-    return dict(n=len(truth), colour=sum(col) / n, shape=sum(shp) / n, caption=sum(cap) / n,
-                both=sum(both) / n, correct=both)
-
-
-def _truth(meta: dict) -> tuple[str, str]:
-    """(colour, shape) of a held-out sample, from its shard `.json`."""
-    return meta["colour"], meta["shape"]
-
-
-# --------------------------------------------------------------------------------------------
 # The demo
 
 
@@ -380,13 +313,13 @@ def main(argv=None) -> int:
     # 7. evaluate -----------------------------------------------------------------------------
     st(f"answering questions about {size['heldout']} held-out images")
     from owl_jax.api import load_pretrained
-    images = heldout_images(held_dir)
+    images = scoring.heldout_images(held_dir)
     xla = {"xla_backend_optimization_level": 0} if args.quick else None
     pipe = load_pretrained(final, compiler_options=xla)
-    answers = answer_all(pipe, images)
-    res = score(images, answers)
+    answers = scoring.answer_all(pipe, images)
+    res = scoring.score(images, answers)
     for i in range(min(4, len(images))):
-        c, s = _truth(images[i][0])
+        c, s = scoring.truth(images[i][0])
         print(f"  {c} {s}: Q: {shapes.COLOUR_QUESTION} A: {answers['colour'][i]!r} | "
               f"Q: {shapes.SHAPE_QUESTION} A: {answers['shape'][i]!r} | "
               f"caption: {answers['caption'][i]!r}", flush=True)
@@ -402,7 +335,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"owl-convert {argv_[0]} failed with status {rc}")
     torch_files = sorted(f for f in os.listdir(p["torch"]) if not f.startswith("."))
     print(f"  official layout: {', '.join(torch_files)}", flush=True)
-    again = answer_all(load_pretrained(p["roundtrip"], compiler_options=xla), images)
+    again = scoring.answer_all(load_pretrained(p["roundtrip"], compiler_options=xla), images)
     same = sum(a == b for k in answers for a, b in zip(answers[k], again[k]))
     total = sum(len(v) for v in answers.values())
     print(f"  round trip: {same}/{total} answers identical", flush=True)
