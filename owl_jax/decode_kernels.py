@@ -9,7 +9,7 @@ pool has:
 - `matmul(x, w)`: x [..., K] @ w [K, N] for up to `MAX_ROWS` rows;
 - `attention(q, k, v, mask)`: the decode step's attention against the KV cache; it reads only
   the cache slots up to the last unmasked one.
-Measured on 2 cores in docs/generation.md.
+Measured on 2 cores in docs/inference.md (Speed).
 
 The kernels are compiled on first use with the system C++ compiler for this machine's CPU (they
 need AVX-512) and cached under `$OWL_JAX_CACHE` (default `~/.cache/owl_jax`). Where they cannot
