@@ -1,8 +1,8 @@
 """owl-convert: official PyTorch layout <-> owl_jax checkpoints, LoRA merge, errors.
 
 References: the official key list / shapes and the official->flax mapping re-derived in
-tests/numpy_ref.py (independent of convert/keymap.py), the Owl module's own param shapes, a numpy
-LoRA merge, and bit-exact round trips.
+tests/official_layout.py (independent of convert/keymap.py), the Owl module's own param shapes,
+a numpy LoRA merge, and bit-exact round trips.
 """
 import json
 import os
@@ -22,7 +22,7 @@ from convert.torch_io import CheckpointError, CheckpointReader, numpy_to_torch
 from owl_jax import checkpoint as ckpt
 from owl_jax.config import OwlConfig, save_official, tiny
 from owl_jax.testing.checkpoints import write_official_checkpoint
-import numpy_ref  # tests/ is on sys.path (pytest rootdir-relative import)
+import official_layout  # tests/ is on sys.path (pytest rootdir-relative import)
 
 DTYPES = ("float32", "float16", "bfloat16")
 LAYOUTS = ("bin", "sharded_bin", "safetensors", "sharded_safetensors")
@@ -49,7 +49,7 @@ def test_keymap_matches_reference_and_model():
     cfg = _cfg()
     entries = keymap.official_entries(cfg)
     torch_shapes = {e.torch_key: e.torch_shape for e in entries if e.kind != keymap.BUFFER}
-    assert torch_shapes == numpy_ref.official_shapes(cfg)
+    assert torch_shapes == official_layout.official_shapes(cfg)
     assert {e.path_str: e.jax_shape for e in entries if e.kind != keymap.BUFFER} == \
         ckpt.expected_shapes(cfg)
     bufs = [e.torch_key for e in entries if e.kind == keymap.BUFFER]
@@ -87,14 +87,14 @@ def test_round_trip_bit_exact(tmp_path, dtype, layout):
 
 
 def test_jax_params_equal_reference_mapping(tmp_path):
-    """Values land where numpy_ref's independent official->flax mapping puts them."""
+    """Values land where official_layout's independent official->flax mapping puts them."""
     cfg = _cfg()
     write_official_checkpoint(str(tmp_path / "src"), cfg, "float32", "sharded_safetensors")
     torch_to_jax(str(tmp_path / "src"), str(tmp_path / "jax"), progress=False)
     got_cfg, params, meta = ckpt.load_checkpoint(str(tmp_path / "jax"))
     assert got_cfg == cfg
     sd = {k: v for k, v in _read(str(tmp_path / "src")).items() if "inv_freq" not in k}
-    want = numpy_ref.official_to_flax(sd, cfg)
+    want = official_layout.official_to_flax(sd, cfg)
     flat_w, flat_g = keymap.flatten(want), keymap.flatten(params)
     assert set(flat_w) == set(flat_g)
     for p in flat_w:

@@ -1,8 +1,8 @@
 """owl_jax.models against an independent float64 numpy derivation of the official math.
 
-Weights are drawn in the OFFICIAL PyTorch layout (tests/numpy_ref.py) and mapped into the Flax
-tree by a small mapping written for the tests, so a transposition, a wrong eps, a wrong qkv
-interleave or a splice-order bug shows up as a mismatch. Also: packing (segment_ids), the KV
+Weights are drawn in the OFFICIAL PyTorch layout and mapped into the Flax tree by a small
+mapping written for the tests (tests/official_layout.py), so a transposition, a wrong eps, a
+wrong qkv interleave or a splice-order bug shows up as a mismatch. Also: packing (segment_ids), the KV
 cache against full recomputation, and scan + remat against the unrolled layers.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from owl_jax.models import llama, masks
 from owl_jax.models.owl import Owl, scan_params, unscan_params
 
 import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
+from official_layout import nchw_to_nhwc, official_to_flax, random_official_state_dict
 
 # Every width differs (Dv 24, abstractor FFN 36, Dt 40, LLM FFN 56, vocab 97, head dims 8/6/10)
 # and the eps values are not the defaults, so transposes, head splits and eps mix-ups all show.
@@ -51,19 +52,19 @@ def _full_fp32_matmuls():
 
 @pytest.fixture(scope="module")
 def sd():
-    return ref.random_official_state_dict(CFG, seed=0)
+    return random_official_state_dict(CFG, seed=0)
 
 
 @pytest.fixture(scope="module")
 def params(sd):
-    return jax.tree.map(jnp.asarray, ref.official_to_flax(sd, CFG))
+    return jax.tree.map(jnp.asarray, official_to_flax(sd, CFG))
 
 
 @pytest.fixture(scope="module")
 def pixels():
     """Four NCHW images (official layout) and the same in NHWC for the model."""
     x = np.random.default_rng(1).standard_normal((4, 3, 28, 28))
-    return x, jnp.asarray(ref.nchw_to_nhwc(x), jnp.float32)
+    return x, jnp.asarray(nchw_to_nhwc(x), jnp.float32)
 
 
 MODEL = Owl(CFG)

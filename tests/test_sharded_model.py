@@ -37,6 +37,7 @@ def _main():
     from jax.sharding import PartitionSpec as P
 
     import numpy_ref as ref  # this file's directory is on sys.path when run as a script
+    from official_layout import nchw_to_nhwc, official_to_flax, random_official_state_dict
     from owl_jax import sharding
     from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
     from owl_jax.models.owl import Owl, scan_params
@@ -55,8 +56,8 @@ def _main():
     t = cfg.image_tokens
     img = [-1] * t
     model = Owl(cfg)
-    sd = ref.random_official_state_dict(cfg, seed=5)
-    host = ref.official_to_flax(sd, cfg)
+    sd = random_official_state_dict(cfg, seed=5)
+    host = official_to_flax(sd, cfg)
 
     # Batch of 4 (= data x fsdp): rows with 1, 0, 2, 1 images, per-row pixel layout [B, M, ...].
     rows = [[1, 5, 6] + img + [7, 8, 9, 10, 11, 12, 13, 14, 15],
@@ -66,7 +67,7 @@ def _main():
     seg = [[1] * 16, [1] * 16, [1] * 16, [1] * 8 + [0] * 8]
     ids = np.asarray(rows, np.int32)
     px_nchw = np.random.default_rng(6).standard_normal((4, 3, 28, 28)).astype(np.float32)
-    px = ref.nchw_to_nhwc(px_nchw)
+    px = nchw_to_nhwc(px_nchw)
     per_row = np.zeros((4, 2, 28, 28, 3), np.float32)
     per_row[0, 0], per_row[2, 0], per_row[2, 1], per_row[3, 0] = px
     seg = np.asarray(seg, np.int32)
