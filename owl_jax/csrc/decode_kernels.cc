@@ -178,11 +178,14 @@ class Helpers {
   std::shared_ptr<Job> job_;
 };
 
-void ParallelFor(ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_t)> fn) {
+// As many threads as XLA's intra-op pool has: the caller and threads - 1 helpers.
+int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
+
+void ParallelFor(int64_t threads, int64_t parts, std::function<void(int64_t)> fn) {
   auto job = std::make_shared<Job>();
   job->fn = std::move(fn);
   job->parts = parts;
-  if (parts > 1) Helpers::Get(std::max<int64_t>(1, pool.num_threads() - 1)).Offer(job);
+  if (parts > 1) Helpers::Get(std::max<int64_t>(1, threads - 1)).Offer(job);
   job->Work();
   while (job->done.load(std::memory_order_acquire) < parts) _mm_pause();
 }
@@ -266,7 +269,7 @@ static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t threads = Threads(pool);
   if (N < kRowSplitBelowN && K >= 64 * threads) {
     // Short output rows: the threads take row ranges of w (each over all N columns) into
     // partial outputs that are summed at the end. Split by columns, a thread's sweeps would
@@ -275,7 +278,7 @@ static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const int64_t parts = threads;
     std::vector<float> partial((parts - 1) * M * N);
     float* pp = partial.data();
-    ParallelFor(pool, parts, [=](int64_t p) {
+    ParallelFor(threads, parts, [=](int64_t p) {
       const int64_t k0 = (K * p / parts) & ~int64_t{15};
       const int64_t k1 = p + 1 == parts ? K : (K * (p + 1) / parts) & ~int64_t{15};
       AllRows(xp + k0, K, M, k1 - k0, wp + k0 * N, N, p == 0 ? yp : pp + (p - 1) * M * N, 0, N);
@@ -285,7 +288,7 @@ static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::Success();
   }
   const int64_t parts = std::clamp<int64_t>(N / 64, 1, threads);
-  ParallelFor(pool, parts, [=](int64_t p) {
+  ParallelFor(threads, parts, [=](int64_t p) {
     // Column ranges cut at multiples of 16 keep the parts' stores off each other's cache lines.
     const int64_t c0 = (N * p / parts) & ~int64_t{15};
     const int64_t c1 = p + 1 == parts ? N : (N * (p + 1) / parts) & ~int64_t{15};
@@ -313,8 +316,9 @@ static ffi::Error CachedAttention(ffi::ThreadPool pool, F32x3 q, F32x3 k, F32x3 
   const float* vp = v.typed_data();
   const bool* mp = mask.typed_data();
   float* op = o->typed_data();
-  const int64_t parts = std::clamp<int64_t>(N, 1, std::max<int64_t>(1, pool.num_threads()));
-  ParallelFor(pool, parts, [=](int64_t p) {
+  const int64_t threads = Threads(pool);
+  const int64_t parts = std::clamp<int64_t>(N, 1, threads);
+  ParallelFor(threads, parts, [=](int64_t p) {
     std::vector<float> scores(S);
     for (int64_t n = N * p / parts; n < N * (p + 1) / parts; ++n)
       AttendOne(qp + n * R * D, kp + n * S * D, vp + n * D * S, mp + n * R * S, op + n * R * D, R,
