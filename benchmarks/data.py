@@ -13,8 +13,9 @@
    in-process (1 and 2 decoding threads) and with 1 and 2 worker processes.
    Ratios are per core: images per CPU-second (this process + its workers, psutil) of the
    pipeline over those of the loop; the goal is >= 0.9. To see the same machine load, the
-   loop runs concurrently in a separate process while the pipeline's CPU rate is measured.
-   Wall-clock img/s (pipeline alone, measured before) are printed too; on a shared machine
+   loop runs concurrently in a separate process while the pipeline's CPU rate is measured,
+   in `--rounds` windows; the printed ratio is the median of the windows' ratios, with their
+   range (a single window moves by +-15-40% with the host's load). Wall-clock img/s (pipeline alone, measured before) are printed too; on a shared machine
    they move with the load.
 """
 from __future__ import annotations
@@ -147,17 +148,20 @@ class ConcurrentLoop:
 
 
 def pipeline_rate(spec, tok, owl_cfg, jpegs, *, workers, augment, batches, batch_size,
-                  threads=1):
-    """(wall img/s, img/CPU-s, the loop's img/CPU-s) of the pipeline.
+                  threads=1, rounds=5):
+    """(wall img/s, [(img/CPU-s, the loop's img/CPU-s)] for each round) of the pipeline.
 
-    Wall img/s: `batches` batches on their own. CPU rates: another `batches` batches while
-    the plain loop runs in a separate process (`ConcurrentLoop`); the pipeline's CPU is this
-    process and its workers', the loop's that process's."""
+    Wall img/s: `batches` batches on their own. CPU rates: `rounds` windows of another
+    `batches` batches each while the plain loop runs in a separate process
+    (`ConcurrentLoop`); the pipeline's CPU is this process and its workers', the loop's that
+    process's, both counted over the same window."""
     from owl_jax.data.pipeline import default_config, make_train_iterator
     cfg = dict(sources=[dict(spec=spec)], seq_len=96, batch_size=batch_size, packing=False,
                max_images_per_row=1, workers=workers, threads=threads, augment=augment,
                num_epochs=None, read_buffer=2 * batch_size, worker_buffer=batch_size)
     it = make_train_iterator(cfg, tok, owl_cfg, 0, 1)
+    n = batches * batch_size
+    windows = []
     try:
         # start-up: until every worker has delivered its first chunk (a worker process takes
         # seconds to start), then the first buffers
@@ -169,16 +173,17 @@ def pipeline_rate(spec, tok, owl_cfg, jpegs, *, workers, augment, batches, batch
                 b = next(it)
         assert b["pixel_values"].shape == (batch_size, 1, 224, 224, 3)
         with ConcurrentLoop(jpegs) as loop:
-            n0, l0 = loop.snapshot()
-            c0 = cpu_seconds(exclude=(loop.proc.pid,))
-            for _ in range(batches):
-                next(it)
-            c1 = cpu_seconds(exclude=(loop.proc.pid,))
-            n1, l1 = loop.snapshot()
+            for _ in range(rounds):
+                n0, l0 = loop.snapshot()
+                c0 = cpu_seconds(exclude=(loop.proc.pid,))
+                for _ in range(batches):
+                    next(it)
+                c1 = cpu_seconds(exclude=(loop.proc.pid,))
+                n1, l1 = loop.snapshot()
+                windows.append((n / max(c1 - c0, 1e-9), (n1 - n0) / max(l1 - l0, 1e-9)))
     finally:
         it.close()
-    n = batches * batch_size
-    return n / m.wall, n / max(c1 - c0, 1e-9), (n1 - n0) / max(l1 - l0, 1e-9)
+    return n / m.wall, windows
 
 
 def main(argv=None):
@@ -187,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="measurement windows per configuration; the ratio is their median")
     args = ap.parse_args(argv)
     from owl_jax.config import OwlConfig
     from owl_jax.data import shard_tools
@@ -218,12 +225,17 @@ def main(argv=None):
         for augment in (False, True):
             name = "train (RandomResizedCrop+flip)" if augment else "eval (bicubic resize)"
             for workers, threads in [(0, 1), (0, 2)] + [(w, 1) for w in args.workers]:
-                wall, cpu, base_cpu = pipeline_rate(
+                wall, windows = pipeline_rate(
                     spec, tok, owl_cfg, jpegs, workers=workers, augment=augment,
-                    batches=args.batches, batch_size=args.batch_size, threads=threads)
+                    batches=args.batches, batch_size=args.batch_size, threads=threads,
+                    rounds=args.rounds)
+                ratios = [cpu / loop for cpu, loop in windows]
+                cpu, loop = (float(np.median(x)) for x in zip(*windows))
                 label = f"{workers} workers" if workers else f"in-process, {threads} thr"
                 print(f"pipeline {name:31s} {label:18s}: {wall:6.1f} img/s, {cpu:6.1f} img/CPU-s,"
-                      f" loop {base_cpu:6.1f} img/CPU-s, per-core ratio {cpu / base_cpu:.2f}")
+                      f" loop {loop:6.1f} img/CPU-s, per-core ratio {np.median(ratios):.2f} "
+                      f"(median of {len(ratios)} windows, {min(ratios):.2f}-{max(ratios):.2f})")
+
 
 if __name__ == "__main__":
     from absl import flags  # grain workers read absl flags (google/grain#1355)

@@ -272,10 +272,12 @@ def test_config_errors(data):
         make_train_iterator(cfg(data["ar"]), tok, OWL, 0, 1000)
 
 
-def test_workers_give_the_same_stream_and_resume(data):
-    """Decoding in 2 worker processes yields exactly the in-process batches; a 2-worker state
-    restores into a fresh 2-worker iterator."""
-    c = cfg(data["ar"], packing=True, batch_size=2, num_epochs=None)
+@pytest.mark.parametrize("packing", [True, False])
+def test_workers_give_the_same_stream_and_resume(data, packing):
+    """Decoding in 2 worker processes yields exactly the in-process batches (pixels included:
+    they cross as one shared-memory array per chunk); a 2-worker state restores into a fresh
+    2-worker iterator."""
+    c = cfg(data["ar"], packing=packing, batch_size=2, num_epochs=None)
     reference = take(make_train_iterator(c, data["tok"], OWL, 0, 1), 6)
     it = make_train_iterator({**c, "workers": 2}, data["tok"], OWL, 0, 1)
     try:
@@ -291,6 +293,25 @@ def test_workers_give_the_same_stream_and_resume(data):
         assert same(take(resumed, 4), reference[2:])
     finally:
         resumed.close()
+
+
+def test_stack_pixels_round_trip():
+    """A chunk with one-image, two-image, text-only and dropped samples: the worker side packs
+    its pixels into one array, the main side gives each sample back its own pixels."""
+    from owl_jax.data import grain_stages as st
+    rng = np.random.default_rng(0)
+    px = [rng.integers(0, 256, (k, 4, 4, 3), dtype=np.uint8) for k in (1, 2, 0)]
+    chunk = [{"input_ids": np.arange(3), "pixels": px[0]}, {"drop": "corrupt_image"},
+             {"input_ids": np.arange(5), "pixels": px[1]}, {"input_ids": np.arange(2),
+                                                            "pixels": px[2]}]
+    packed = st.stack_pixels(chunk)
+    assert packed["pixels"].shape == (3, 4, 4, 3)
+    back = st.unstack_pixels(packed)
+    assert back[1] == {"drop": "corrupt_image"}
+    for i, p in ((0, px[0]), (2, px[1]), (3, px[2])):
+        np.testing.assert_array_equal(back[i]["pixels"], p)
+        np.testing.assert_array_equal(back[i]["input_ids"], chunk[i]["input_ids"])
+    assert st.unstack_pixels(chunk) is chunk  # in-process chunks pass through
 
 
 def test_process_share_is_grains_shuffle_and_strided_share():

@@ -87,8 +87,34 @@ class Chunks(grain.MapDataset):
         return f"Chunks({self._size})"
 
 
+def stack_pixels(chunk: list) -> dict:
+    """Worker side of the transfer: a chunk's uint8 pixels in one array. Big enough to pass
+    grain's `min_shm_size`, it crosses to the main process as one shared-memory block; a
+    list of per-sample arrays is pickled through the worker's pipe in 64 KiB writes, which
+    cost the worker and the main process ~10% of the decoding work between them."""
+    pixels = [s["pixels"] for s in chunk if "pixels" in s]
+    stacked = np.concatenate(pixels) if pixels else np.zeros((0,), np.uint8)
+    return {"samples": [{k: v for k, v in s.items() if k != "pixels"} for s in chunk],
+            "counts": [len(s["pixels"]) if "pixels" in s else -1 for s in chunk],
+            "pixels": stacked}
+
+
+def unstack_pixels(chunk):
+    """Main side: `stack_pixels`' output -> the list of samples, each with its pixels as a
+    view of the chunk's array (no copy); a plain list (no workers) passes through."""
+    if isinstance(chunk, list):
+        return chunk
+    start = 0
+    for s, k in zip(chunk["samples"], chunk["counts"]):
+        if k >= 0:
+            s["pixels"] = chunk["pixels"][start:start + k]
+            start += k
+    return chunk["samples"]
+
+
 class Samples(grain.IterDataset):
-    """Chunks (lists of consecutive samples, one worker message each) -> samples in order,
+    """Chunks (lists of consecutive samples, or `stack_pixels` of them: one worker message
+    each) -> samples in order,
     skipping {"drop": reason} markers and counting them into `counts` (this process).
 
     With `batch_size`, yields `batch_fn(list of batch_size samples)` instead (the last partial
@@ -118,7 +144,7 @@ class _SamplesIterator(grain.DatasetIterator):
         while True:
             while self._pos >= len(self._chunk):
                 self._chunk_state = self._parent.get_state()
-                self._chunk = next(self._parent)
+                self._chunk = unstack_pixels(next(self._parent))
                 self._pos, self._skip = self._skip, 0
             el = self._chunk[self._pos]
             self._pos += 1
