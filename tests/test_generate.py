@@ -193,6 +193,20 @@ def test_prompt_lengths_in_one_bucket_share_a_compile(model):
 # Sampling
 
 
+def test_greedy_is_numpy_argmax():
+    """The max + min greedy pick equals np.argmax: the first of tied maxima, the first NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [7, 500]] = x[1].max() + 1          # a tie: the first wins
+    x[2, 999] = np.inf
+    x[3, [3, 900]] = np.nan                  # NaN: the first NaN, as np / jnp.argmax
+    x[4] = -np.inf
+    x[5] = 0.0
+    got = np.asarray(jax.jit(sampling.greedy)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
+
+
 def test_sampling_seeds_and_top_k_one(model, batch):
     _, _, gen = model
     rows, px = batch
