@@ -137,12 +137,12 @@ def matmul(x, w):
 
 
 def attention_applies(q, k, v) -> bool:
-    """q [N, R, D], k [N, S, D], v [N, D, S] in fp32 with few query rows R."""
+    """q [N, R, D], k and v [N, S, D] in fp32 with few query rows R."""
     return (_enabled.get() and all(a.dtype == jnp.float32 for a in (q, k, v))
             and 0 < q.shape[1] <= MAX_QUERIES and q.shape[2] > 0 and k.shape[1] > 0)
 
 
 def attention(q, k, v, mask):
-    """softmax(where(mask, q k^T / sqrt(D), min)) v for q [N, R, D], k [N, S, D], v [N, D, S],
+    """softmax(where(mask, q k^T / sqrt(D), min)) v for q [N, R, D], k and v [N, S, D],
     mask bool [N, R, S] -> [N, R, D] (see `attention_applies`)."""
     return jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))(q, k, v, mask)

@@ -101,18 +101,18 @@ def _attention_ref(q, k, v, mask):
     s = np.where(mask.any(-1, keepdims=True), s, 0.0)  # every slot equally
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("nrs,nds->nrd", p, v)
+    return np.einsum("nrs,nsd->nrd", p, v)
 
 
 @needs_kernel
 @pytest.mark.parametrize("r,s,d", [(1, 1, 8), (1, 256, 64), (2, 17, 64), (4, 40, 100),
-                                   (8, 33, 16)])
+                                   (8, 33, 16), (2, 30, 200)])
 def test_attention_matches_numpy(r, s, d):
     rng = np.random.default_rng(r * 100 + s)
     n = 6
     q = rng.standard_normal((n, r, d)).astype(np.float32)
     k = rng.standard_normal((n, s, d)).astype(np.float32)
-    v = rng.standard_normal((n, d, s)).astype(np.float32)
+    v = rng.standard_normal((n, s, d)).astype(np.float32)
     mask = np.ones((n, r, s), bool)
     mask[1, :, : s // 3] = False             # left padding
     mask[2, :, s // 2 + 1:] = False          # slots not written yet
@@ -134,7 +134,7 @@ def test_cached_attention_with_and_without_the_kernel():
     b, lq, h, hkv, d, s = 3, 1, 4, 2, 16, 24
     q = rng.standard_normal((b, lq, h, d)).astype(np.float32)
     k = rng.standard_normal((hkv * b, s, d)).astype(np.float32)
-    v = rng.standard_normal((hkv * b, d, s)).astype(np.float32)
+    v = rng.standard_normal((hkv * b, s, d)).astype(np.float32)
     mask = rng.random((b, lq, s)) < 0.7
     def jitted():  # a new function each time: jit would reuse the trace of the same one
         return jax.jit(lambda *a: cached_attention(*a))

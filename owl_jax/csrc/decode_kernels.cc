@@ -192,9 +192,9 @@ void ParallelFor(int64_t threads, int64_t parts, std::function<void(int64_t)> fn
 
 // --- 2. attention
 //
-// For each of N = kv heads x batch rows: R query rows q[n] [R, D], the cache k[n] [S, D] and
-// v[n] [D, S] (the layout of owl_jax.models.llama.init_cache), a mask [R, S]. As the XLA path:
-// scores divided by sqrt(D), masked to the float minimum, an fp32 softmax, then p @ v^T.
+// For each of N = kv heads x batch rows: R query rows q[n] [R, D], the cache k[n] and v[n]
+// [S, D] (the layout of owl_jax.models.llama.init_cache), a mask [R, S]. As the XLA path:
+// scores divided by sqrt(D), masked to the float minimum, an fp32 softmax, then p @ v.
 // Slots past the last unmasked one get exactly zero weight, so they are not read: a decode step
 // reads the written part of the cache only.
 
@@ -220,6 +220,30 @@ inline float Dot(const float* a, const float* b, int64_t n) {
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
+}
+
+// o[d0:d0 + 16C] = sum_j p[j] v[j, d0:d0 + 16C] (v rows of stride D, clipped at D): one pass
+// down the slots, the output in C registers.
+template <int C>
+void WeightedRows(const float* p, const float* v, int64_t len, int64_t D, int64_t d0, float* o) {
+  __m512 acc[C];
+  __mmask16 m[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) {
+    acc[c] = _mm512_setzero_ps();
+    m[c] = TailMask(D - d0 - 16 * c);
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    for (int64_t b = 0; b < C * 64; b += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(v + (j + 8) * D + d0) + b, _MM_HINT_T0);
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    const float* vj = v + j * D + d0;
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c)
+      acc[c] = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[c], vj + 16 * c), acc[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(o + d0 + 16 * c, m[c], acc[c]);
 }
 
 void AttendOne(const float* q, const float* k, const float* v, const bool* mask, float* o,
@@ -249,10 +273,17 @@ void AttendOne(const float* q, const float* k, const float* v, const bool* mask,
     }
     const float total = _mm512_reduce_add_ps(sum);
     for (int64_t j = 0; j < len; ++j) s[j] /= total;
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t b = 0; b < len * 4; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(v + (d + 2) * S) + b, _MM_HINT_T0);
-      o[r * D + d] = Dot(s, v + d * S, len);
+    for (int64_t d0 = 0; d0 < D; d0 += 128) {
+      switch (std::min<int64_t>(8, (D - d0 + 15) / 16)) {
+        case 1: WeightedRows<1>(s, v, len, D, d0, o + r * D); break;
+        case 2: WeightedRows<2>(s, v, len, D, d0, o + r * D); break;
+        case 3: WeightedRows<3>(s, v, len, D, d0, o + r * D); break;
+        case 4: WeightedRows<4>(s, v, len, D, d0, o + r * D); break;
+        case 5: WeightedRows<5>(s, v, len, D, d0, o + r * D); break;
+        case 6: WeightedRows<6>(s, v, len, D, d0, o + r * D); break;
+        case 7: WeightedRows<7>(s, v, len, D, d0, o + r * D); break;
+        default: WeightedRows<8>(s, v, len, D, d0, o + r * D); break;
+      }
     }
   }
 }
@@ -321,7 +352,7 @@ static ffi::Error CachedAttention(ffi::ThreadPool pool, F32x3 q, F32x3 k, F32x3 
   ParallelFor(threads, parts, [=](int64_t p) {
     std::vector<float> scores(S);
     for (int64_t n = N * p / parts; n < N * (p + 1) / parts; ++n)
-      AttendOne(qp + n * R * D, kp + n * S * D, vp + n * D * S, mp + n * R * S, op + n * R * D, R,
+      AttendOne(qp + n * R * D, kp + n * S * D, vp + n * S * D, mp + n * R * S, op + n * R * D, R,
                 S, D, scores.data());
   });
   return ffi::Error::Success();

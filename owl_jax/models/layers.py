@@ -178,7 +178,7 @@ def attention(q, k, v, *, mask=None, softmax_fp32: bool, scale_after: str = "div
 def cached_attention(q, k, v, mask):
     """LLaMA attention (fp32 softmax, "div" scaling) against a KV cache.
 
-    q [B, Lq, H, D]; k [Hkv * B, S, D] and v [Hkv * B, D, S] (kv head major, then batch row:
+    q [B, Lq, H, D]; k and v [Hkv * B, S, D] (kv head major, then batch row:
     see `owl_jax.models.llama.init_cache`); mask bool [B, Lq, S]. Both matmuls read the cache as
     stored, with no unit dimension to squeeze at batch 1: otherwise XLA (CPU) transposes or
     copies the whole cache of every layer at every decode step.
@@ -195,7 +195,7 @@ def cached_attention(q, k, v, mask):
         s = _scale(jnp.einsum("nqd,nkd->nqk", q, k), d, "div").astype(jnp.float32)
         s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        o = jnp.einsum("nqk,ndk->nqd", p, v)
+        o = jnp.einsum("nqk,nkd->nqd", p, v)
     o = o.reshape(hkv, b, g, lq, d)
     return o.transpose(1, 3, 0, 2, 4).reshape(b, lq, h, d)
 

@@ -57,12 +57,12 @@ class LlamaAttention(nn.Module):
             # Write this chunk at cache_index and attend over the whole preallocated buffer; the
             # mask hides slots that are not written yet.
             k_new = k.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)   # [Hkv * B, L, D]
-            v_new = v.transpose(2, 0, 3, 1).reshape(hkv * b, hd, l)   # [Hkv * B, D, L]
+            v_new = v.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)   # [Hkv * B, L, D]
             new_cache = {
                 "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype),
                                                   (0, cache_index, 0)),
                 "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype),
-                                                  (0, 0, cache_index)),
+                                                  (0, cache_index, 0)),
             }
             o = cached_attention(q, new_cache["k"].astype(self.dtype),
                                  new_cache["v"].astype(self.dtype), mask)
@@ -198,12 +198,13 @@ class Llama(nn.Module):
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype=jnp.float32):
-    """Zeroed KV cache, per layer k [kv_heads * batch, length, head_dim] and v [kv_heads * batch,
-    head_dim, length]: kv head major (a `tensor` mesh axis splits it by head), then batch row.
-    These are the layouts the decode matmuls read as stored (`cached_attention`)."""
+    """Zeroed KV cache, per layer k and v [kv_heads * batch, length, head_dim]: kv head major (a
+    `tensor` mesh axis splits it by head), then batch row, then slot, so that a step writes
+    whole rows and the attention reads the written slots as one contiguous block per head.
+    Both attention paths read it as stored (`cached_attention`)."""
     n = cfg.kv_heads * batch
     return [{"k": jnp.zeros((n, length, cfg.head_dim), dtype),
-             "v": jnp.zeros((n, cfg.head_dim, length), dtype)}
+             "v": jnp.zeros((n, length, cfg.head_dim), dtype)}
             for _ in range(cfg.num_hidden_layers)]
 
 
