@@ -11,9 +11,9 @@
 // At small M a matmul is a stream over the weights: every byte of w is read once per token and
 // used for only M multiply-adds. General GEMM kernels pack w into panels first, which costs more
 // memory traffic than the matmul itself at M <= 8. This kernel reads w in place, row-major, in
-// sweeps of KB rows at a time (KB concurrent sequential streams, which the hardware prefetcher
-// follows), keeps a 32-column tile of every output row in registers across the sweep, and
-// splits the columns between threads (see Helpers).
+// sweeps of KB rows at a time (KB concurrent sequential streams; each tile also requests its
+// part of the next sweep), keeps a 32-column tile of every output row in registers across the
+// sweep, and splits the columns (or, for narrow w, the rows) between threads (see Helpers).
 //
 // Each output element is summed over k in the same order whatever M is, so a row's result does
 // not depend on which other rows share the batch. (The order does depend on the thread count
@@ -67,6 +67,13 @@ void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, 
       }
       const float* wk = w + k0 * N + c;
       const float* xk = x + k0;
+      // Request this tile of the next sweep now, a whole sweep ahead: each row of a narrow w
+      // is too short a stream for the hardware prefetcher to get going (M = 8, 768-wide
+      // layers: a 12-layer step's matmuls 26.5 -> 22.5 ms in an A/B; M = 1 within the noise).
+      for (int64_t r = kSweepRows; r < std::min(2 * kSweepRows, K - k0); ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(wk + r * N), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wk + r * N + 16), _MM_HINT_T0);
+      }
       auto row = [&](int64_t k) {
         const __m512 w0 = _mm512_maskz_loadu_ps(m0, wk + k * N);
         const __m512 w1 = _mm512_maskz_loadu_ps(m1, wk + k * N + 16);
