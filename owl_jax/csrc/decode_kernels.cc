@@ -49,7 +49,7 @@ inline __mmask16 TailMask(int64_t left) {
 // y[:M, c0:c1] = x[:M, :K] @ w[:K, c0:c1]; x rows have stride ldx, w and y rows stride N.
 template <int M>
 void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, float* y,
-             int64_t c0, int64_t c1) {
+             int64_t c0, int64_t c1, bool ahead) {
   for (int64_t k0 = 0; k0 < K; k0 += kSweepRows) {
     const int64_t rows = std::min(kSweepRows, K - k0);
     for (int64_t c = c0; c < c1; c += 32) {
@@ -67,10 +67,12 @@ void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, 
       }
       const float* wk = w + k0 * N + c;
       const float* xk = x + k0;
-      // Request this tile of the next sweep now, a whole sweep ahead: each row of a narrow w
-      // is too short a stream for the hardware prefetcher to get going (M = 8, 768-wide
+      // Narrow w (`ahead`): request this tile of the next sweep now, a whole sweep ahead. Its
+      // rows are too short streams for the hardware prefetcher to get going (M = 8, 768-wide
       // layers: a 12-layer step's matmuls 26.5 -> 22.5 ms in an A/B; M = 1 within the noise).
-      for (int64_t r = kSweepRows; r < std::min(2 * kSweepRows, K - k0); ++r) {
+      // A wide w's long rows it follows well, and a sweep ahead would be evicted before use
+      // (the 32000-wide lm_head: 27 -> 22 GB/s).
+      for (int64_t r = kSweepRows; ahead && r < std::min(2 * kSweepRows, K - k0); ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(wk + r * N), _MM_HINT_T0);
         _mm_prefetch(reinterpret_cast<const char*>(wk + r * N + 16), _MM_HINT_T0);
       }
@@ -101,19 +103,19 @@ void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, 
 
 // All M rows, in groups of at most 8 (16 accumulators + 2 weight registers).
 void AllRows(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t N,
-             float* y, int64_t c0, int64_t c1) {
+             float* y, int64_t c0, int64_t c1, bool ahead) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const float* xm = x + m0 * ldx;
     float* ym = y + m0 * N;
     switch (std::min<int64_t>(8, M - m0)) {
-      case 1: Columns<1>(xm, ldx, K, w, N, ym, c0, c1); break;
-      case 2: Columns<2>(xm, ldx, K, w, N, ym, c0, c1); break;
-      case 3: Columns<3>(xm, ldx, K, w, N, ym, c0, c1); break;
-      case 4: Columns<4>(xm, ldx, K, w, N, ym, c0, c1); break;
-      case 5: Columns<5>(xm, ldx, K, w, N, ym, c0, c1); break;
-      case 6: Columns<6>(xm, ldx, K, w, N, ym, c0, c1); break;
-      case 7: Columns<7>(xm, ldx, K, w, N, ym, c0, c1); break;
-      default: Columns<8>(xm, ldx, K, w, N, ym, c0, c1); break;
+      case 1: Columns<1>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 2: Columns<2>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 3: Columns<3>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 4: Columns<4>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 5: Columns<5>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 6: Columns<6>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 7: Columns<7>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      default: Columns<8>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
     }
   }
 }
@@ -319,7 +321,8 @@ static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     ParallelFor(threads, parts, [=](int64_t p) {
       const int64_t k0 = (K * p / parts) & ~int64_t{15};
       const int64_t k1 = p + 1 == parts ? K : (K * (p + 1) / parts) & ~int64_t{15};
-      AllRows(xp + k0, K, M, k1 - k0, wp + k0 * N, N, p == 0 ? yp : pp + (p - 1) * M * N, 0, N);
+      AllRows(xp + k0, K, M, k1 - k0, wp + k0 * N, N, p == 0 ? yp : pp + (p - 1) * M * N, 0, N,
+              true);
     });
     for (int64_t p = 1; p < parts; ++p)
       for (int64_t i = 0; i < M * N; ++i) yp[i] += pp[(p - 1) * M * N + i];
@@ -330,7 +333,7 @@ static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     // Column ranges cut at multiples of 16 keep the parts' stores off each other's cache lines.
     const int64_t c0 = (N * p / parts) & ~int64_t{15};
     const int64_t c1 = p + 1 == parts ? N : (N * (p + 1) / parts) & ~int64_t{15};
-    AllRows(xp, K, M, K, wp, N, yp, c0, c1);
+    AllRows(xp, K, M, K, wp, N, yp, c0, c1, false);
   });
   return ffi::Error::Success();
 }
