@@ -306,6 +306,7 @@ def test_stack_pixels_round_trip():
                                                             "pixels": px[2]}]
     packed = st.stack_pixels(chunk)
     assert packed["pixels"].shape == (3, 4, 4, 3)
+    packed["pixels"].unlink_on_del()  # in a worker, the main process frees the block
     back = st.unstack_pixels(packed)
     assert back[1] == {"drop": "corrupt_image"}
     for i, p in ((0, px[0]), (2, px[1]), (3, px[2])):

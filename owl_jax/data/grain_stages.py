@@ -10,6 +10,7 @@ import sys
 
 import grain
 import numpy as np
+from grain.python import SharedMemoryArray
 
 from owl_jax.data import packing
 
@@ -88,12 +89,17 @@ class Chunks(grain.MapDataset):
 
 
 def stack_pixels(chunk: list) -> dict:
-    """Worker side of the transfer: a chunk's uint8 pixels in one array. Big enough to pass
-    grain's `min_shm_size`, it crosses to the main process as one shared-memory block; a
-    list of per-sample arrays is pickled through the worker's pipe in 64 KiB writes, which
-    cost the worker and the main process ~10% of the decoding work between them."""
+    """Worker side of the transfer: a chunk's uint8 pixels in one array, allocated in shared
+    memory, which grain sends by name. A list of per-sample arrays is pickled through the
+    worker's pipe in 64 KiB writes, which cost the worker and the main process ~10% of the
+    decoding work between them; a plain array would be copied into shared memory."""
     pixels = [s["pixels"] for s in chunk if "pixels" in s]
-    stacked = np.concatenate(pixels) if pixels else np.zeros((0,), np.uint8)
+    n = sum(len(p) for p in pixels)
+    if n:
+        stacked = SharedMemoryArray((n, *pixels[0].shape[1:]), np.uint8)
+        np.concatenate(pixels, out=stacked)
+    else:
+        stacked = np.zeros((0,), np.uint8)
     return {"samples": [{k: v for k, v in s.items() if k != "pixels"} for s in chunk],
             "counts": [len(s["pixels"]) if "pixels" in s else -1 for s in chunk],
             "pixels": stacked}
