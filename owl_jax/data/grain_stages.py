@@ -120,8 +120,8 @@ def unstack_pixels(chunk):
 
 class Samples(grain.IterDataset):
     """Chunks (lists of consecutive samples, or `stack_pixels` of them: one worker message
-    each) -> samples in order,
-    skipping {"drop": reason} markers and counting them into `counts` (this process).
+    each) -> samples in order, skipping {"drop": reason} markers and counting them into
+    `counts` (this process).
 
     With `batch_size`, yields `batch_fn(list of batch_size samples)` instead (the last partial
     batch is dropped): one stage instead of unchunk / count / batch, because grain wraps
