@@ -313,6 +313,9 @@ def test_stack_pixels_round_trip():
         np.testing.assert_array_equal(back[i]["pixels"], p)
         np.testing.assert_array_equal(back[i]["input_ids"], chunk[i]["input_ids"])
     assert st.unstack_pixels(chunk) is chunk  # in-process chunks pass through
+    text_only = [{"input_ids": np.arange(2), "pixels": px[2]}, {"drop": "empty_text"}]
+    back = st.unstack_pixels(st.stack_pixels(text_only))
+    assert back[0]["pixels"].shape == (0, 4, 4, 3)  # BatchRows copies it into [0, S, S, 3]
 
 
 def test_process_share_is_grains_shuffle_and_strided_share():

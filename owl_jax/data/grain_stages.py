@@ -98,8 +98,8 @@ def stack_pixels(chunk: list) -> dict:
     if n:
         stacked = SharedMemoryArray((n, *pixels[0].shape[1:]), np.uint8)
         np.concatenate(pixels, out=stacked)
-    else:
-        stacked = np.zeros((0,), np.uint8)
+    else:  # only text-only or dropped samples: empty pixels, of the samples' shape
+        stacked = np.concatenate(pixels) if pixels else np.zeros((0,), np.uint8)
     return {"samples": [{k: v for k, v in s.items() if k != "pixels"} for s in chunk],
             "counts": [len(s["pixels"]) if "pixels" in s else -1 for s in chunk],
             "pixels": stacked}
