@@ -15,8 +15,9 @@
    pipeline over those of the loop; the goal is >= 0.9. To see the same machine load, the
    loop runs concurrently in a separate process while the pipeline's CPU rate is measured,
    in `--rounds` windows; the printed ratio is the median of the windows' ratios, with their
-   range (a single window moves by +-15-40% with the host's load). Wall-clock img/s (pipeline alone, measured before) are printed too; on a shared machine
-   they move with the load.
+   range (a single window moves by +-15-40% with the host's load). Wall-clock img/s
+   (pipeline alone, measured before) are printed too; on a shared machine they move with
+   the load.
 """
 from __future__ import annotations
 
