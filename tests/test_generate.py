@@ -79,6 +79,17 @@ def model():
     return cfg, params, Generator(cfg, jax.tree.map(jnp.asarray, params), compiler_options=FAST)
 
 
+def test_host_params_are_put_on_the_device_once(model):
+    """Numpy params become device arrays in the Generator: jit would copy host leaves to the
+    device on every call (~60 ms per generate for a 12-layer 768-wide model)."""
+    cfg, params, _ = model
+    gen = Generator(cfg, params)
+    leaves, host = jax.tree.leaves(gen.params), jax.tree.leaves(params)
+    assert len(leaves) == len(host) and all(isinstance(a, jax.Array) for a in leaves)
+    for a, h in zip(leaves, host):
+        np.testing.assert_array_equal(np.asarray(a), h)
+
+
 def _rows(cfg, rng):
     t = cfg.image_tokens
     w = lambda n: rng.integers(3, VOCAB, n).tolist()  # noqa: E731
