@@ -1,6 +1,7 @@
 """Input pipeline throughput against a plain Pillow loop measured in the same run.
 
     python benchmarks/data.py [--n 400] [--batches 30] [--batch-size 16] [--workers 1 2]
+                              [--rounds 5]
 
 1. Writes `--n` photo-like JPEGs (sides drawn from 256..512 px, quality 90) as img2dataset
    webdataset shards, and times `owl-data convert` on them (samples/s; it decodes every image

@@ -31,8 +31,8 @@ Its fields (defaults in `default_config()`):
   read_buffer        samples each process decodes ahead; worker_buffer: ahead per worker
                      (at least two chunks)
   chunk              consecutive samples per worker message (amortizes the IPC cost)
-  shm_min_bytes      arrays at least this big go from workers through shared memory, smaller
-                     ones are pickled through the pipe (a chunk's pixels travel as one array)
+  shm_min_bytes      other arrays at least this big go from workers through shared memory,
+                     smaller ones through the pipe (a chunk's pixels are always one block)
   max_pixels         decompression-bomb limit (None: PIL's MAX_IMAGE_PIXELS)
 S comes from `owl_cfg` (OwlConfig); its image mean and std are applied on the device by the
 train step (`images.normalize_pixels`).
