@@ -11,8 +11,8 @@ pool has:
   the cache slots up to the last unmasked one.
 Measured on 2 cores in docs/inference.md (Speed).
 
-The kernels are compiled on first use with the system C++ compiler for this machine's CPU (they
-need AVX-512) and cached under `$OWL_JAX_CACHE` (default `~/.cache/owl_jax`). Where they cannot
+The kernels are compiled on first use for this machine's CPU (they need AVX-512; see
+`owl_jax.native`). Where they cannot
 be built, or with `OWL_JAX_DECODE_KERNELS=0`, the XLA path runs instead, after one warning
 saying why.
 
@@ -25,18 +25,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from owl_jax import native
 
 log = logging.getLogger(__name__)
 
@@ -44,51 +42,11 @@ MATMUL = "owl_small_m_matmul"
 ATTENTION = "owl_cached_attention"
 MAX_ROWS = 16  # above this XLA's GEMM is the better matmul
 MAX_QUERIES = 8  # query rows per kv head (grouped heads x new tokens) for the attention kernel
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "decode_kernels.cc")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17"]
 
 _enabled = contextvars.ContextVar("owl_decode_kernels", default=False)
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str (set once)
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return ""
-
-
-def _build() -> str:
-    """Compiles the kernels (once per source, compiler flags, jaxlib and CPU) and returns the
-    shared library's path. The key includes the CPU's feature flags because `-march=native`
-    code must not run on another CPU sharing the cache (a cluster's home directory)."""
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler (set CXX)")
-    with open(SOURCE, "rb") as f:
-        src = f.read()
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), jax.__version__.encode(),
-                                     _cpu_flags().encode(), cxx.encode()])).hexdigest()[:16]
-    cache = os.environ.get("OWL_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "owl_jax")
-    os.makedirs(cache, exist_ok=True)
-    lib = os.path.join(cache, f"decode_kernels-{key}.so")
-    if not os.path.exists(lib):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
-        log.info("compiling the decode kernels once for this CPU (a few seconds): %s", lib)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            os.unlink(tmp)
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
-        os.replace(tmp, lib)  # atomic: a concurrent process sees no half-written library
-    return lib
 
 
 def available() -> bool:
@@ -98,11 +56,12 @@ def available() -> bool:
             why = ""
             if os.environ.get("OWL_JAX_DECODE_KERNELS", "1") == "0":
                 why = "OWL_JAX_DECODE_KERNELS=0"
-            elif platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags():
+            elif platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in native.cpu_flags():
                 why = "the CPU has no AVX-512"
             else:
                 try:
-                    lib = ctypes.cdll.LoadLibrary(_build())
+                    lib = ctypes.cdll.LoadLibrary(native.build(
+                        "decode_kernels", [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
                     for name in (MATMUL, ATTENTION):
                         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                     platform="cpu")

@@ -80,7 +80,7 @@ def test_falls_back_to_xla_when_it_cannot_be_built(monkeypatch, tmp_path, caplog
     monkeypatch.setattr(decode_kernels, "_state", {})
     monkeypatch.setenv("OWL_JAX_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
-    monkeypatch.setattr(decode_kernels, "_cpu_flags", lambda: "flags : avx512f")
+    monkeypatch.setattr(decode_kernels.native, "cpu_flags", lambda: "flags : avx512f")
     monkeypatch.setattr(decode_kernels.platform, "machine", lambda: "x86_64")
     assert not decode_kernels.available()
     assert "/bin/false" in decode_kernels._state["why"]

@@ -9,6 +9,7 @@ which sources count and skip. Every colour mode comes out as RGB uint8 HWC:
     own conversion.
 Train transform = torchvision's RandomResizedCrop(size, scale=(0.5, 1.0), ratio=(3/4, 4/3),
 BICUBIC) + RandomHorizontalFlip as in the official recipe; eval = bicubic resize to a square.
+Both resize with `fast_resize` (Pillow's pixels, about twice as fast) where it applies.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import warnings
 
 import numpy as np
 from PIL import Image
+
+from owl_jax.data import fast_resize
 
 # We enforce our own pixel limit (`max_pixels`) and skip such images; PIL's warning would only
 # be noise on top of that.
@@ -116,9 +119,10 @@ def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
 
 def resize_square(img: Image.Image, size: int) -> np.ndarray:
     """Eval transform: bicubic (antialiased) straight to size x size, uint8 HWC."""
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img)
+    if img.size == (size, size):
+        return np.asarray(img)
+    out = fast_resize.resize_rgb(img, (size, size))
+    return out if out is not None else np.asarray(img.resize((size, size), Image.BICUBIC))
 
 
 def crop_box(width: int, height: int, rng: np.random.Generator,
@@ -150,10 +154,11 @@ def random_resized_crop_flip(img: Image.Image, size: int, rng: np.random.Generat
     left, top, w, h = crop_box(img.width, img.height, rng, scale)
     # crop, then resize: as torchvision does (resize(box=...) would also sample pixels outside
     # the box at its edges)
-    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
-    if rng.random() < 0.5:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(out)
+    out = fast_resize.resize_rgb(img, (size, size), (left, top, w, h))
+    if out is None:
+        out = np.asarray(img.crop((left, top, left + w, top + h)).resize((size, size),
+                                                                         Image.BICUBIC))
+    return out[:, ::-1] if rng.random() < 0.5 else out
 
 
 def normalize_pixels(pixels, mean, std):
