@@ -28,7 +28,7 @@ setup(
     version="0.1.0",
     description="mPLUG-Owl (arXiv 2304.14178) in JAX/Flax: model, converters, data, training, inference",
     packages=find_packages(include=["owl_jax", "owl_jax.*", "convert", "convert.*", "configs"]),
-    package_data={"owl_jax": ["csrc/*.cc"]},  # compiled on first use (owl_jax.decode_kernels)
+    package_data={"owl_jax": ["csrc/*.cc"]},  # compiled on first use (owl_jax.native)
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={

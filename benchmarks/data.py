@@ -11,7 +11,9 @@
 3. The full training pipeline over the converted ArrayRecord (read, shuffle, decode, resize,
    tokenize, pad, batch; pixels ship as uint8 and are normalized by the train step on the
    device), eval transform (bicubic resize) and train transform (RandomResizedCrop + flip),
-   in-process (1 and 2 decoding threads) and with 1 and 2 worker processes.
+   in-process (1 and 2 decoding threads) and with 1 and 2 worker processes. The pipeline
+   resizes with `owl_jax.data.fast_resize` (Pillow's pixels exactly, about twice as fast; off
+   with OWL_JAX_FAST_RESIZE=0), the loop with Pillow.
    Ratios are per core: images per CPU-second (this process + its workers, psutil) of the
    pipeline over those of the loop; the goal is >= 0.9. To see the same machine load, the
    loop runs concurrently in a separate process while the pipeline's CPU rate is measured,

@@ -73,6 +73,13 @@ Taps MakeTaps(int in_size, int out_size) {
   return t;
 }
 
+// Per-thread scratch that only grows: no allocation, zeroing or page faults per image.
+template <typename T>
+T* Scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
 inline __m256i Clip8(__m256i acc) {  // Pillow's clip8: acc >> 22, clamped to 0..255
   acc = _mm256_srai_epi32(acc, kBits);
   return _mm256_min_epi32(_mm256_max_epi32(acc, _mm256_setzero_si256()),
@@ -85,8 +92,12 @@ void Horizontal(const uint8_t* src, int64_t stride, int in_w, int rows, const Ta
   const int blocks = (out_w + 7) / 8;
   // Per 8-pixel block and tap: the 8 input pixel indices (clamped in range; the weight of a
   // tap past an output's count is 0) and weights.
-  std::vector<int32_t> index(static_cast<size_t>(blocks) * t.ksize * 8, 0);
-  std::vector<int32_t> weight(index.size(), 0);
+  thread_local std::vector<int32_t> index_buf, weight_buf;
+  const size_t n = static_cast<size_t>(blocks) * t.ksize * 8;
+  int32_t* index = Scratch(index_buf, n);
+  int32_t* weight = Scratch(weight_buf, n);
+  std::fill(index, index + n, 0);
+  std::fill(weight, weight + n, 0);
   for (int b = 0; b < blocks; ++b)
     for (int k = 0; k < t.ksize; ++k)
       for (int j = 0; j < 8; ++j) {
@@ -103,8 +114,8 @@ void Horizontal(const uint8_t* src, int64_t stride, int in_w, int rows, const Ta
     uint32_t* out = tmp + static_cast<size_t>(y) * out_w;
     for (int b = 0; b < blocks; ++b) {
       __m256i r = half, g = half, bl = half;
-      const int32_t* ib = index.data() + static_cast<size_t>(b) * t.ksize * 8;
-      const int32_t* wb = weight.data() + static_cast<size_t>(b) * t.ksize * 8;
+      const int32_t* ib = index + static_cast<size_t>(b) * t.ksize * 8;
+      const int32_t* wb = weight + static_cast<size_t>(b) * t.ksize * 8;
       for (int k = 0; k < t.ksize; ++k) {
         const __m256i px = _mm256_i32gather_epi32(
             row, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ib + k * 8)), 4);
@@ -176,35 +187,34 @@ int owl_resize_bicubic_rgbx(const uint8_t* src, int64_t stride, int in_w, int in
   const bool horizontal_first = !(in_h - out_h > 0 && in_h - out_h > (in_w - out_w) * 2);
   Taps tv = MakeTaps(in_h, out_h);
   const Taps th = MakeTaps(in_w, out_w);
-  std::vector<uint8_t> first_out, second_out;
+  thread_local std::vector<uint8_t> first_buf, second_buf;
   const uint8_t* cur = src;
   int64_t cur_stride = stride;
   if (horizontal_first) {
     if (horizontal) {  // only over the rows the vertical pass reads
       const int y0 = tv.first[0], y1 = tv.first[out_h - 1] + tv.count[out_h - 1];
-      first_out.resize(static_cast<size_t>(y1 - y0) * out_w * 4);
+      uint8_t* out = Scratch(first_buf, static_cast<size_t>(y1 - y0) * out_w * 4);
       Horizontal(src + y0 * stride, stride, in_w, y1 - y0, th, out_w,
-                 reinterpret_cast<uint32_t*>(first_out.data()));
+                 reinterpret_cast<uint32_t*>(out));
       for (int& f : tv.first) f -= y0;
-      cur = first_out.data();
+      cur = out;
       cur_stride = static_cast<int64_t>(out_w) * 4;
     }
     if (vertical) {
-      second_out.resize(static_cast<size_t>(out_h) * out_w * 4);
-      Vertical(cur, cur_stride, out_w, tv, out_h, second_out.data());
-      cur = second_out.data();
+      uint8_t* out = Scratch(second_buf, static_cast<size_t>(out_h) * out_w * 4);
+      Vertical(cur, cur_stride, out_w, tv, out_h, out);
+      cur = out;
       cur_stride = static_cast<int64_t>(out_w) * 4;
     }
   } else {  // vertical is needed here
-    first_out.resize(static_cast<size_t>(out_h) * in_w * 4);
-    Vertical(src, stride, in_w, tv, out_h, first_out.data());
-    cur = first_out.data();
+    uint8_t* out = Scratch(first_buf, static_cast<size_t>(out_h) * in_w * 4);
+    Vertical(src, stride, in_w, tv, out_h, out);
+    cur = out;
     cur_stride = static_cast<int64_t>(in_w) * 4;
     if (horizontal) {
-      second_out.resize(static_cast<size_t>(out_h) * out_w * 4);
-      Horizontal(cur, cur_stride, in_w, out_h, th, out_w,
-                 reinterpret_cast<uint32_t*>(second_out.data()));
-      cur = second_out.data();
+      uint8_t* out = Scratch(second_buf, static_cast<size_t>(out_h) * out_w * 4);
+      Horizontal(cur, cur_stride, in_w, out_h, th, out_w, reinterpret_cast<uint32_t*>(out));
+      cur = out;
       cur_stride = static_cast<int64_t>(out_w) * 4;
     }
   }
