@@ -12,9 +12,8 @@ pool has:
 Measured on 2 cores in docs/inference.md (Speed).
 
 The kernels are compiled on first use for this machine's CPU (they need AVX-512; see
-`owl_jax.native`). Where they cannot
-be built, or with `OWL_JAX_DECODE_KERNELS=0`, the XLA path runs instead, after one warning
-saying why.
+`owl_jax.native`). Where they cannot be built, or with `OWL_JAX_DECODE_KERNELS=0`, the XLA path
+runs instead, after one warning saying why.
 
 Only code that opts in uses them: `Dense` and `cached_attention` ask `matmul_applies` /
 `attention_applies`, which say no unless the caller traces inside `enabled()`. The generation
@@ -56,7 +55,8 @@ def available() -> bool:
             why = ""
             if os.environ.get("OWL_JAX_DECODE_KERNELS", "1") == "0":
                 why = "OWL_JAX_DECODE_KERNELS=0"
-            elif platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in native.cpu_flags():
+            elif (platform.machine() not in ("x86_64", "AMD64")
+                  or "avx512f" not in native.cpu_flags()):
                 why = "the CPU has no AVX-512"
             else:
                 try:

@@ -1,7 +1,8 @@
 // Bicubic resize of 8-bit RGB images, bit-exact with Pillow's `Image.resize(size, BICUBIC)`.
 //
-// Pillow (libImaging/Resample.c) resizes in two passes, horizontal then vertical, through an
-// 8-bit intermediate. Each output sample is an integer sum of input bytes times 22-bit
+// Pillow (libImaging/Resample.c) resizes in two passes through an 8-bit intermediate, usually
+// horizontal first (see owl_resize_bicubic_rgbx for when Pillow 13 goes vertical first; the two
+// orders round differently). Each output sample is an integer sum of input bytes times 22-bit
 // fixed-point weights, rounded and clipped. Integer sums do not depend on the order of the
 // terms, so this file computes the same weights (the same double arithmetic: built with
 // -ffp-contract=off so that no FMA changes a rounding) and the same sums, 8 outputs per AVX2
