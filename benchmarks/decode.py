@@ -14,7 +14,9 @@ Baselines, measured in the same process:
   summing an array as large as the weights one step reads, so both see the same cache
   hierarchy, as many times in a row as the decode steps, between the decode runs) divided by
   those bytes (every layer, the final norm and the lm_head; the KV cache
-  and one embedding row are left out, which makes the limit slightly optimistic for us).
+  and one embedding row are left out, which makes the limit slightly optimistic for us). Our
+  greedy step reads the lm_head as a bf16 copy (`owl_jax.greedy_screen`, exact tokens), so
+  the benchmark also prints the fraction of the limit for the bytes it actually reads.
 - matmul floors: the weight matmuls of one decode step alone, [batch, D] rows through every
   kernel, in XLA, in PyTorch and in our decode kernel (`owl_jax.decode_kernels`, which our
   decode step uses on CPU): what a decoder built on each pays per step.
@@ -249,6 +251,13 @@ def bench_decode(cfg, params, hf, args):
               f"bandwidth {bw / 1e9:.1f} GB/s (numpy {probe.best['numpy'] / 1e9:.1f}, XLA "
               f"{probe.best['xla'] / 1e9:.1f}) -> {limit:.1f} tok/s; owl-jax decode {ours:.1f} "
               f"tok/s = {100 * ours / limit:.0f}% of the limit", flush=True)
+        screen = gen._call_params.get("greedy_screen")
+        if screen is not None:  # our greedy step reads the lm_head as bf16 (owl_jax.greedy_screen)
+            read = (probe.nbytes - params["language_model"]["lm_head"]["kernel"].nbytes
+                    + screen["w"].nbytes + screen["bound"].nbytes)
+            print(f"batch 1: our greedy step reads {read / 1e6:.0f} MB (the lm_head as its bf16 "
+                  f"screen copy): {100 * ours * read / bw:.0f}% of the bandwidth limit for those "
+                  f"bytes", flush=True)
     return results
 
 

@@ -38,8 +38,11 @@ from owl_jax import native
 log = logging.getLogger(__name__)
 
 MATMUL = "owl_small_m_matmul"
+MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (the greedy screen, see sampling)
 ATTENTION = "owl_cached_attention"
+GREEDY_SCREEN = "owl_greedy_screen"
 MAX_ROWS = 16  # above this XLA's GEMM is the better matmul
+ROW_SPLIT_BELOW_N = 4096  # narrower w: the matmul kernel splits K between threads (csrc)
 MAX_QUERIES = 8  # query rows per kv head (grouped heads x new tokens) for the attention kernel
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17"]
 
@@ -62,7 +65,7 @@ def available() -> bool:
                 try:
                     lib = ctypes.cdll.LoadLibrary(native.build(
                         "decode_kernels", [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
-                    for name in (MATMUL, ATTENTION):
+                    for name in (MATMUL, MATMUL_BF16W, ATTENTION, GREEDY_SCREEN):
                         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                     platform="cpu")
                 except (OSError, RuntimeError) as e:
@@ -84,15 +87,26 @@ def enabled(on: bool = True):
 
 
 def matmul_applies(x, w) -> bool:
+    """fp32 x [..., K] with at most MAX_ROWS rows, fp32 or bf16 w [K, N]."""
     rows = int(np.prod(x.shape[:-1]))
-    return (_enabled.get() and x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2
-            and 0 < rows <= MAX_ROWS and x.shape[-1] == w.shape[0] > 0 and w.shape[1] > 0)
+    return (_enabled.get() and x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16)
+            and w.ndim == 2 and 0 < rows <= MAX_ROWS and x.shape[-1] == w.shape[0] > 0
+            and w.shape[1] > 0)
 
 
 def matmul(x, w):
-    """x [..., K] @ w [K, N] (see `matmul_applies`)."""
+    """x [..., K] @ w [K, N] in fp32 (see `matmul_applies`); bf16 w is widened exactly."""
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
-    return jax.ffi.ffi_call(MATMUL, out)(x, w)
+    return jax.ffi.ffi_call(MATMUL if w.dtype == jnp.float32 else MATMUL_BF16W, out)(x, w)
+
+
+def greedy_screen(h, w, approx, bound):
+    """(token int32 [M], safe bool [M]) for fp32 h [M, K], w [K, N], approx [M, N] and bound
+    [N]: see `owl_jax.greedy_screen` and csrc (GreedyScreen)."""
+    m = h.shape[0]
+    return jax.ffi.ffi_call(GREEDY_SCREEN, (jax.ShapeDtypeStruct((m,), jnp.int32),
+                                            jax.ShapeDtypeStruct((m,), jnp.bool_)))(
+        h, w, approx, bound)
 
 
 def attention_applies(q, k, v) -> bool:

@@ -18,7 +18,9 @@ Layout of a batch (every row ends at the same cache slot, so one scalar slot ind
 - Streaming calls the same compiled loop with a smaller step limit (a chunk of N tokens), hands
   the text so far to a callback, and calls it again; each chunk costs one host round trip.
 
-Token choice follows HF `generate` (see `owl_jax.sampling`, `owl_jax.beam`). Results hold the new
+Token choice follows HF `generate` (see `owl_jax.sampling`, `owl_jax.beam`). Plain greedy decoding
+with the CPU decode kernels reads a bf16 copy of the lm_head and checks its pick exactly
+(`owl_jax.greedy_screen`: the same tokens, half the head's bytes). Results hold the new
 token ids only (HF 4.28 returns [BOS] + new tokens; we drop the BOS) and never the EOS: a row that
 stopped at EOS has `finish_reason == "eos"`, one that ran out of tokens `"length"`.
 """
@@ -38,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from owl_jax import beam as beam_lib
 from owl_jax import sampling
 from owl_jax import decode_kernels
+from owl_jax import greedy_screen
 from owl_jax.config import OwlConfig
 from owl_jax.models import llama as llama_lib
 from owl_jax.models.masks import cache_mask
@@ -141,6 +144,15 @@ class Generator:
         self._prefill = jit(self._prefill_fn, static_argnames=("spec", "slots"))
         self._decode = jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
         self._generate = jit(self._generate_fn, static_argnames=("spec", "slots"))
+        # what the compiled functions get: the params, plus the greedy screen where it applies
+        self._call_params = self._with_screen(self.params)
+
+    def _with_screen(self, params):
+        head = params["language_model"]["lm_head"]["kernel"]
+        with decode_kernels.enabled(self.decode_kernels):
+            if self.dtype != jnp.float32 or not greedy_screen.applies(head):
+                return params
+        return dict(params, greedy_screen=greedy_screen.prepare(head))
 
     # ---------------------------------------------------------------------------------------
     # Model pieces (traced)
@@ -163,8 +175,9 @@ class Generator:
         sh = NamedSharding(self.mesh, spec)
         return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sh), cache)
 
-    def _step_logits(self, params, state):
-        """Feeds each row's last token (slot Lb + step - 1) and returns next-token logits."""
+    def _step_logits(self, params, state, hidden=False):
+        """Feeds each row's last token (slot Lb + step - 1) and returns next-token logits (or,
+        with hidden, the final-normed hidden states [B, D])."""
         s = state["kv_valid"].shape[1]
         lb = s - state["tokens"].shape[-1]
         t = state["step"]
@@ -172,8 +185,8 @@ class Generator:
         slot = lb + t - 1
         pos = (state["pos0"] + t - 1)[:, None]
         mask = cache_mask(state["kv_valid"], slot[None])
-        logits, cache = self._lm(params, x, pos, mask, state["cache"], slot)
-        return logits[:, 0].astype(jnp.float32), self._constrain_cache(cache)
+        out, cache = self._lm(params, x, pos, mask, state["cache"], slot, hidden)
+        return out[:, 0].astype(jnp.float32), self._constrain_cache(cache)
 
     # ---------------------------------------------------------------------------------------
     # Prefill and decode (traced)
@@ -219,16 +232,19 @@ class Generator:
                      last=jnp.zeros((b,), jnp.int32))
         return self._choose(state, logits, knobs, spec)
 
-    def _choose(self, state, logits, knobs, spec):
-        """Greedy / sampled token for every row that is not done; bookkeeping."""
+    def _choose(self, state, logits, knobs, spec, tok=None):
+        """Greedy / sampled token for every row that is not done (or `tok`, already chosen);
+        bookkeeping."""
         lb = state["kv_valid"].shape[1] - state["tokens"].shape[-1]
         t = state["step"]
-        logits = sampling.process(
-            logits, seen=state.get("seen"), penalty=knobs["penalty"], hist=state.get("hist"),
-            cur_len=lb + t, ngram=spec.ngram)
-        key = jax.random.fold_in(state["key"], t)
-        tok = sampling.choose(logits, key, do_sample=spec.sample, temperature=knobs["temperature"],
-                              top_k=spec.top_k, top_p=knobs["top_p"] if spec.top_p else None)
+        if tok is None:
+            logits = sampling.process(
+                logits, seen=state.get("seen"), penalty=knobs["penalty"],
+                hist=state.get("hist"), cur_len=lb + t, ngram=spec.ngram)
+            key = jax.random.fold_in(state["key"], t)
+            tok = sampling.choose(logits, key, do_sample=spec.sample,
+                                  temperature=knobs["temperature"], top_k=spec.top_k,
+                                  top_p=knobs["top_p"] if spec.top_p else None)
         done = state["done"]
         tok = jnp.where(done, self.cfg.text.pad_token_id, tok)
         eos = ~done & (tok == knobs["eos"])
@@ -249,7 +265,15 @@ class Generator:
         def cond(st):
             return (st["step"] < limit) & ~jnp.all(st["done"])
 
+        screened = "greedy_screen" in params and not (
+            spec.sample or spec.penalty or spec.ngram or spec.beam_search)
+
         def body(st):
+            if screened:
+                h, cache = self._step_logits(params, st, hidden=True)
+                tok = greedy_screen.tokens(h, params["language_model"]["lm_head"]["kernel"],
+                                           params["greedy_screen"])
+                return self._choose(dict(st, cache=cache), None, knobs, spec, tok=tok)
             logits, cache = self._step_logits(params, st)
             st = dict(st, cache=cache)
             if spec.beam_search:
@@ -348,10 +372,10 @@ class Generator:
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             total = int(budget.max())
             if stream is None or spec.beam_search:
-                state = self._generate(self.params, ids, valid, px, budget, knobs,
+                state = self._generate(self._call_params, ids, valid, px, budget, knobs,
                                        jnp.int32(total), spec=spec, slots=slots)
             else:
-                state = self._prefill(self.params, ids, valid, px, budget, knobs, spec=spec,
+                state = self._prefill(self._call_params, ids, valid, px, budget, knobs, spec=spec,
                                       slots=slots)
                 limit = 1
                 while True:
@@ -359,7 +383,8 @@ class Generator:
                     if limit >= total or bool(jnp.all(state["done"])):
                         break
                     limit = min(limit + self.stream_chunk, total)
-                    state = self._decode(self.params, state, jnp.int32(limit), knobs, spec=spec)
+                    state = self._decode(self._call_params, state, jnp.int32(limit), knobs,
+                                         spec=spec)
         if spec.beam_search:
             out = beam_lib.finish(jax.device_get({k: v for k, v in state.items()
                                                   if k in beam_lib.RESULT_KEYS}),

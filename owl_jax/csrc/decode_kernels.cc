@@ -2,6 +2,7 @@
 //
 // 1. owl_small_m_matmul: y[M, N] = x[M, K] @ w[K, N] for the few rows of a step (M = batch).
 // 2. owl_cached_attention: softmax(q k^T / sqrt(D)) v for a few query rows against a KV cache.
+// 3. owl_greedy_screen: the exact check of a greedy token picked from bf16 weights.
 //
 // Both are streams over memory (weights, cache) with little arithmetic per byte, where XLA's
 // library calls pay per-call packing or per-head overheads that cost more than the work.
@@ -46,9 +47,17 @@ inline __mmask16 TailMask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
+// 16 weights as floats: fp32, or bf16 (uint16_t: the top half of an fp32, so a shift).
+inline __m512 Load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 Load16(__mmask16 m, const uint16_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 // y[:M, c0:c1] = x[:M, :K] @ w[:K, c0:c1]; x rows have stride ldx, w and y rows stride N.
-template <int M>
-void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, float* y,
+// W is float, or uint16_t for bf16 weights (the greedy screen's copy of the lm_head).
+template <int M, typename W>
+void Columns(const float* x, int64_t ldx, int64_t K, const W* w, int64_t N, float* y,
              int64_t c0, int64_t c1, bool ahead) {
   for (int64_t k0 = 0; k0 < K; k0 += kSweepRows) {
     const int64_t rows = std::min(kSweepRows, K - k0);
@@ -65,7 +74,7 @@ void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, 
           a1[m] = _mm512_maskz_loadu_ps(m1, y + m * N + c + 16);
         }
       }
-      const float* wk = w + k0 * N + c;
+      const W* wk = w + k0 * N + c;
       const float* xk = x + k0;
       // Narrow w (`ahead`): request this tile of the next sweep now, a whole sweep ahead. Its
       // rows are too short streams for the hardware prefetcher to get going (M = 8, 768-wide
@@ -77,8 +86,8 @@ void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, 
         _mm_prefetch(reinterpret_cast<const char*>(wk + r * N + 16), _MM_HINT_T0);
       }
       auto row = [&](int64_t k) {
-        const __m512 w0 = _mm512_maskz_loadu_ps(m0, wk + k * N);
-        const __m512 w1 = _mm512_maskz_loadu_ps(m1, wk + k * N + 16);
+        const __m512 w0 = Load16(m0, wk + k * N);
+        const __m512 w1 = Load16(m1, wk + k * N + 16);
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) {
           const __m512 xv = _mm512_set1_ps(xk[m * ldx + k]);
@@ -102,20 +111,21 @@ void Columns(const float* x, int64_t ldx, int64_t K, const float* w, int64_t N, 
 }
 
 // All M rows, in groups of at most 8 (16 accumulators + 2 weight registers).
-void AllRows(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t N,
+template <typename W>
+void AllRows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* w, int64_t N,
              float* y, int64_t c0, int64_t c1, bool ahead) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const float* xm = x + m0 * ldx;
     float* ym = y + m0 * N;
     switch (std::min<int64_t>(8, M - m0)) {
-      case 1: Columns<1>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
-      case 2: Columns<2>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
-      case 3: Columns<3>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
-      case 4: Columns<4>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
-      case 5: Columns<5>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
-      case 6: Columns<6>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
-      case 7: Columns<7>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
-      default: Columns<8>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 1: Columns<1, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 2: Columns<2, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 3: Columns<3, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 4: Columns<4, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 5: Columns<5, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 6: Columns<6, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      case 7: Columns<7, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
+      default: Columns<8, W>(xm, ldx, K, w, N, ym, c0, c1, ahead); break;
     }
   }
 }
@@ -299,16 +309,15 @@ void AttendOne(const float* q, const float* k, const float* v, const bool* mask,
 
 }  // namespace
 
-static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();
+namespace {
+
+template <typename W>
+ffi::Error SmallMMatmul(ffi::ThreadPool& pool, const float* xp, int64_t x_count, const W* wp,
+                        ffi::Span<const int64_t> wd, float* yp) {
   if (wd.size() != 2) return ffi::Error::InvalidArgument("small_m_matmul: w must be 2-D");
   const int64_t K = wd[0], N = wd[1];
-  const int64_t M = K ? x.element_count() / K : 0;
+  const int64_t M = K ? x_count / K : 0;
   if (M == 0 || N == 0) return ffi::Error::Success();
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
-  float* yp = y->typed_data();
   const int64_t threads = Threads(pool);
   if (N < kRowSplitBelowN && K >= 64 * threads) {
     // Short output rows: the threads take row ranges of w (each over all N columns) into
@@ -338,14 +347,116 @@ static ffi::Error SmallMMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul, SmallMMatmul,
+}  // namespace
+
+static ffi::Error SmallMMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  return SmallMMatmul(pool, x.typed_data(), x.element_count(), w.typed_data(), w.dimensions(),
+                      y->typed_data());
+}
+
+static ffi::Error SmallMMatmulBF16W(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                    ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
+  return SmallMMatmul(pool, x.typed_data(), x.element_count(), w.typed_data(), w.dimensions(),
+                      y->typed_data());
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul, SmallMMatmulF32,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-using F32x3 = ffi::Buffer<ffi::F32, 3>;  // aliases: a comma inside the handler macro breaks it
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_bf16w, SmallMMatmulBF16W,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The greedy screen's check (owl_jax/greedy_screen.py). For each row m: approx[m] = h[m] @ bf16(w)
+// and |fp32 logit_v - approx_v| <= ||h[m]|| * bound[v]. Columns whose upper bound reaches the
+// largest lower bound are the candidates (the argmax is among them, and every other column is
+// strictly below it); their logits are computed as the column path of owl_small_m_matmul sums
+// them (one fused multiply-add per k, k ascending from zero: the same bits), and the first
+// index of the largest is the token. safe[m] is false, and the caller computes the full logits,
+// where more than kMaxCandidates columns qualify or anything is NaN.
+constexpr int64_t kMaxCandidates = 16;
+
+using F32x1 = ffi::Buffer<ffi::F32, 1>;  // aliases: a comma inside the handler macro breaks it
+using F32x2 = ffi::Buffer<ffi::F32, 2>;
+using S32x1 = ffi::Buffer<ffi::S32, 1>;
+using PREDx1 = ffi::Buffer<ffi::PRED, 1>;
+
+static ffi::Error GreedyScreen(F32x2 h, F32x2 w, F32x2 approx, F32x1 bound,
+                               ffi::Result<S32x1> token, ffi::Result<PREDx1> safe) {
+  const int64_t M = h.dimensions()[0], K = h.dimensions()[1], N = w.dimensions()[1];
+  if (w.dimensions()[0] != K || approx.dimensions()[0] != M || approx.dimensions()[1] != N ||
+      bound.dimensions()[0] != N)
+    return ffi::Error::InvalidArgument("greedy_screen: shapes do not match");
+  const float* wp = w.typed_data();
+  const float* bp = bound.typed_data();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* hm = h.typed_data() + m * K;
+    const float* am = approx.typed_data() + m * N;
+    double r2 = 0;
+    for (int64_t k = 0; k < K; ++k) r2 += double(hm[k]) * hm[k];
+    // |logit - approx| <= r * bound; the margin t = r * bound + |approx| * 2^-22 also covers
+    // the fp32 rounding of the sums below (an ulp of |approx| at most)
+    const __m512 r = _mm512_set1_ps(static_cast<float>(std::sqrt(r2) * (1 + 1e-6)));
+    const __m512 rel = _mm512_set1_ps(0x1p-22f);
+    auto margin = [&](__m512 a, int64_t v, __mmask16 mk) {
+      return _mm512_fmadd_ps(r, _mm512_maskz_loadu_ps(mk, bp + v),
+                             _mm512_mul_ps(_mm512_abs_ps(a), rel));
+    };
+    __m512 lo = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __mmask16 bad = 0;
+    for (int64_t v = 0; v < N; v += 16) {
+      const __mmask16 mk = TailMask(N - v);
+      const __m512 a = _mm512_maskz_loadu_ps(mk, am + v);
+      bad |= _mm512_mask_cmp_ps_mask(mk, a, a, _CMP_UNORD_Q);
+      lo = _mm512_mask_max_ps(lo, mk, lo, _mm512_sub_ps(a, margin(a, v, mk)));
+    }
+    const float lower = _mm512_reduce_max_ps(lo);
+    int64_t cand[kMaxCandidates];
+    int64_t n = 0;
+    bool ok = !bad && std::isfinite(lower);
+    const __m512 lower16 = _mm512_set1_ps(lower);
+    for (int64_t v = 0; ok && v < N; v += 16) {
+      const __mmask16 mk = TailMask(N - v);
+      const __m512 a = _mm512_maskz_loadu_ps(mk, am + v);
+      for (__mmask16 hit = _mm512_mask_cmp_ps_mask(mk, _mm512_add_ps(a, margin(a, v, mk)),
+                                                   lower16, _CMP_GE_OQ);
+           hit && ok; hit &= hit - 1) {
+        if (n == kMaxCandidates) ok = false;
+        else cand[n++] = v + __builtin_ctz(hit);
+      }
+    }
+    int32_t best_v = 0;
+    float best = 0;
+    for (int64_t i = 0; ok && i < n; ++i) {  // candidates in ascending index order
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(hm[k], wp[k * N + cand[i]], acc);
+      if (std::isnan(acc)) ok = false;
+      if (i == 0 || acc > best) best = acc, best_v = static_cast<int32_t>(cand[i]);
+    }
+    token->typed_data()[m] = best_v;
+    safe->typed_data()[m] = ok && n > 0;
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_greedy_screen, GreedyScreen,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32x2>()
+                                  .Arg<F32x2>()
+                                  .Arg<F32x2>()
+                                  .Arg<F32x1>()
+                                  .Ret<S32x1>()
+                                  .Ret<PREDx1>());
+
+using F32x3 = ffi::Buffer<ffi::F32, 3>;
 using PREDx3 = ffi::Buffer<ffi::PRED, 3>;
 
 static ffi::Error CachedAttention(ffi::ThreadPool pool, F32x3 q, F32x3 k, F32x3 v, PREDx3 mask,

@@ -1,0 +1,114 @@
+"""The greedy screen picks exactly the fp32 path's greedy tokens while reading a bf16 head."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from owl_jax import decode_kernels, greedy_screen, sampling
+from owl_jax.config import tiny
+from owl_jax.generate import GenerationConfig, Generator
+
+pytestmark = pytest.mark.skipif(not decode_kernels.available(), reason="no decode kernels")
+
+D, V = 64, 5000  # at least decode_kernels.ROW_SPLIT_BELOW_N columns
+
+
+def _head(rng, d=D, v=V):
+    return (rng.standard_normal((d, v)) * 0.05).astype(np.float32)
+
+
+@jax.jit
+def _full(h, w):
+    return sampling.greedy(decode_kernels.matmul(h, w))
+
+
+_screen = jax.jit(greedy_screen.tokens)
+
+
+def test_bf16_matmul_is_the_widened_product():
+    rng = np.random.default_rng(0)
+    w, h = _head(rng), rng.standard_normal((3, D)).astype(np.float32)
+    wb = w.astype(ml_dtypes.bfloat16)
+    got = jax.jit(decode_kernels.matmul)(h, jnp.asarray(wb))
+    want = h.astype(np.float64) @ wb.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_bound_holds():
+    """|fp32 kernel logit - bf16 kernel logit| <= ||h|| * bound, for every column."""
+    rng = np.random.default_rng(1)
+    w = _head(rng)
+    screen = greedy_screen.prepare(w)
+    for scale in (1e-3, 1.0, 300.0):
+        h = (rng.standard_normal((4, D)) * scale).astype(np.float32)
+        full = np.asarray(jax.jit(decode_kernels.matmul)(h, jnp.asarray(w)), np.float64)
+        approx = np.asarray(jax.jit(decode_kernels.matmul)(h, screen["w"]), np.float64)
+        r = np.linalg.norm(h.astype(np.float64), axis=1, keepdims=True)
+        gap = np.abs(full - approx) / (r * np.asarray(screen["bound"], np.float64))
+        assert gap.max() <= 1.0
+        assert gap.max() > 1e-3  # and it is not vacuous
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8, 16])
+def test_tokens_equal_the_fp32_greedy(batch):
+    rng = np.random.default_rng(batch)
+    w = _head(rng)
+    screen = greedy_screen.prepare(w)
+    wj = jnp.asarray(w)
+    for _ in range(10):
+        h = jnp.asarray(rng.standard_normal((batch, D)).astype(np.float32))
+        np.testing.assert_array_equal(_screen(h, wj, screen), _full(h, wj))
+
+
+def test_ties_nan_and_the_fallback():
+    """Exact ties (first index wins), near-ties of one ulp, more candidates than the screen
+    keeps, inf and NaN rows: the same tokens as the fp32 path, and the check says which rows
+    it could not settle."""
+    rng = np.random.default_rng(7)
+    w = _head(rng)
+    w[:, 4000] = w[:, 123]                                      # an exact tie with column 123
+    w[:, 777] = np.nextafter(w[:, 42], np.float32(np.inf))      # a near-tie with column 42
+    w[:, 3000:3100] = w[:, [2999]]                             # 101 equal columns
+    screen = greedy_screen.prepare(w)
+    wj = jnp.asarray(w)
+    h = np.zeros((6, D), np.float32)
+    h[0] = w[:, 123] * 10                                       # picks 123 over 4000
+    h[1] = np.abs(w[:, 42]) * 10                                 # 42 against 777
+    h[2] = w[:, 2999] * 10                                      # 101 candidates: fallback
+    h[3] = rng.standard_normal(D)
+    h[4, 0] = np.nan
+    h[5, 1] = np.inf
+    hj = jnp.asarray(h)
+    np.testing.assert_array_equal(_screen(hj, wj, screen), _full(hj, wj))
+    _, safe = jax.jit(decode_kernels.greedy_screen)(
+        hj, wj, jax.jit(decode_kernels.matmul)(hj, screen["w"]), screen["bound"])
+    assert list(np.asarray(safe)) == [True, True, False, True, False, False]
+
+
+def test_applies_only_where_the_head_is_wide_fp32_and_the_kernels_run():
+    wide = jnp.zeros((D, V), jnp.float32)
+    assert not greedy_screen.applies(wide)  # outside decode_kernels.enabled()
+    with decode_kernels.enabled():
+        assert greedy_screen.applies(wide)
+        assert not greedy_screen.applies(jnp.zeros((D, 1000), jnp.float32))
+        assert not greedy_screen.applies(wide.astype(jnp.bfloat16))
+
+
+def test_generation_with_the_screen_equals_without():
+    from test_generate import FAST, random_params  # tests/ is on sys.path
+    cfg = tiny(vocab_size=V)
+    params = random_params(cfg)
+    gen = Generator(cfg, params, compiler_options=FAST)
+    assert "greedy_screen" in gen._call_params
+    plain = Generator(cfg, params, compiler_options=FAST)
+    plain._call_params = plain.params
+    rng = np.random.default_rng(0)
+    rows = [[1] + rng.integers(3, V, n).tolist() for n in (5, 17, 9)]
+    g = GenerationConfig(max_new_tokens=24, eos_token_id=-1)
+    want = plain.generate(rows, None, g)
+    for a, b in zip(gen.generate(rows, None, g), want):
+        np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    streamed = []
+    gen.generate(rows[:1], None, g, stream=streamed.append)
+    np.testing.assert_array_equal(streamed[-1][0], want[0].token_ids)
