@@ -41,6 +41,7 @@ MATMUL = "owl_small_m_matmul"
 MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (the greedy screen, see sampling)
 ATTENTION = "owl_cached_attention"
 GREEDY_SCREEN = "owl_greedy_screen"
+MATERIALIZE = "owl_materialize"
 MAX_ROWS = 16  # above this XLA's GEMM is the better matmul
 ROW_SPLIT_BELOW_N = 4096  # narrower w: the matmul kernel splits K between threads (csrc)
 MAX_QUERIES = 8  # query rows per kv head (grouped heads x new tokens) for the attention kernel
@@ -65,7 +66,7 @@ def available() -> bool:
                 try:
                     lib = ctypes.cdll.LoadLibrary(native.build(
                         "decode_kernels", [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
-                    for name in (MATMUL, MATMUL_BF16W, ATTENTION, GREEDY_SCREEN):
+                    for name in (MATMUL, MATMUL_BF16W, ATTENTION, GREEDY_SCREEN, MATERIALIZE):
                         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                     platform="cpu")
                 except (OSError, RuntimeError) as e:
@@ -107,6 +108,14 @@ def greedy_screen(h, w, approx, bound):
     return jax.ffi.ffi_call(GREEDY_SCREEN, (jax.ShapeDtypeStruct((m,), jnp.int32),
                                             jax.ShapeDtypeStruct((m,), jnp.bool_)))(
         h, w, approx, bound)
+
+
+def materialize(x):
+    """x, computed once: an identity XLA cannot fuse into consumers (inside `enabled()`; else
+    x itself). For values that many fusions read, like the decode step's RoPE cos and sin."""
+    if not _enabled.get():
+        return x
+    return jax.ffi.ffi_call(MATERIALIZE, jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
 
 
 def attention_applies(q, k, v) -> bool:

@@ -175,3 +175,18 @@ def test_generator_decodes_through_the_kernels(monkeypatch):
     ref = Generator(cfg, params, compiler_options=FAST, decode_kernels=False).generate(rows, px,
                                                                                         gcfg)
     assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
+
+
+def test_materialize_is_an_identity_that_xla_cannot_fuse():
+    from owl_jax.models.layers import rope_cos_sin
+    pos = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
+    def fresh():  # jit caches traces whatever the context: a new function each time
+        return jax.jit(lambda p: rope_cos_sin(p, 64, 10000.0, jnp.float32))
+    plain = fresh()(pos)
+    assert decode_kernels.MATERIALIZE not in fresh().lower(pos).as_text()
+    with decode_kernels.enabled():
+        hlo = fresh().lower(pos).as_text()
+        got = fresh()(pos)
+    assert hlo.count(decode_kernels.MATERIALIZE) == 2
+    for a, b in zip(got, plain):
+        np.testing.assert_array_equal(a, b)  # the same bits

@@ -27,6 +27,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -455,6 +456,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_greedy_screen, GreedyScreen,
                                   .Arg<F32x1>()
                                   .Ret<S32x1>()
                                   .Ret<PREDx1>());
+
+// A copy XLA cannot fuse through: the decode step's RoPE cos / sin go through it, so that XLA
+// computes them once per step instead of inside each of the 2 x layers fusions that read them
+// (where a broadcast over the heads made it evaluate each cos and sin once per head).
+static ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_materialize, Materialize,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 using F32x3 = ffi::Buffer<ffi::F32, 3>;
 using PREDx3 = ffi::Buffer<ffi::PRED, 3>;
