@@ -16,7 +16,8 @@ the argmax of the logits, so a step:
 So the tokens are those of the plain fp32 path, bit for bit; tests/test_greedy_screen.py checks
 that, the bound, and the fallback. The generation engine uses it for plain greedy decoding
 (no sampling, penalties, n-gram bans or beams) where the decode kernels run and the vocabulary
-is at least `decode_kernels.ROW_SPLIT_BELOW_N` wide (narrower heads sum in another order).
+is at least `decode_kernels.ROW_SPLIT_BELOW_N` wide (narrower heads sum in another order). It
+keeps the bf16 copy next to the fp32 head: half the head's size in memory again.
 """
 from __future__ import annotations
 
