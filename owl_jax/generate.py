@@ -265,8 +265,9 @@ class Generator:
         def cond(st):
             return (st["step"] < limit) & ~jnp.all(st["done"])
 
-        screened = "greedy_screen" in params and not (
-            spec.sample or spec.penalty or spec.ngram or spec.beam_search)
+        # plain greedy at a batch the fp32 head would also run through the decode kernels
+        screened = ("greedy_screen" in params and state["last"].shape[0] <= decode_kernels.MAX_ROWS
+                    and not (spec.sample or spec.penalty or spec.ngram or spec.beam_search))
 
         def body(st):
             if screened:
