@@ -342,3 +342,19 @@ def test_process_share_is_grains_shuffle_and_strided_share():
         assert len(set(e)) == len(e) == (n // count) * count and set(e) <= set(range(n))
     assert epoch[0] != epoch[1]
     assert ProcessShare(range(n), 5, 1, count, None)[7] == shares[1][7]  # deterministic
+
+
+@pytest.mark.parametrize("batch_size", [3, 4])
+def test_every_row_pairs_its_caption_with_its_own_image(data, batch_size):
+    """With samples dropped inside the pipeline (the webdataset's planted bad ones) and several
+    rows per batch, each row's pixels are its own caption's image, in every batch."""
+    spec = f"webdataset:{data['root']}/wds/*.tar"
+    originals = {ex["text"]: ex["image"] for ex in open_source(spec)}
+    rows = 0
+    for b in take(make_train_iterator(cfg(spec, augment=False, batch_size=batch_size),
+                                      data["tok"], OWL, 0, 1)):
+        for row, text in enumerate(captions([b], data["tok"])):
+            want = Image.fromarray(originals[text]).resize((28, 28), Image.BICUBIC)
+            np.testing.assert_array_equal(b["pixel_values"][row, 0], np.asarray(want))
+            rows += 1
+    assert rows >= 20
