@@ -93,9 +93,10 @@ def _bar(total: int, desc: str):
 
 
 def write_text_corpus(p: dict, n: int) -> list[str]:
-    """The warm-up corpus: official-format text-only conversations (jsonl) and plain lines
-    "red circle gray. a red circle on a gray background" (a text-only webdataset shard: `.txt`
-    members, no image, read by the pipeline's `text` task). Returns all the text written."""
+    """The warm-up corpus: official-format text-only conversations (jsonl), and plain lines
+    "red circle gray. a red circle on a gray background" plus the same conversations as one
+    string each (a text-only webdataset shard: `.txt` members, no image, read by the
+    pipeline's `text` task). Returns all the text written."""
     import random
     os.makedirs(p["text_shards"], exist_ok=True)
     convs = shapes.text_corpus(TEXT_SEED, n)
@@ -113,6 +114,12 @@ def write_text_corpus(p: dict, n: int) -> list[str]:
         words = [c, s, b]
         rng.shuffle(words)
         lines.append(f"{' '.join(words)}. {shapes.caption_for(c, s, b, rng.randrange(5))}")
+    # The conversations again as the model reads them at inference. Training encodes "AI: " as
+    # a chunk of its own ("▁AI", ":", "▁"), the official processor encodes the prompt's last
+    # chunk whole ("?\n", "AI", ":", "▁"); a line with "AI:  " (two spaces) encodes like that,
+    # answer included. A pretrained 7B LLM knows both; ours, trained from scratch, had never seen
+    # "AI" without its "▁" and answered "." to up to half the shape questions.
+    lines += [t.replace("\nAI: ", "\nAI:  ") for t in convs]
     with tarfile.open(os.path.join(p["text_shards"], "00000.tar"), "w") as tar:
         for i, line in enumerate(lines):
             data = line.encode()
@@ -292,7 +299,10 @@ def main(argv=None) -> int:
     st("sentencepiece (BPE, LLaMA special ids, byte fallback)")
     from owl_jax.testing.spm import train_tiny_tokenizer
     from owl_jax.tokenizer import OwlTokenizer
-    train_tiny_tokenizer(p["tokenizer"], vocab_size=512, texts=tokenizer_corpus(text))
+    # 640 pieces: at 512, "Blue", "Green" and "Yellow" were spelled "▁" + letters, so the one-word
+    # answers ("Blue.") hinged on LoRA learning single letters from the image, and the colour
+    # answer swung between 100% and 75% with the sample order. At 640 every colour is one piece.
+    train_tiny_tokenizer(p["tokenizer"], vocab_size=640, texts=tokenizer_corpus(text))
     tok = OwlTokenizer.from_dir(p["tokenizer"])
     print(f"  vocab {tok.vocab_size}; '{shapes.caption_for('red', 'circle', 'white')}' -> "
           f"{len(tok.encode(shapes.caption_for('red', 'circle', 'white')))} tokens", flush=True)
