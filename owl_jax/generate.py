@@ -111,6 +111,15 @@ def _pow2(n: int, minimum: int = 1) -> int:
 # The engine
 
 
+# With the decode kernels doing a step's matmuls and attention, what XLA runs around them is
+# small: the RMSNorm sums over [B, D], the greedy screen fallback's max. XLA's default sends
+# such reductions (and dots) to YNNPACK, one library call each, which costs more than the sum:
+# with YNNPACK off, the decode step ran 4% (batch 1) and 6.5% (batch 8) faster in an interleaved
+# A/B on benchmarks/decode.py's model, with the same tokens (Eigen takes the prefill's dots, at
+# the same speed).
+KERNEL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 class Generator:
     """Compiled prefill + decode for one set of params.
 
@@ -119,7 +128,8 @@ class Generator:
     the `tensor` axis by kv head. compiler_options: XLA options for every compile (e.g.
     {"xla_backend_optimization_level": 0} when compile time dominates, as in tests).
     decode_kernels: run the decode step's fp32 matmuls and attention through
-    `owl_jax.decode_kernels` (single-device CPU only; None: wherever that applies).
+    `owl_jax.decode_kernels` (single-device CPU only; None: wherever that applies), compiled
+    with KERNEL_COMPILER_OPTIONS under compiler_options.
     """
 
     def __init__(self, cfg: OwlConfig, params, dtype=jnp.float32, mesh=None,
@@ -140,6 +150,8 @@ class Generator:
         self.owl = Owl(cfg, dtype=self.dtype, param_dtype=self.dtype)
         self.lm = llama_lib.Llama(cfg.text, dtype=self.dtype, param_dtype=self.dtype)
         self.traces = 0  # how many times a prefill / decode function was traced (= compiled)
+        if decode_kernels:
+            compiler_options = {**KERNEL_COMPILER_OPTIONS, **(compiler_options or {})}
         jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
         self._prefill = jit(self._prefill_fn, static_argnames=("spec", "slots"))
         self._decode = jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
