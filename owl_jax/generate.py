@@ -152,7 +152,8 @@ class Generator:
         self.traces = 0  # how many times a prefill / decode function was traced (= compiled)
         if decode_kernels:
             compiler_options = {**KERNEL_COMPILER_OPTIONS, **(compiler_options or {})}
-        jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
+        self.compiler_options = compiler_options or None
+        jit = functools.partial(jax.jit, compiler_options=self.compiler_options)
         self._prefill = jit(self._prefill_fn, static_argnames=("spec", "slots"))
         self._decode = jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
         self._generate = jit(self._generate_fn, static_argnames=("spec", "slots"))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from owl_jax import decode_kernels
+from owl_jax.generate import KERNEL_COMPILER_OPTIONS
 from owl_jax.models.layers import Dense, cached_attention
 
 needs_kernel = pytest.mark.skipif(
@@ -166,11 +167,27 @@ def test_generator_decodes_through_the_kernels(monkeypatch):
         monkeypatch.setattr(decode_kernels, name, counted)
     gen = Generator(cfg, params, compiler_options=FAST)
     assert gen.decode_kernels
+    assert gen.compiler_options == {**KERNEL_COMPILER_OPTIONS, **FAST}
     ours = gen.generate(rows, px, gcfg)
     assert calls["matmul"] > 0 and calls["attention"] > 0
-    ref = Generator(cfg, params, compiler_options=FAST, decode_kernels=False).generate(rows, px,
-                                                                                        gcfg)
+    xla = Generator(cfg, params, compiler_options=FAST, decode_kernels=False)
+    assert xla.compiler_options == FAST
+    ref = xla.generate(rows, px, gcfg)
     assert [o.token_ids for o in ours] == [r.token_ids for r in ref]
+
+
+def test_kernel_compiler_options_keep_the_norm_sums_out_of_ynnpack():
+    """What KERNEL_COMPILER_OPTIONS is for: XLA's default sends an RMSNorm's sum over [B, D]
+    to YNNPACK as a library call (which costs more than the sum in a decode step); with the
+    options it does not."""
+    def rms_norm(x):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    x = jnp.ones((8, 768), jnp.float32)
+    default = jax.jit(rms_norm).lower(x).compile().as_text()
+    ours = jax.jit(rms_norm, compiler_options=KERNEL_COMPILER_OPTIONS).lower(x).compile()
+    assert "__ynn_fusion" in default
+    assert "__ynn_fusion" not in ours.as_text()
+    np.testing.assert_allclose(np.asarray(ours(x)), np.ones((8, 768)), rtol=1e-6)
 
 
 def test_materialize_is_an_identity_that_xla_cannot_fuse():

@@ -58,9 +58,9 @@ inline __m512 Load16(__mmask16 m, const uint16_t* p) {
 // y[:M, c0:c1] = xt[:K, :M]^T @ w[:K, c0:c1]: xt holds x k-major (row k's M values side by
 // side), w and y rows have stride N. W is float, or uint16_t for bf16 weights (the greedy
 // screen's copy of the lm_head).
-template <int M, typename W>
+template <int M, bool Ahead, typename W>
 void Columns(const float* xt, int64_t K, const W* w, int64_t N, float* y, int64_t c0,
-             int64_t c1, bool ahead) {
+             int64_t c1) {
   for (int64_t k0 = 0; k0 < K; k0 += kSweepRows) {
     const int64_t rows = std::min(kSweepRows, K - k0);
     for (int64_t c = c0; c < c1; c += 32) {
@@ -78,16 +78,18 @@ void Columns(const float* xt, int64_t K, const W* w, int64_t N, float* y, int64_
       }
       const W* wk = w + k0 * N + c;
       const float* xk = xt + k0 * M;
-      // Narrow w (`ahead`): request this tile of the next sweep now, a whole sweep ahead. Its
-      // rows are too short streams for the hardware prefetcher to get going (M = 8, 768-wide
-      // layers: a 12-layer step's matmuls 26.5 -> 22.5 ms in an A/B; M = 1 within the noise).
-      // A wide w's long rows it follows well, and a sweep ahead would be evicted before use
-      // (the 32000-wide lm_head: 27 -> 22 GB/s).
-      for (int64_t r = kSweepRows; ahead && r < std::min(2 * kSweepRows, K - k0); ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(wk + r * N), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(wk + r * N + 16), _MM_HINT_T0);
-      }
+      // Narrow w (Ahead): each row also requests its part of the next sweep, a whole sweep
+      // ahead. Its rows are too short streams for the hardware prefetcher to get going (M = 8,
+      // 768-wide layers: a 12-layer step's matmuls 26.5 -> 22.5 ms in an A/B; M = 1 within the
+      // noise). A wide w's long rows it follows well, and a sweep ahead would be evicted before
+      // use (the 32000-wide lm_head: 27 -> 22 GB/s). The requests go between the rows' FMAs,
+      // not in a loop of their own before them (which, with its bounds checks, cost 2-5% of the
+      // 12-layer chain); past the last row they request lines nobody reads, which is harmless.
       auto row = [&](int64_t k) {
+        if constexpr (Ahead) {
+          _mm_prefetch(reinterpret_cast<const char*>(wk + (k + kSweepRows) * N), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(wk + (k + kSweepRows) * N + 16), _MM_HINT_T0);
+        }
         const __m512 w0 = Load16(m0, wk + k * N);
         const __m512 w1 = Load16(m1, wk + k * N + 16);
 #pragma GCC unroll 8
@@ -112,6 +114,22 @@ void Columns(const float* xt, int64_t K, const W* w, int64_t N, float* y, int64_
   }
 }
 
+// One group of g <= 8 rows.
+template <bool Ahead, typename W>
+void Group(int64_t g, const float* xt, int64_t K, const W* w, int64_t N, float* y, int64_t c0,
+           int64_t c1) {
+  switch (g) {
+    case 1: return Columns<1, Ahead>(xt, K, w, N, y, c0, c1);
+    case 2: return Columns<2, Ahead>(xt, K, w, N, y, c0, c1);
+    case 3: return Columns<3, Ahead>(xt, K, w, N, y, c0, c1);
+    case 4: return Columns<4, Ahead>(xt, K, w, N, y, c0, c1);
+    case 5: return Columns<5, Ahead>(xt, K, w, N, y, c0, c1);
+    case 6: return Columns<6, Ahead>(xt, K, w, N, y, c0, c1);
+    case 7: return Columns<7, Ahead>(xt, K, w, N, y, c0, c1);
+    default: return Columns<8, Ahead>(xt, K, w, N, y, c0, c1);
+  }
+}
+
 // All M rows, in groups of at most 8 (16 accumulators + 2 weight registers). Each group's x
 // is first laid out k-major, so that the inner loop finds row k's values at constant offsets
 // from one pointer. Read in place, x's rows needed one address register each, which the
@@ -132,16 +150,10 @@ void AllRows(const float* x, int64_t ldx, int64_t M, int64_t K, const W* w, int6
       xm = xt.data();
     }
     float* ym = y + m0 * N;
-    switch (g) {
-      case 1: Columns<1, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-      case 2: Columns<2, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-      case 3: Columns<3, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-      case 4: Columns<4, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-      case 5: Columns<5, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-      case 6: Columns<6, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-      case 7: Columns<7, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-      default: Columns<8, W>(xm, K, w, N, ym, c0, c1, ahead); break;
-    }
+    if (ahead)
+      Group<true>(g, xm, K, w, N, ym, c0, c1);
+    else
+      Group<false>(g, xm, K, w, N, ym, c0, c1);
   }
 }
 
