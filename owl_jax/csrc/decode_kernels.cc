@@ -83,8 +83,9 @@ void Columns(const float* xt, int64_t K, const W* w, int64_t N, float* y, int64_
       // 768-wide layers: a 12-layer step's matmuls 26.5 -> 22.5 ms in an A/B; M = 1 within the
       // noise). A wide w's long rows it follows well, and a sweep ahead would be evicted before
       // use (the 32000-wide lm_head: 27 -> 22 GB/s). The requests go between the rows' FMAs,
-      // not in a loop of their own before them (which, with its bounds checks, cost 2-5% of the
-      // 12-layer chain); past the last row they request lines nobody reads, which is harmless.
+      // not in a loop of their own before them (which, with its bounds checks, made the
+      // 12-layer chain 1-3% slower at batch 1, 5-7% at batch 8); past the last row they
+      // request lines nobody reads, which is harmless (a prefetch never faults).
       auto row = [&](int64_t k) {
         if constexpr (Ahead) {
           _mm_prefetch(reinterpret_cast<const char*>(wk + (k + kSweepRows) * N), _MM_HINT_T0);
