@@ -38,7 +38,7 @@ from owl_jax import native
 log = logging.getLogger(__name__)
 
 MATMUL = "owl_small_m_matmul"
-MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (the greedy screen, see sampling)
+MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (owl_jax.greedy_screen's head copy)
 ATTENTION = "owl_cached_attention"
 GREEDY_SCREEN = "owl_greedy_screen"
 MATERIALIZE = "owl_materialize"

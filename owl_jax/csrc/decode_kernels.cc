@@ -377,31 +377,27 @@ ffi::Error SmallMMatmul(ffi::ThreadPool& pool, const float* xp, int64_t x_count,
 
 }  // namespace
 
-static ffi::Error SmallMMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                  ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+// The matmul handler for weights of type T (F32, or BF16 for the greedy screen's copy).
+template <ffi::DataType T>
+static ffi::Error SmallMMatmulOf(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
   return SmallMMatmul(pool, x.typed_data(), x.element_count(), w.typed_data(), w.dimensions(),
                       y->typed_data());
 }
 
-static ffi::Error SmallMMatmulBF16W(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                    ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y) {
-  return SmallMMatmul(pool, x.typed_data(), x.element_count(), w.typed_data(), w.dimensions(),
-                      y->typed_data());
+template <ffi::DataType T>
+static auto SmallMMatmulBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul, SmallMMatmulF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_bf16w, SmallMMatmulBF16W,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul, SmallMMatmulOf<ffi::F32>,
+                              SmallMMatmulBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_bf16w, SmallMMatmulOf<ffi::BF16>,
+                              SmallMMatmulBinding<ffi::BF16>());
 
 // The greedy screen's check (owl_jax/greedy_screen.py). For each row m: approx[m] = h[m] @ bf16(w)
 // and |fp32 logit_v - approx_v| <= ||h[m]|| * bound[v]. Columns whose upper bound reaches the
