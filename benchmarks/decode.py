@@ -15,7 +15,7 @@ Baselines, measured in the same process:
   hierarchy, as many times in a row as the decode steps, between the decode runs) divided by
   those bytes (every layer, the final norm and the lm_head; the KV cache
   and one embedding row are left out, which makes the limit slightly optimistic for us). Our
-  greedy step reads the lm_head as a bf16 copy (`owl_jax.greedy_screen`, exact tokens), so
+  greedy step reads the lm_head as an int8 copy (`owl_jax.greedy_screen`, exact tokens), so
   the benchmark also prints the fraction of the limit for the bytes it actually reads.
 - matmul floors: the weight matmuls of one decode step alone, [batch, D] rows through every
   kernel, in XLA, in PyTorch and in our decode kernel (`owl_jax.decode_kernels`, which our
@@ -54,7 +54,10 @@ def _best(fn, repeats):
 # Models on shared weights
 
 
-def build_models(tmp, vocab=32000, width=768, layers=12, heads=12, mlp=2048, vision="small"):
+def build_models(tmp, vocab=32000, width=768, layers=12, heads=12, kv_heads=None, mlp=2048,
+                 vision="small", hf_llama=None):
+    """The HF LLaMA (random weights of the given shape, or the checkpoint in `hf_llama`) and our
+    OwlConfig + params with the same LLM weights and a random vision side."""
     import jax
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,14 +68,23 @@ def build_models(tmp, vocab=32000, width=768, layers=12, heads=12, mlp=2048, vis
     import flax.linen as nn
     import jax.numpy as jnp
 
-    torch.manual_seed(0)
-    hc = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp,
-                     num_hidden_layers=layers, num_attention_heads=heads,
-                     max_position_embeddings=2048, tie_word_embeddings=False,
-                     attn_implementation="sdpa")
-    hf = LlamaForCausalLM(hc).eval()
-    hf.save_pretrained(tmp)
+    if hf_llama:
+        hf = LlamaForCausalLM.from_pretrained(hf_llama, dtype=torch.float32, local_files_only=True,
+                                              attn_implementation="sdpa").eval()
+        tmp = hf_llama
+    else:
+        torch.manual_seed(0)
+        hc = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=mlp,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads or heads, max_position_embeddings=2048,
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+        hf = LlamaForCausalLM(hc).eval()
+        hf.save_pretrained(tmp)
     text = read_text_config(tmp)
+    print(f"LLM: {text.num_hidden_layers} layers, {text.hidden_size} wide, "
+          f"{text.num_attention_heads} heads ({text.num_key_value_heads} kv), MLP "
+          f"{text.intermediate_size}, vocab {text.vocab_size}"
+          + (f", from {hf_llama}" if hf_llama else ", random weights"), flush=True)
     if vision == "vit-l":  # the real mPLUG-Owl ViT-L/14 + abstractor sizes
         vcfg, acfg = VisionConfig(), AbstractorConfig()
     else:                  # a documented smaller stand-in (ViT-B/16-like at 224 px)
@@ -152,8 +164,9 @@ class MatmulFloor:
         from owl_jax import decode_kernels
 
         def chain(kernels, head, x, mm=jnp.dot):
-            for q, k, v, o, g, u, d in kernels:
-                x = x + mm(mm(x, q) + mm(x, k) + mm(x, v), o)
+            for q, k, v, o, g, u, d in kernels:  # k, v are narrower than q with grouped heads
+                kv = mm(x, k) + mm(x, v)
+                x = x + mm(mm(x, q) + kv.sum(-1, keepdims=True), o)
                 x = x + mm(mm(x, g) * mm(x, u), d)
             return mm(x, head)
         self.xla = jax.jit(chain)
@@ -180,7 +193,8 @@ class MatmulFloor:
             x = self.xt
             for layer in self.hf_layers:
                 a, m = layer.self_attn, layer.mlp
-                x = x + a.o_proj(a.q_proj(x) + a.k_proj(x) + a.v_proj(x))
+                kv = a.k_proj(x) + a.v_proj(x)
+                x = x + a.o_proj(a.q_proj(x) + kv.sum(-1, keepdim=True))
                 x = x + m.down_proj(m.gate_proj(x) * m.up_proj(x))
             return self.hf_head(x)
 
@@ -253,12 +267,12 @@ def bench_decode(cfg, params, hf, args):
               f"{probe.best['xla'] / 1e9:.1f}) -> {limit:.1f} tok/s; owl-jax decode {ours:.1f} "
               f"tok/s = {100 * ours / limit:.0f}% of the limit", flush=True)
         screen = gen._call_params.get("greedy_screen")
-        if screen is not None:  # our greedy step reads the lm_head as bf16 (owl_jax.greedy_screen)
+        if screen is not None:  # our greedy step reads a copy of the lm_head (owl_jax.greedy_screen)
             read = (probe.nbytes - params["language_model"]["lm_head"]["kernel"].nbytes
-                    + screen["w"].nbytes + screen["bound"].nbytes)
-            print(f"batch 1: our greedy step reads {read / 1e6:.0f} MB (the lm_head as its bf16 "
-                  f"screen copy): {100 * ours * read / bw:.0f}% of the bandwidth limit for those "
-                  f"bytes", flush=True)
+                    + sum(a.nbytes for a in screen.values()))
+            print(f"batch 1: our greedy step reads {read / 1e6:.0f} MB (the lm_head as its "
+                  f"{screen['w'].dtype} screen copy): {100 * ours * read / bw:.0f}% of the "
+                  f"bandwidth limit for those bytes", flush=True)
             # What a step at that limit would give: our measured prefill + first token, then
             # every other token at read / bw, against this run's HF time.
             r1 = results[1]
@@ -390,6 +404,15 @@ def main(argv=None):
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vision", choices=("small", "vit-l"), default="small")
+    model = ap.add_argument_group("the LLM (random weights; the defaults are the issue's model)")
+    model.add_argument("--layers", type=int, default=12)
+    model.add_argument("--width", type=int, default=768)
+    model.add_argument("--heads", type=int, default=12)
+    model.add_argument("--kv_heads", type=int, default=None, help="grouped-query attention")
+    model.add_argument("--mlp", type=int, default=2048)
+    model.add_argument("--vocab", type=int, default=32000)
+    model.add_argument("--hf_llama", default=None,
+                       help="a HF LLaMA checkpoint directory to use instead (fp32, local)")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     parts = args.parts.split(",")
@@ -397,7 +420,9 @@ def main(argv=None):
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, params, hf = build_models(tmp, vision=args.vision)
+        cfg, params, hf = build_models(
+            tmp, vocab=args.vocab, width=args.width, layers=args.layers, heads=args.heads,
+            kv_heads=args.kv_heads, mlp=args.mlp, vision=args.vision, hf_llama=args.hf_llama)
     if "decode" in parts:
         bench_decode(cfg, params, hf, args)
     if "ttft" in parts:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MATMUL = "owl_small_m_matmul"
 MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (owl_jax.greedy_screen's head copy)
+MATMUL_S8W = "owl_small_m_matmul_s8w"  # fp32 x, int8 w (its int8 copy)
 ATTENTION = "owl_cached_attention"
 GREEDY_SCREEN = "owl_greedy_screen"
 MATERIALIZE = "owl_materialize"
@@ -66,7 +67,7 @@ def available() -> bool:
                 try:
                     lib = ctypes.cdll.LoadLibrary(native.build(
                         "decode_kernels", [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
-                    for name in (MATMUL, MATMUL_BF16W, ATTENTION, GREEDY_SCREEN, MATERIALIZE):
+                    for name in (MATMUL, MATMUL_BF16W, MATMUL_S8W, ATTENTION, GREEDY_SCREEN, MATERIALIZE):
                         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                     platform="cpu")
                 except (OSError, RuntimeError) as e:
@@ -88,17 +89,22 @@ def enabled(on: bool = True):
 
 
 def matmul_applies(x, w) -> bool:
-    """fp32 x [..., K] with at most MAX_ROWS rows, fp32 or bf16 w [K, N]."""
+    """fp32 x [..., K] with at most MAX_ROWS rows, fp32, bf16 or int8 w [K, N]."""
     rows = int(np.prod(x.shape[:-1]))
-    return (_enabled.get() and x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16)
+    return (_enabled.get() and x.dtype == jnp.float32 and w.dtype in _MATMUL_TARGETS
             and w.ndim == 2 and 0 < rows <= MAX_ROWS and x.shape[-1] == w.shape[0] > 0
             and w.shape[1] > 0)
 
 
+_MATMUL_TARGETS = {jnp.dtype(jnp.float32): MATMUL, jnp.dtype(jnp.bfloat16): MATMUL_BF16W,
+                   jnp.dtype(jnp.int8): MATMUL_S8W}
+
+
 def matmul(x, w):
-    """x [..., K] @ w [K, N] in fp32 (see `matmul_applies`); bf16 w is widened exactly."""
+    """x [..., K] @ w [K, N] in fp32 (see `matmul_applies`); bf16 and int8 w are widened
+    exactly."""
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
-    return jax.ffi.ffi_call(MATMUL if w.dtype == jnp.float32 else MATMUL_BF16W, out)(x, w)
+    return jax.ffi.ffi_call(_MATMUL_TARGETS[jnp.dtype(w.dtype)], out)(x, w)
 
 
 def greedy_screen(h, w, approx, bound):

@@ -19,8 +19,8 @@ Layout of a batch (every row ends at the same cache slot, so one scalar slot ind
   the text so far to a callback, and calls it again; each chunk costs one host round trip.
 
 Token choice follows HF `generate` (see `owl_jax.sampling`, `owl_jax.beam`). Plain greedy decoding
-with the CPU decode kernels reads a bf16 copy of the lm_head and checks its pick exactly
-(`owl_jax.greedy_screen`: the same tokens, half the head's bytes). Results hold the new
+with the CPU decode kernels reads an int8 copy of the lm_head and checks its pick exactly
+(`owl_jax.greedy_screen`: the same tokens, a quarter of the head's bytes). Results hold the new
 token ids only (HF 4.28 returns [BOS] + new tokens; we drop the BOS) and never the EOS: a row that
 stopped at EOS has `finish_reason == "eos"`, one that ran out of tokens `"length"`.
 """
@@ -129,12 +129,14 @@ class Generator:
     {"xla_backend_optimization_level": 0} when compile time dominates, as in tests).
     decode_kernels: run the decode step's fp32 matmuls and attention through
     `owl_jax.decode_kernels` (single-device CPU only; None: wherever that applies), compiled
-    with KERNEL_COMPILER_OPTIONS under compiler_options.
+    with KERNEL_COMPILER_OPTIONS under compiler_options. screen: the lm_head copy plain greedy
+    decoding reads there ("int8", "bf16" or None for the fp32 head; `owl_jax.greedy_screen`).
     """
 
     def __init__(self, cfg: OwlConfig, params, dtype=jnp.float32, mesh=None,
                  bucket: Callable[[int], int] = bucket_length, stream_chunk: int = 16,
-                 compiler_options: dict | None = None, decode_kernels: bool | None = None):
+                 compiler_options: dict | None = None, decode_kernels: bool | None = None,
+                 screen: str | None = "int8"):
         self.cfg = cfg
         # host (numpy) leaves are put on the device once here: passed to every call, they
         # would be copied every call (~60 ms for a 12-layer 768-wide model)
@@ -158,14 +160,15 @@ class Generator:
         self._decode = jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
         self._generate = jit(self._generate_fn, static_argnames=("spec", "slots"))
         # what the compiled functions get: the params, plus the greedy screen where it applies
+        self.screen = screen
         self._call_params = self._with_screen(self.params)
 
     def _with_screen(self, params):
         head = params["language_model"]["lm_head"]["kernel"]
         with decode_kernels.enabled(self.decode_kernels):
-            if self.dtype != jnp.float32 or not greedy_screen.applies(head):
+            if not self.screen or self.dtype != jnp.float32 or not greedy_screen.applies(head):
                 return params
-        return dict(params, greedy_screen=greedy_screen.prepare(head))
+        return dict(params, greedy_screen=greedy_screen.prepare(head, self.screen))
 
     # ---------------------------------------------------------------------------------------
     # Model pieces (traced)

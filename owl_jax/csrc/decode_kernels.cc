@@ -2,7 +2,7 @@
 //
 // 1. owl_small_m_matmul: y[M, N] = x[M, K] @ w[K, N] for the few rows of a step (M = batch).
 // 2. owl_cached_attention: softmax(q k^T / sqrt(D)) v for a few query rows against a KV cache.
-// 3. owl_greedy_screen: the exact check of a greedy token picked from bf16 weights.
+// 3. owl_greedy_screen: the exact check of a greedy token picked from int8 or bf16 weights.
 //
 // Both are streams over memory (weights, cache) with little arithmetic per byte, where XLA's
 // library calls pay per-call packing or per-head overheads that cost more than the work.
@@ -48,11 +48,15 @@ inline __mmask16 TailMask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
 }
 
-// 16 weights as floats: fp32, or bf16 (uint16_t: the top half of an fp32, so a shift).
+// 16 weights as floats: fp32, bf16 (uint16_t: the top half of an fp32, so a shift) or int8
+// (exact as floats).
 inline __m512 Load16(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 Load16(__mmask16 m, const uint16_t* p) {
   return _mm512_castsi512_ps(
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline __m512 Load16(__mmask16 m, const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
 // y[:M, c0:c1] = xt[:K, :M]^T @ w[:K, c0:c1]: xt holds x k-major (row k's M values side by
@@ -398,15 +402,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul, SmallMMatmulOf<ffi::F32>,
                               SmallMMatmulBinding<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_bf16w, SmallMMatmulOf<ffi::BF16>,
                               SmallMMatmulBinding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_s8w, SmallMMatmulOf<ffi::S8>,
+                              SmallMMatmulBinding<ffi::S8>());
 
-// The greedy screen's check (owl_jax/greedy_screen.py). For each row m: approx[m] = h[m] @ bf16(w)
-// and |fp32 logit_v - approx_v| <= ||h[m]|| * bound[v]. Columns whose upper bound reaches the
-// largest lower bound are the candidates (the argmax is among them, and every other column is
-// strictly below it); their logits are computed as the column path of owl_small_m_matmul sums
-// them (one fused multiply-add per k, k ascending from zero: the same bits), and the first
-// index of the largest is the token. safe[m] is false, and the caller computes the full logits,
-// where more than kMaxCandidates columns qualify or anything is NaN.
-constexpr int64_t kMaxCandidates = 16;
+// The greedy screen's check (owl_jax/greedy_screen.py). For each row m: approx[m] = h[m] @ Q
+// (the int8 or bf16 copy of w) and |fp32 logit_v - approx_v| <= ||h[m]|| * bound[v]. Columns
+// whose upper bound reaches the largest lower bound are the candidates (the argmax is among
+// them, and every other column is strictly below it); their logits are computed as the column
+// path of owl_small_m_matmul sums them (one fused multiply-add per k, k ascending from zero:
+// the same bits), and the first index of the largest is the token. safe[m] is false, and the
+// caller computes the full logits, where more than kMaxCandidates columns qualify or anything
+// is NaN. (With int8's looser bound, a limit of 16 sent 2.6% of a benchmark run's rows to the
+// full fp32 head.)
+constexpr int64_t kMaxCandidates = 64;
 
 using F32x1 = ffi::Buffer<ffi::F32, 1>;  // aliases: a comma inside the handler macro breaks it
 using F32x2 = ffi::Buffer<ffi::F32, 2>;
