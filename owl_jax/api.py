@@ -116,13 +116,16 @@ class OwlPipeline:
                  no_repeat_ngram_size: int = 0, num_beams: int = 1,
                  length_penalty: float = 1.0, early_stopping: bool = True, seed: int = 0,
                  penalize_prompt: bool = True, eos_token_id: int | None = None,
+                 prompt_lookup_num_tokens: int = 0,
                  stream: Callable | None = None) -> Generation | list[Generation]:
         """Generates for one prompt (returns one Generation) or a list of prompts with a list of
         image lists (returns a list). Prompts are used verbatim: wrap questions with
         `owl_jax.tokenizer.build_prompt` for the official template. temperature 0 = greedy.
         Options are HF generate's (see `owl_jax.generate.GenerationConfig`); penalize_prompt=False
         applies repetition_penalty / no_repeat_ngram_size to [BOS] + new tokens only, as the
-        official mPLUG-Owl generate does.
+        official mPLUG-Owl generate does. prompt_lookup_num_tokens > 0: greedy decoding of one
+        prompt checks drafts copied from the prompt (`owl_jax.lookup`): the same answer, faster
+        where it quotes the prompt or repeats itself.
 
         stream(text_so_far) (or stream(list_of_texts) for a list of prompts) is called as the
         answer grows, every `stream_chunk` tokens.
@@ -150,7 +153,8 @@ class OwlPipeline:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-            seed=seed, penalize_prompt=penalize_prompt, eos_token_id=eos_token_id)
+            seed=seed, penalize_prompt=penalize_prompt, eos_token_id=eos_token_id,
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens)
         on_tokens = None
         if stream is not None:
             def on_tokens(tokens):

@@ -45,7 +45,7 @@ GREEDY_SCREEN = "owl_greedy_screen"
 MATERIALIZE = "owl_materialize"
 MAX_ROWS = 16  # above this XLA's GEMM is the better matmul
 ROW_SPLIT_BELOW_N = 4096  # narrower w: the matmul kernel splits K between threads (csrc)
-MAX_QUERIES = 8  # query rows per kv head (grouped heads x new tokens) for the attention kernel
+MAX_QUERIES = 16  # query rows per kv head (grouped heads x new tokens) for the attention kernel
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17"]
 
 _enabled = contextvars.ContextVar("owl_decode_kernels", default=False)

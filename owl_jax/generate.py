@@ -41,6 +41,7 @@ from owl_jax import beam as beam_lib
 from owl_jax import sampling
 from owl_jax import decode_kernels
 from owl_jax import greedy_screen
+from owl_jax import lookup as lookup_lib
 from owl_jax.config import OwlConfig
 from owl_jax.models import llama as llama_lib
 from owl_jax.models.masks import cache_mask
@@ -64,6 +65,11 @@ class GenerationConfig:
     # Repetition penalty / no-repeat-ngram over prompt + new tokens (HF generate on input_ids);
     # False: over [BOS] + new tokens only, as the official mPLUG-Owl generate (inputs_embeds).
     penalize_prompt: bool = True
+    # Prompt lookup (HF's names): plain greedy decoding of one prompt drafts up to this many
+    # tokens from an earlier occurrence of its last n-gram and checks them in one pass
+    # (`owl_jax.lookup`); the tokens are those of plain greedy decoding. 0: off.
+    prompt_lookup_num_tokens: int = 0
+    max_matching_ngram_size: int = 2
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -76,6 +82,9 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.prompt_lookup_num_tokens < 0 or self.max_matching_ngram_size < 1:
+            raise ValueError("prompt_lookup_num_tokens must be >= 0 and max_matching_ngram_size "
+                             ">= 1")
         if self.no_repeat_ngram_size < 0 or self.num_beams < 1:
             raise ValueError("no_repeat_ngram_size must be >= 0 and num_beams >= 1")
         if self.num_beams > 1 and self.temperature > 0:
@@ -241,6 +250,10 @@ class Generator:
             state["seen"] = sampling.seen_from_prompt(prompt, self.cfg.text.vocab_size)
         if spec.ngram:
             state["hist"] = jnp.concatenate([prompt, jnp.full((b, tc), -1, jnp.int32)], 1)
+        if spec.lookup:  # the whole sequence, where prompt lookup finds its drafts
+            state["seq"] = jnp.concatenate([jnp.where(valid > 0, ids, -1),
+                                            jnp.full((b, tc), -1, jnp.int32)], 1)
+            state["passes"] = jnp.zeros((), jnp.int32)
         if spec.beam_search:
             return beam_lib.start(state, logits, budget, knobs, spec)
         state.update(count=jnp.zeros((b,), jnp.int32), done=budget <= 0,
@@ -270,6 +283,8 @@ class Generator:
                    last=tok, step=t + 1)
         if spec.penalty:
             new["seen"] = sampling.mark_seen(state["seen"], jnp.where(done, -1, tok))
+        if spec.lookup:
+            new["seq"] = state["seq"].at[:, lb + t].set(tok)
         if spec.ngram:
             new["hist"] = state["hist"].at[:, lb + t].set(jnp.where(done, -1, tok))
         return new
@@ -286,11 +301,12 @@ class Generator:
                     and not (spec.sample or spec.penalty or spec.ngram or spec.beam_search))
 
         def body(st):
+            if spec.lookup:
+                return self._lookup_step(params, st, knobs, spec)
             if screened:
                 h, cache = self._step_logits(params, st, hidden=True)
-                tok = greedy_screen.tokens(h, params["language_model"]["lm_head"]["kernel"],
-                                           params["greedy_screen"])
-                return self._choose(dict(st, cache=cache), None, knobs, spec, tok=tok)
+                return self._choose(dict(st, cache=cache), None, knobs, spec,
+                                    tok=self._greedy(params, h))
             logits, cache = self._step_logits(params, st)
             st = dict(st, cache=cache)
             if spec.beam_search:
@@ -298,6 +314,65 @@ class Generator:
             return self._choose(st, logits, knobs, spec)
 
         return jax.lax.while_loop(cond, body, state)
+
+    def _greedy(self, params, h):
+        """Greedy tokens int32 [N] for final-normed hidden states h fp32 [N, D]."""
+        if "greedy_screen" in params and h.shape[0] <= decode_kernels.MAX_ROWS:
+            return greedy_screen.tokens(h, params["language_model"]["lm_head"]["kernel"],
+                                        params["greedy_screen"])
+        return sampling.greedy(self._head(params, h).astype(jnp.float32))
+
+    def lookup_limit(self, k: int) -> int:
+        """The prompt-lookup draft length this engine runs for a request of k (0: plain
+        decoding). The check pass must give every row the bits a one-token step gives it, which
+        the decode kernels do (each output row is summed the same way whatever the row count),
+        so it runs where they do, with its k + 1 rows within their row limits."""
+        if not (k and self.decode_kernels and decode_kernels.available()
+                and self.dtype == jnp.float32):
+            return 0
+        group = self.cfg.text.num_attention_heads // self.cfg.text.kv_heads
+        return max(0, min(k, decode_kernels.MAX_ROWS - 1, decode_kernels.MAX_QUERIES // group - 1))
+
+    def _lookup_step(self, params, st, knobs, spec):
+        """One pass over the weights for the last token and a prompt-lookup draft (batch 1,
+        plain greedy): emits the draft's prefix that greedy decoding confirms and the greedy
+        token after it. Without a draft the pass still runs its k + 1 rows: at batch 1 it costs
+        about what a one-token step does (both stream the weights once), while a lax.cond
+        between the two made every pass ~2x slower (XLA copied the state through it)."""
+        k = spec.lookup
+        lb = st["kv_valid"].shape[1] - st["tokens"].shape[-1]
+        t = st["step"]
+        draft, n_real = lookup_lib.draft(st["seq"], lb + t, k, spec.lookup_ngram)
+        feed = jnp.concatenate([st["last"][:, None], draft], 1)                   # [B, k + 1]
+        x = self.owl.apply({"params": params}, feed, method=Owl.embed_tokens)
+        slots = lb + t - 1 + jnp.arange(k + 1)
+        pos = (st["pos0"] + t - 1)[:, None] + jnp.arange(k + 1)[None, :]
+        h, cache = self._lm(params, x, pos, cache_mask(st["kv_valid"], slots), st["cache"],
+                            lb + t - 1, hidden=True)
+        tok = self._greedy(params, h.reshape(-1, h.shape[-1]).astype(jnp.float32))
+        tok = tok.reshape(h.shape[:2])
+        n = lookup_lib.accepted(draft, n_real, tok) + 1
+        st = dict(st, cache=self._constrain_cache(cache), passes=st["passes"] + 1)
+        return self._emit(st, tok, n, knobs)
+
+    def _emit(self, st, tok, n, knobs):
+        """Appends the first n of tok [B, m] to every row (batch 1: the rows share `step`),
+        cut after an EOS and at the row's budget."""
+        lb = st["kv_valid"].shape[1] - st["tokens"].shape[-1]
+        t = st["step"]
+        j = jnp.arange(tok.shape[1])[None, :]
+        eos = (tok == knobs["eos"]) & (j < n[:, None])
+        n = jnp.where(eos.any(1), jnp.argmax(eos, 1).astype(jnp.int32) + 1, n)
+        n = jnp.minimum(n, st["budget"] - st["count"])
+        hit = jnp.any(eos & (j < n[:, None]), 1)
+        count = st["count"] + n
+        # the m - n tokens past the new ones are written too and overwritten later (the
+        # buffers have m spare columns; the draft and the results read only the first count)
+        return dict(st, tokens=jax.lax.dynamic_update_slice(st["tokens"], tok, (0, t)),
+                    seq=jax.lax.dynamic_update_slice(st["seq"], tok, (0, lb + t)),
+                    count=count, eos_hit=st["eos_hit"] | hit,
+                    done=st["done"] | hit | (count >= st["budget"]),
+                    last=jnp.take_along_axis(tok, (n - 1)[:, None], 1)[:, 0], step=t + n[0])
 
     def _generate_fn(self, params, ids, valid, pixel_values, budget, knobs, limit, *, spec,
                      slots):
@@ -321,10 +396,11 @@ class Generator:
         return px
 
     def prepare(self, rows: Sequence[Sequence[int]], max_new_tokens: int,
-                uniform_budget: bool = False):
+                uniform_budget: bool = False, spare: int = 0):
         """Left-pads rows into buckets. Returns (ids, valid, budget, slots) as numpy: budget =
         new tokens each row may make (the context may allow fewer than max_new_tokens; beam
-        search uses the smallest for all rows)."""
+        search uses the smallest for all rows); slots: the cache length, with `spare` slots
+        past the last new token (a prompt-lookup pass writes its whole draft)."""
         ctx = self.cfg.text.max_position_embeddings
         lens = [len(r) for r in rows]
         for i, n in enumerate(lens):
@@ -344,7 +420,7 @@ class Generator:
             budget[:] = budget.min()
         b = _pow2(len(rows))
         lb = self.bucket(max(lens))
-        tc = _pow2(max_new_tokens, 16)
+        tc = _pow2(max_new_tokens + spare, 16)
         ids = np.zeros((b, lb), np.int32)
         valid = np.zeros((b, lb), np.int32)
         for i, r in enumerate(rows):
@@ -376,8 +452,12 @@ class Generator:
                     penalty=config.repetition_penalty != 1.0, ngram=config.no_repeat_ngram_size,
                     beams=config.num_beams, early_stopping=config.early_stopping,
                     beam_search=config.num_beams > 1 or force_beam_search)
+        if len(rows) == 1 and not (spec.sample or spec.penalty or spec.ngram or spec.beam_search):
+            spec = dataclasses.replace(spec, lookup=self.lookup_limit(
+                config.prompt_lookup_num_tokens), lookup_ngram=config.max_matching_ngram_size)
         ids, valid, budget, slots = self.prepare(rows, config.max_new_tokens,
-                                                 uniform_budget=spec.beam_search)
+                                                 uniform_budget=spec.beam_search,
+                                                 spare=spec.lookup)
         px = self._pad_images(pixel_values)
         eos = self.cfg.text.eos_token_id if config.eos_token_id is None else config.eos_token_id
         knobs = {"temperature": jnp.float32(max(config.temperature, 1e-6)),
@@ -410,6 +490,8 @@ class Generator:
                 stream([g.token_ids for g in out])
             return out
         st = jax.device_get({k: state[k] for k in ("tokens", "count", "eos_hit")})
+        # decode passes over the weights after the first token (prompt lookup makes fewer)
+        self.last_passes = int(state["passes"]) if "passes" in state else int(st["count"].max()) - 1
         out = []
         for i in range(len(rows)):
             n = int(st["count"][i])
@@ -436,3 +518,5 @@ class Spec:
     beams: int = 1
     early_stopping: bool = True
     beam_search: bool = False
+    lookup: int = 0        # prompt-lookup draft length (0: off)
+    lookup_ngram: int = 2

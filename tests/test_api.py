@@ -75,6 +75,9 @@ def test_generate_matches_official_greedy(owl):
         assert out.text == owl.tokenizer.decode(out.token_ids)
     one = owl.generate(texts[1], images[1], max_new_tokens=12)  # one prompt -> one result
     assert one.token_ids == outs[1].token_ids and one.text == outs[1].text
+    for k, (text, imgs) in enumerate(zip(texts, images)):  # prompt lookup: the same answers
+        got = owl.generate(text, imgs, max_new_tokens=12, prompt_lookup_num_tokens=4)
+        assert got.token_ids == outs[k].token_ids
 
 
 def test_streaming_text_and_errors(owl):
@@ -150,7 +153,8 @@ def test_owl_generate_cli(ckpt, owl, monkeypatch):
     assert main(args + ["--prompt", "What is in the image?"], stdout=out) == 0
     assert out.getvalue() == want + "\n"
     out = io.StringIO()
-    assert main(args + ["--raw", "--prompt", texts[1]], stdout=out) == 0
+    assert main(args + ["--raw", "--prompt", texts[1], "--prompt_lookup_num_tokens", "3"],
+                stdout=out) == 0
     assert out.getvalue() == want + "\n"
     out = io.StringIO()
     assert main(args + ["--chat"], stdin=io.StringIO("What is in the image?\n/exit\n"),
