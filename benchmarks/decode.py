@@ -222,11 +222,12 @@ def bench_decode(cfg, params, hf, args):
     # EOS never stops either side: HF gets min_new_tokens, we an EOS id outside the vocabulary.
     gcfg = GenerationConfig(max_new_tokens=n_new, eos_token_id=-1)
     g1 = dataclasses.replace(gcfg, max_new_tokens=1)
-    probe = BandwidthProbe(step_bytes(params)) if 1 in args.batches else None
+    cpu = args.device == "cpu"  # on a GPU: no bandwidth probe or CPU matmul floors
+    probe = BandwidthProbe(step_bytes(params)) if 1 in args.batches and cpu else None
     results = {}
     for b in args.batches:
         rows = [[1] + p.tolist() for p in rng.integers(3, cfg.text.vocab_size, (b, n_prompt - 1))]
-        ids = torch.tensor(rows)
+        ids = torch.tensor(rows, device=args.device)
         kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
         gen.generate(rows, None, g1)
@@ -234,17 +235,18 @@ def bench_decode(cfg, params, hf, args):
         with torch.no_grad():
             ref = hf.generate(ids, **kw)  # warm-up
         best = {"ours": 1e9, "ours1": 1e9, "hf": 1e9}
-        floor = MatmulFloor(params, hf, b)
+        floor = MatmulFloor(params, hf, b) if cpu else None
         for _ in range(args.repeats):
             for name, fn in (("ours", lambda: gen.generate(rows, None, gcfg)),
                              ("ours1", lambda: gen.generate(rows, None, g1)),
                              ("hf", lambda: hf.generate(ids, **kw))):
                 with torch.no_grad():
                     best[name] = min(best[name], _best(fn, 1))
-            floor.measure()
+            if floor is not None:
+                floor.measure()
             if b == 1 and probe is not None:
                 probe.measure(n_new - 1)
-        same = sum(int(np.array_equal(o.token_ids[:16], r[n_prompt:n_prompt + 16].numpy()))
+        same = sum(int(np.array_equal(o.token_ids[:16], r[n_prompt:n_prompt + 16].cpu().numpy()))
                    for o, r in zip(ours, ref))
         step = (best["ours"] - best["ours1"]) / (n_new - 1)
         results[b] = dict(ours=b * n_new / best["ours"], hf=b * n_new / best["hf"], step=step,
@@ -256,11 +258,13 @@ def bench_decode(cfg, params, hf, args):
               flush=True)
         if b == 1 and args.lookup:
             bench_lookup(gen, hf, rows, ids, kw, gcfg, args, best)
+        if floor is None:
+            continue
         print(f"batch {b}: the step's weight matmuls alone take {1e3 * floor.best['xla']:.2f} ms "
               f"in XLA, {1e3 * floor.best['torch']:.2f} ms in PyTorch"
               + (f", {1e3 * floor.best['kernel']:.2f} ms in owl-jax's decode kernel"
                  if floor.kernel else "") + " (floors for a decode step)", flush=True)
-    if 1 in results:
+    if 1 in results and probe is not None:
         bw = max(probe.best.values())
         limit = bw / probe.nbytes
         ours = 1.0 / results[1]["step"]
@@ -328,9 +332,9 @@ def bench_ttft(cfg, params, hf, args):
     gcfg = GenerationConfig(max_new_tokens=1)
     ours = gen.generate([row], px, gcfg)
 
-    tv = TorchOwlVision(cfg, params)
-    ids = torch.tensor([row])
-    pv = torch.from_numpy(px).permute(0, 3, 1, 2).contiguous()
+    tv = TorchOwlVision(cfg, params, args.device)
+    ids = torch.tensor([row], device=args.device)
+    pv = torch.from_numpy(px).permute(0, 3, 1, 2).contiguous().to(args.device)
 
     def torch_first():
         with torch.no_grad():
@@ -358,10 +362,10 @@ def bench_ttft(cfg, params, hf, args):
 
 
 class TorchOwlVision:
-    def __init__(self, cfg, params):
+    def __init__(self, cfg, params, device="cpu"):
         import torch
         def t(x):
-            return torch.from_numpy(np.array(x, np.float32))
+            return torch.from_numpy(np.array(x, np.float32)).to(device)
         self.cfg, self.p, self.t = cfg, jax_tree_to_torch(params, t), t
 
     def __call__(self, pv):
@@ -435,6 +439,8 @@ def main(argv=None):
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vision", choices=("small", "vit-l"), default="small")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device for HF (cuda: compare with JAX on its default GPU backend)")
     ap.add_argument("--lookup", type=int, default=4,
                     help="also time batch 1 with prompt lookup of this many tokens (0: not)")
     model = ap.add_argument_group("the LLM (random weights; the defaults are the issue's model)")
@@ -456,6 +462,7 @@ def main(argv=None):
         cfg, params, hf = build_models(
             tmp, vocab=args.vocab, width=args.width, layers=args.layers, heads=args.heads,
             kv_heads=args.kv_heads, mlp=args.mlp, vision=args.vision, hf_llama=args.hf_llama)
+    hf.to(args.device)
     if "decode" in parts:
         bench_decode(cfg, params, hf, args)
     if "ttft" in parts:

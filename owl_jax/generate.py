@@ -147,10 +147,17 @@ class Generator:
                  compiler_options: dict | None = None, decode_kernels: bool | None = None,
                  screen: str | None = "int8"):
         self.cfg = cfg
-        # host (numpy) leaves are put on the device once here: passed to every call, they
-        # would be copied every call (~60 ms for a 12-layer 768-wide model)
-        self.params = jax.tree.map(
-            lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
+        # Leaves are put on the device once here: numpy passed to every call would be copied
+        # every call (~60 ms for a 12-layer 768-wide model), and jax.Arrays on another device
+        # (converters hand over host CPU arrays, `checkpoint.host_array`) would make every
+        # compiled call run there, on the CPU of a GPU machine. With a mesh the caller has
+        # placed them on their shardings.
+        if mesh is None:
+            device = jax.devices()[0]
+            self.params = jax.tree.map(lambda a: jax.device_put(a, device), params)
+        else:
+            self.params = jax.tree.map(
+                lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
         if decode_kernels is None:  # the kernels have no sharding rule: one CPU device only

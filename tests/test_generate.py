@@ -90,6 +90,34 @@ def test_host_params_are_put_on_the_device_once(model):
         np.testing.assert_array_equal(np.asarray(a), h)
 
 
+def test_params_on_another_device_move_to_the_default_one():
+    """Converters hand over jax.Arrays on the host CPU; on a GPU machine the compiled calls
+    would follow them and run on the CPU. Two CPU devices stand in (params on the second)."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import flax.linen as nn, jax, jax.numpy as jnp
+from owl_jax.config import tiny
+from owl_jax.generate import Generator
+from owl_jax.models.owl import Owl
+cfg = tiny()
+s = cfg.vision.image_size
+shapes = nn.unbox(jax.eval_shape(lambda: Owl(cfg).init(
+    jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, s, s, 3)))))["params"]
+other = jax.devices()[1]
+params = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), other), shapes)
+gen = Generator(cfg, params)
+print(sorted({d.id for a in jax.tree.leaves(gen.params) for d in a.devices()}))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[0]", out.stdout
+
+
 def _rows(cfg, rng):
     t = cfg.image_tokens
     w = lambda n: rng.integers(3, VOCAB, n).tolist()  # noqa: E731
