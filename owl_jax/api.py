@@ -108,7 +108,8 @@ class OwlPipeline:
                              f"given ({self.config.image_tokens} slots each)")
         if px is not None:
             px = np.asarray(px, np.float32)
-        return np.asarray(self._forward(self.params, ids, mask, px))
+        with jax.default_matmul_precision(self.generator.matmul_precision):  # fp32: no TF32
+            return np.asarray(self._forward(self.params, ids, mask, px))
 
     def generate(self, prompts: str | Sequence[str], images=None, *,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,

@@ -140,12 +140,14 @@ class Generator:
     `owl_jax.decode_kernels` (single-device CPU only; None: wherever that applies), compiled
     with KERNEL_COMPILER_OPTIONS under compiler_options. screen: the lm_head copy plain greedy
     decoding reads there ("int8", "bf16" or None for the fp32 head; `owl_jax.greedy_screen`).
+    matmul_precision: `jax.default_matmul_precision` for every call (None: "float32" for fp32,
+    the backend's default for bf16).
     """
 
     def __init__(self, cfg: OwlConfig, params, dtype=jnp.float32, mesh=None,
                  bucket: Callable[[int], int] = bucket_length, stream_chunk: int = 16,
                  compiler_options: dict | None = None, decode_kernels: bool | None = None,
-                 screen: str | None = "int8"):
+                 screen: str | None = "int8", matmul_precision: str | None = None):
         self.cfg = cfg
         # Leaves are put on the device once here: numpy passed to every call would be copied
         # every call (~60 ms for a 12-layer 768-wide model), and jax.Arrays on another device
@@ -159,6 +161,12 @@ class Generator:
             self.params = jax.tree.map(
                 lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
         self.dtype = jnp.dtype(dtype)
+        # fp32 means fp32 on every backend: JAX's default lets a GPU round fp32 dots to TF32
+        # and a TPU to one bf16 pass, which the fp32 reference (HF, PyTorch) does not
+        # (on an H100 the batch-8 benchmark then differed from HF in 1 of 8 rows' first 16
+        # tokens). Pass "tensorfloat32" / "bfloat16" to trade that for speed.
+        self.matmul_precision = matmul_precision or (
+            "float32" if self.dtype == jnp.float32 else None)
         self.mesh = mesh
         if decode_kernels is None:  # the kernels have no sharding rule: one CPU device only
             decode_kernels = mesh is None and jax.default_backend() == "cpu"
@@ -473,7 +481,8 @@ class Generator:
                  "length_penalty": jnp.float32(config.length_penalty),
                  "seed": jnp.uint32(config.seed % 2**32), "eos": jnp.int32(eos),
                  "penalize_prompt": jnp.bool_(config.penalize_prompt)}
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with (jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext(),
+              jax.default_matmul_precision(self.matmul_precision)):
             total = int(budget.max())
             if stream is None or spec.beam_search:
                 state = self._generate(self._call_params, ids, valid, px, budget, knobs,

@@ -118,6 +118,23 @@ print(sorted({d.id for a in jax.tree.leaves(gen.params) for d in a.devices()}))
     assert out.stdout.strip().splitlines()[-1] == "[0]", out.stdout
 
 
+def test_fp32_dots_are_traced_at_full_precision(model):
+    """JAX's default precision lets a GPU run fp32 dots in TF32 and a TPU in one bf16 pass; the
+    engine traces fp32 models under "float32" (bf16 ones keep the backend's default)."""
+    cfg, params, _ = model
+    for dtype, want in ((jnp.float32, "float32"), (jnp.bfloat16, None)):
+        gen = Generator(cfg, jax.tree.map(lambda a: jnp.asarray(a, dtype), params), dtype=dtype,
+                        compiler_options=FAST)
+        seen, lm = [], gen._lm
+
+        def spy(*a, **k):
+            seen.append(jax.config.jax_default_matmul_precision)
+            return lm(*a, **k)
+        gen._lm = spy
+        gen.generate([[1, 5, 6]], None, GenerationConfig(max_new_tokens=3))
+        assert len(seen) >= 2 and set(seen) == {want}, dtype
+
+
 def _rows(cfg, rng):
     t = cfg.image_tokens
     w = lambda n: rng.integers(3, VOCAB, n).tolist()  # noqa: E731
