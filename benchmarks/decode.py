@@ -273,7 +273,7 @@ def bench_decode(cfg, params, hf, args):
               f"{probe.best['xla'] / 1e9:.1f}) -> {limit:.1f} tok/s; owl-jax decode {ours:.1f} "
               f"tok/s = {100 * ours / limit:.0f}% of the limit", flush=True)
         screen = gen._call_params.get("greedy_screen")
-        if screen is not None:  # our greedy step reads a copy of the lm_head (owl_jax.greedy_screen)
+        if screen is not None:  # our greedy step reads a copy of the head (owl_jax.greedy_screen)
             read = (probe.nbytes - params["language_model"]["lm_head"]["kernel"].nbytes
                     + sum(a.nbytes for a in screen.values()))
             print(f"batch 1: our greedy step reads {read / 1e6:.0f} MB (the lm_head as its "

@@ -67,7 +67,8 @@ def available() -> bool:
                 try:
                     lib = ctypes.cdll.LoadLibrary(native.build(
                         "decode_kernels", [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
-                    for name in (MATMUL, MATMUL_BF16W, MATMUL_S8W, ATTENTION, GREEDY_SCREEN, MATERIALIZE):
+                    for name in (MATMUL, MATMUL_BF16W, MATMUL_S8W, ATTENTION, GREEDY_SCREEN,
+                                 MATERIALIZE):
                         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                     platform="cpu")
                 except (OSError, RuntimeError) as e:

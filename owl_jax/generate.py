@@ -507,7 +507,8 @@ class Generator:
             return out
         st = jax.device_get({k: state[k] for k in ("tokens", "count", "eos_hit")})
         # decode passes over the weights after the first token (prompt lookup makes fewer)
-        self.last_passes = int(state["passes"]) if "passes" in state else int(st["count"].max()) - 1
+        self.last_passes = (int(state["passes"]) if "passes" in state
+                            else int(st["count"].max()) - 1)
         out = []
         for i in range(len(rows)):
             n = int(st["count"][i])

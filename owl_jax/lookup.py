@@ -22,9 +22,10 @@ def draft(seq, cur, k: int, max_ngram: int):
     start = jnp.full((b,), -1, jnp.int32)   # where the draft starts in seq, -1: not found yet
     for n in range(max_ngram, 0, -1):
         tail = jnp.stack([seq[jnp.arange(b), cur - n + j] for j in range(n)], 1)   # [B, n]
-        # windows [i, i + n) that end before the tail starts to be known ... that have a token
-        # after them: i + n < cur
-        match = (idx[None, :] + n < cur) & jnp.all(tail >= 0, 1, keepdims=True)
+        # windows [i, i + n) followed by at least one known token (i + n < cur), of a tail
+        # that exists and holds no padding or image slot
+        match = ((idx[None, :] + n < cur) & (cur >= n)
+                 & jnp.all(tail >= 0, 1, keepdims=True))
         for j in range(n):
             match &= jnp.roll(seq, -j, axis=1) == tail[:, j:j + 1]
         first = jnp.argmax(match, axis=1).astype(jnp.int32)
