@@ -1,8 +1,11 @@
-"""Decode speed of owl-jax against HF transformers on the same weights (CPU, fp32).
+"""Decode speed of owl-jax against HF transformers on the same weights (fp32; CPU by default).
 
     python benchmarks/decode.py                  # everything (a few minutes on 2 cores)
     python benchmarks/decode.py --parts decode   # only the text decode comparison
     python benchmarks/decode.py --parts ttft --vision small
+    python benchmarks/decode.py --layers 22 --width 2048 --heads 32 --kv_heads 4 --mlp 5632
+    python benchmarks/decode.py --hf_llama /path/to/hf-llama      # a local checkpoint's LLM
+    python benchmarks/decode.py --device cuda    # HF on CUDA, owl-jax on JAX's GPU backend
 
 Baselines, measured in the same process:
 - decode: `LlamaForCausalLM.generate` (PyTorch, KV cache, greedy, do_sample=False,
@@ -23,6 +26,9 @@ Baselines, measured in the same process:
 - time to first token of a one-image prompt: our encode + splice + prefill + first token
   against the same steps in PyTorch (a torch re-implementation of the ViT and abstractor
   below, `language_model(inputs_embeds=...)` with HF LLaMA), on the same weights.
+- prompt lookup at batch 1 (`--lookup K`, 4 by default, 0 to skip): ours with
+  `prompt_lookup_num_tokens=K` against HF generate with the same option, and against both
+  plain runs.
 
 Our runs and the baseline's alternate, `--repeats` times, and each side keeps its best time (the
 machine may be shared: a load change then hits both sides).
