@@ -215,18 +215,29 @@ class Generator:
         sh = NamedSharding(self.mesh, spec)
         return jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, sh), cache)
 
-    def _step_logits(self, params, state, hidden=False):
-        """Feeds each row's last token (slot Lb + step - 1) and returns next-token logits (or,
-        with hidden, the final-normed hidden states [B, D])."""
-        s = state["kv_valid"].shape[1]
-        lb = s - state["tokens"].shape[-1]
+    @staticmethod
+    def _prompt_slots(state) -> int:
+        """Lb: the cache slots the (left-padded) prompts take; new token t goes to Lb + t."""
+        return state["kv_valid"].shape[1] - state["tokens"].shape[-1]
+
+    def _feed(self, params, state, tokens, hidden=False):
+        """Feeds tokens [B, m] (each row's last token, then m - 1 more) at slots Lb + step - 1
+        onwards; returns their next-token logits (or, with hidden, the final-normed hidden
+        states) fp32 [B, m, ...] and the cache with them written."""
+        m = tokens.shape[1]
         t = state["step"]
-        x = self.owl.apply({"params": params}, state["last"][:, None], method=Owl.embed_tokens)
-        slot = lb + t - 1
-        pos = (state["pos0"] + t - 1)[:, None]
-        mask = cache_mask(state["kv_valid"], slot[None])
-        out, cache = self._lm(params, x, pos, mask, state["cache"], slot, hidden)
-        return out[:, 0].astype(jnp.float32), self._constrain_cache(cache)
+        x = self.owl.apply({"params": params}, tokens, method=Owl.embed_tokens)
+        first = self._prompt_slots(state) + t - 1
+        pos = (state["pos0"] + t - 1)[:, None] + jnp.arange(m)[None, :]
+        mask = cache_mask(state["kv_valid"], first + jnp.arange(m))
+        out, cache = self._lm(params, x, pos, mask, state["cache"], first, hidden)
+        return out.astype(jnp.float32), self._constrain_cache(cache)
+
+    def _step_logits(self, params, state, hidden=False):
+        """Feeds each row's last token and returns next-token logits (or, with hidden, the
+        final-normed hidden states [B, D])."""
+        out, cache = self._feed(params, state, state["last"][:, None], hidden)
+        return out[:, 0], cache
 
     # ---------------------------------------------------------------------------------------
     # Prefill and decode (traced)
@@ -279,7 +290,7 @@ class Generator:
     def _choose(self, state, logits, knobs, spec, tok=None):
         """Greedy / sampled token for every row that is not done (or `tok`, already chosen);
         bookkeeping."""
-        lb = state["kv_valid"].shape[1] - state["tokens"].shape[-1]
+        lb = self._prompt_slots(state)
         t = state["step"]
         if tok is None:
             logits = sampling.process(
@@ -313,7 +324,7 @@ class Generator:
 
         # plain greedy at a batch the fp32 head would also run through the decode kernels
         screened = ("greedy_screen" in params and state["last"].shape[0] <= decode_kernels.MAX_ROWS
-                    and not (spec.sample or spec.penalty or spec.ngram or spec.beam_search))
+                    and spec.plain_greedy)
 
         def body(st):
             if spec.lookup:
@@ -331,8 +342,9 @@ class Generator:
         return jax.lax.while_loop(cond, body, state)
 
     def _greedy(self, params, h):
-        """Greedy tokens int32 [N] for final-normed hidden states h fp32 [N, D]."""
-        if "greedy_screen" in params and h.shape[0] <= decode_kernels.MAX_ROWS:
+        """Greedy tokens int32 [N] for final-normed hidden states h fp32 [N, D] (N <=
+        MAX_ROWS where the params hold a greedy screen)."""
+        if "greedy_screen" in params:
             return greedy_screen.tokens(h, params["language_model"]["lm_head"]["kernel"],
                                         params["greedy_screen"])
         return sampling.greedy(self._head(params, h).astype(jnp.float32))
@@ -354,26 +366,18 @@ class Generator:
         token after it. Without a draft the pass still runs its k + 1 rows: at batch 1 it costs
         about what a one-token step does (both stream the weights once), while a lax.cond
         between the two made every pass ~2x slower (XLA copied the state through it)."""
-        k = spec.lookup
-        lb = st["kv_valid"].shape[1] - st["tokens"].shape[-1]
-        t = st["step"]
-        draft, n_real = lookup_lib.draft(st["seq"], lb + t, k, spec.lookup_ngram)
-        feed = jnp.concatenate([st["last"][:, None], draft], 1)                   # [B, k + 1]
-        x = self.owl.apply({"params": params}, feed, method=Owl.embed_tokens)
-        slots = lb + t - 1 + jnp.arange(k + 1)
-        pos = (st["pos0"] + t - 1)[:, None] + jnp.arange(k + 1)[None, :]
-        h, cache = self._lm(params, x, pos, cache_mask(st["kv_valid"], slots), st["cache"],
-                            lb + t - 1, hidden=True)
-        tok = self._greedy(params, h.reshape(-1, h.shape[-1]).astype(jnp.float32))
-        tok = tok.reshape(h.shape[:2])
+        cur = self._prompt_slots(st) + st["step"]  # tokens known so far, prompt slots included
+        draft, n_real = lookup_lib.draft(st["seq"], cur, spec.lookup, spec.lookup_ngram)
+        h, cache = self._feed(params, st, jnp.concatenate([st["last"][:, None], draft], 1),
+                              hidden=True)                                   # [B, k + 1, D]
+        tok = self._greedy(params, h.reshape(-1, h.shape[-1])).reshape(h.shape[:2])
         n = lookup_lib.accepted(draft, n_real, tok) + 1
-        st = dict(st, cache=self._constrain_cache(cache), passes=st["passes"] + 1)
-        return self._emit(st, tok, n, knobs)
+        return self._emit(dict(st, cache=cache, passes=st["passes"] + 1), tok, n, knobs)
 
     def _emit(self, st, tok, n, knobs):
         """Appends the first n of tok [B, m] to every row (batch 1: the rows share `step`),
         cut after an EOS and at the row's budget."""
-        lb = st["kv_valid"].shape[1] - st["tokens"].shape[-1]
+        lb = self._prompt_slots(st)
         t = st["step"]
         j = jnp.arange(tok.shape[1])[None, :]
         eos = (tok == knobs["eos"]) & (j < n[:, None])
@@ -467,7 +471,7 @@ class Generator:
                     penalty=config.repetition_penalty != 1.0, ngram=config.no_repeat_ngram_size,
                     beams=config.num_beams, early_stopping=config.early_stopping,
                     beam_search=config.num_beams > 1 or force_beam_search)
-        if len(rows) == 1 and not (spec.sample or spec.penalty or spec.ngram or spec.beam_search):
+        if len(rows) == 1 and spec.plain_greedy:
             spec = dataclasses.replace(spec, lookup=self.lookup_limit(
                 config.prompt_lookup_num_tokens), lookup_ngram=config.max_matching_ngram_size)
         ids, valid, budget, slots = self.prepare(rows, config.max_new_tokens,
@@ -537,3 +541,8 @@ class Spec:
     beam_search: bool = False
     lookup: int = 0        # prompt-lookup draft length (0: off)
     lookup_ngram: int = 2
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor that needs the logits (penalty, n-gram ban) and no beams."""
+        return not (self.sample or self.penalty or self.ngram or self.beam_search)
