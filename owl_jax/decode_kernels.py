@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 MATMUL = "owl_small_m_matmul"
 MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (owl_jax.greedy_screen's head copy)
 MATMUL_S8W = "owl_small_m_matmul_s8w"  # fp32 x, int8 w (its int8 copy)
+_MATMUL_TARGETS = {jnp.dtype(jnp.float32): MATMUL, jnp.dtype(jnp.bfloat16): MATMUL_BF16W,
+                   jnp.dtype(jnp.int8): MATMUL_S8W}  # by the weights' dtype
 ATTENTION = "owl_cached_attention"
 GREEDY_SCREEN = "owl_greedy_screen"
 MATERIALIZE = "owl_materialize"
@@ -95,10 +97,6 @@ def matmul_applies(x, w) -> bool:
     return (_enabled.get() and x.dtype == jnp.float32 and w.dtype in _MATMUL_TARGETS
             and w.ndim == 2 and 0 < rows <= MAX_ROWS and x.shape[-1] == w.shape[0] > 0
             and w.shape[1] > 0)
-
-
-_MATMUL_TARGETS = {jnp.dtype(jnp.float32): MATMUL, jnp.dtype(jnp.bfloat16): MATMUL_BF16W,
-                   jnp.dtype(jnp.int8): MATMUL_S8W}
 
 
 def matmul(x, w):

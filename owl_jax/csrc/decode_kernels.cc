@@ -60,8 +60,8 @@ inline __m512 Load16(__mmask16 m, const int8_t* p) {
 }
 
 // y[:M, c0:c1] = xt[:K, :M]^T @ w[:K, c0:c1]: xt holds x k-major (row k's M values side by
-// side), w and y rows have stride N. W is float, or uint16_t for bf16 weights (the greedy
-// screen's copy of the lm_head).
+// side), w and y rows have stride N. W is float, or uint16_t (bf16) or int8_t for the greedy
+// screen's copy of the lm_head.
 template <int M, bool Ahead, typename W>
 void Columns(const float* xt, int64_t K, const W* w, int64_t N, float* y, int64_t c0,
              int64_t c1) {
@@ -381,7 +381,7 @@ ffi::Error SmallMMatmul(ffi::ThreadPool& pool, const float* xp, int64_t x_count,
 
 }  // namespace
 
-// The matmul handler for weights of type T (F32, or BF16 for the greedy screen's copy).
+// The matmul handler for weights of type T (F32, or BF16 / S8 for the greedy screen's copy).
 template <ffi::DataType T>
 static ffi::Error SmallMMatmulOf(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  ffi::Buffer<T> w, ffi::ResultBuffer<ffi::F32> y) {
