@@ -42,6 +42,7 @@ MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (owl_jax.greedy_scre
 MATMUL_S8W = "owl_small_m_matmul_s8w"  # fp32 x, int8 w (its int8 copy)
 _MATMUL_TARGETS = {jnp.dtype(jnp.float32): MATMUL, jnp.dtype(jnp.bfloat16): MATMUL_BF16W,
                    jnp.dtype(jnp.int8): MATMUL_S8W}  # by the weights' dtype
+INT8_MATMUL = "owl_int8_matmul"  # x quantized to int8 too (owl_jax.self_draft's draft model)
 ATTENTION = "owl_cached_attention"
 GREEDY_SCREEN = "owl_greedy_screen"
 MATERIALIZE = "owl_materialize"
@@ -69,8 +70,8 @@ def available() -> bool:
                 try:
                     lib = ctypes.cdll.LoadLibrary(native.build(
                         "decode_kernels", [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
-                    for name in (MATMUL, MATMUL_BF16W, MATMUL_S8W, ATTENTION, GREEDY_SCREEN,
-                                 MATERIALIZE):
+                    for name in (MATMUL, MATMUL_BF16W, MATMUL_S8W, INT8_MATMUL, ATTENTION,
+                                 GREEDY_SCREEN, MATERIALIZE):
                         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                     platform="cpu")
                 except (OSError, RuntimeError) as e:
@@ -104,6 +105,19 @@ def matmul(x, w):
     exactly."""
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
     return jax.ffi.ffi_call(_MATMUL_TARGETS[jnp.dtype(w.dtype)], out)(x, w)
+
+
+def int8_matmul(x, w, scale):
+    """x fp32 [..., K] @ (w int8 [K, N] * scale fp32 [N]), approximately: inside `enabled()`
+    for at most MAX_ROWS rows, the int8 kernel (x quantized per row to int8 as well: sx =
+    max |x| / 127, y = float(sum_k round(x_k / sx) w_kn) * sx * scale_n); elsewhere x times the
+    widened weights in XLA."""
+    rows = int(np.prod(x.shape[:-1]))
+    if (_enabled.get() and x.dtype == jnp.float32 and w.ndim == 2 and 0 < rows <= MAX_ROWS
+            and x.shape[-1] == w.shape[0] and w.shape[1] > 0):
+        out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
+        return jax.ffi.ffi_call(INT8_MATMUL, out)(x, w, scale)
+    return jnp.dot(x, w.astype(x.dtype)) * scale.astype(x.dtype)
 
 
 def greedy_screen(h, w, approx, bound):

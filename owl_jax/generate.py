@@ -42,6 +42,7 @@ from owl_jax import sampling
 from owl_jax import decode_kernels
 from owl_jax import greedy_screen
 from owl_jax import lookup as lookup_lib
+from owl_jax import self_draft
 from owl_jax.config import OwlConfig
 from owl_jax.models import llama as llama_lib
 from owl_jax.models.masks import cache_mask
@@ -70,6 +71,10 @@ class GenerationConfig:
     # (`owl_jax.lookup`); the tokens are those of plain greedy decoding. 0: off.
     prompt_lookup_num_tokens: int = 0
     max_matching_ngram_size: int = 2
+    # Self-speculation: plain greedy decoding of one prompt drafts this many tokens with an int8
+    # copy of the LLM and checks them in one fp32 pass (`owl_jax.self_draft`); the tokens are
+    # those of plain greedy decoding. 0: off. Prompt lookup, where asked for, takes precedence.
+    self_draft_tokens: int = 0
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -85,6 +90,8 @@ class GenerationConfig:
         if self.prompt_lookup_num_tokens < 0 or self.max_matching_ngram_size < 1:
             raise ValueError("prompt_lookup_num_tokens must be >= 0 and max_matching_ngram_size "
                              ">= 1")
+        if self.self_draft_tokens < 0:
+            raise ValueError(f"self_draft_tokens must be >= 0, got {self.self_draft_tokens}")
         if self.no_repeat_ngram_size < 0 or self.num_beams < 1:
             raise ValueError("no_repeat_ngram_size must be >= 0 and num_beams >= 1")
         if self.num_beams > 1 and self.temperature > 0:
@@ -186,6 +193,15 @@ class Generator:
         # what the compiled functions get: the params, plus the greedy screen where it applies
         self.screen = screen
         self._call_params = self._with_screen(self.params)
+        self._self_draft_params = None
+
+    def _with_self_draft(self):
+        """The call params plus the int8 draft model, made at the first request that uses it
+        (a quarter of the LLM's fp32 bytes in memory)."""
+        if self._self_draft_params is None:
+            self._self_draft_params = dict(self._call_params, self_draft=self_draft.prepare(
+                self.params["language_model"], self._call_params.get("greedy_screen")))
+        return self._self_draft_params
 
     def _with_screen(self, params):
         head = params["language_model"]["lm_head"]["kernel"]
@@ -220,12 +236,13 @@ class Generator:
         """Lb: the cache slots the (left-padded) prompts take; new token t goes to Lb + t."""
         return state["kv_valid"].shape[1] - state["tokens"].shape[-1]
 
-    def _feed(self, params, state, tokens, hidden=False):
-        """Feeds tokens [B, m] (each row's last token, then m - 1 more) at slots Lb + step - 1
-        onwards; returns their next-token logits (or, with hidden, the final-normed hidden
-        states) fp32 [B, m, ...] and the cache with them written."""
+    def _feed(self, params, state, tokens, hidden=False, offset=0):
+        """Feeds tokens [B, m] (each row's last token, then m - 1 more; or with an offset,
+        tokens that far after it) at slots Lb + step - 1 + offset onwards; returns their
+        next-token logits (or, with hidden, the final-normed hidden states) fp32 [B, m, ...]
+        and the cache with them written."""
         m = tokens.shape[1]
-        t = state["step"]
+        t = state["step"] + offset
         x = self.owl.apply({"params": params}, tokens, method=Owl.embed_tokens)
         first = self._prompt_slots(state) + t - 1
         pos = (state["pos0"] + t - 1)[:, None] + jnp.arange(m)[None, :]
@@ -279,6 +296,7 @@ class Generator:
         if spec.lookup:  # the whole sequence, where prompt lookup finds its drafts
             state["seq"] = jnp.concatenate([jnp.where(valid > 0, ids, -1),
                                             jnp.full((b, tc), -1, jnp.int32)], 1)
+        if spec.draft:
             state["passes"] = jnp.zeros((), jnp.int32)
         if spec.beam_search:
             return beam_lib.start(state, logits, budget, knobs, spec)
@@ -327,8 +345,8 @@ class Generator:
                     and spec.plain_greedy)
 
         def body(st):
-            if spec.lookup:
-                return self._lookup_step(params, st, knobs, spec)
+            if spec.draft:
+                return self._speculative_step(params, st, knobs, spec)
             if screened:
                 h, cache = self._step_logits(params, st, hidden=True)
                 return self._choose(dict(st, cache=cache), None, knobs, spec,
@@ -349,30 +367,53 @@ class Generator:
                                         params["greedy_screen"])
         return sampling.greedy(self._head(params, h).astype(jnp.float32))
 
-    def lookup_limit(self, k: int) -> int:
-        """The prompt-lookup draft length this engine runs for a request of k (0: plain
-        decoding). The check pass must give every row the bits a one-token step gives it, which
-        the decode kernels do (each output row is summed the same way whatever the row count),
-        so it runs where they do, with its k + 1 rows within their row limits."""
+    def draft_limit(self, k: int) -> int:
+        """The draft length (prompt lookup or self-draft) this engine runs for a request of k
+        (0: plain decoding). The check pass must give every row the bits a one-token step gives
+        it, which the decode kernels do (each output row is summed the same way whatever the
+        row count), so it runs where they do, with its k + 1 rows within their row limits."""
         if not (k and self.decode_kernels and decode_kernels.available()
                 and self.dtype == jnp.float32):
             return 0
         group = self.cfg.text.num_attention_heads // self.cfg.text.kv_heads
         return max(0, min(k, decode_kernels.MAX_ROWS - 1, decode_kernels.MAX_QUERIES // group - 1))
 
-    def _lookup_step(self, params, st, knobs, spec):
-        """One pass over the weights for the last token and a prompt-lookup draft (batch 1,
-        plain greedy): emits the draft's prefix that greedy decoding confirms and the greedy
-        token after it. Without a draft the pass still runs its k + 1 rows: at batch 1 it costs
-        about what a one-token step does (both stream the weights once), while a lax.cond
-        between the two made every pass ~2x slower (XLA copied the state through it)."""
-        cur = self._prompt_slots(st) + st["step"]  # tokens known so far, prompt slots included
-        draft, n_real = lookup_lib.draft(st["seq"], cur, spec.lookup, spec.lookup_ngram)
+    def _speculative_step(self, params, st, knobs, spec):
+        """One fp32 pass over the weights for the last token and a draft (batch 1, plain
+        greedy): emits the draft's prefix that greedy decoding confirms and the greedy token
+        after it. The draft comes from prompt lookup or from the int8 copy of the LLM. Without
+        a lookup draft the pass still runs its k + 1 rows: at batch 1 it costs about what a
+        one-token step does (both stream the weights once), while a lax.cond between the two
+        made every pass ~2x slower (XLA copied the state through it)."""
+        if spec.lookup:
+            cur = self._prompt_slots(st) + st["step"]  # tokens known, prompt slots included
+            draft, n_real = lookup_lib.draft(st["seq"], cur, spec.lookup, spec.lookup_ngram)
+        else:
+            draft, cache = self._self_draft(params, st, spec.self_draft)
+            st = dict(st, cache=cache)
+            n_real = jnp.full(draft.shape[:1], spec.self_draft, jnp.int32)
         h, cache = self._feed(params, st, jnp.concatenate([st["last"][:, None], draft], 1),
                               hidden=True)                                   # [B, k + 1, D]
         tok = self._greedy(params, h.reshape(-1, h.shape[-1])).reshape(h.shape[:2])
         n = lookup_lib.accepted(draft, n_real, tok) + 1
         return self._emit(dict(st, cache=cache, passes=st["passes"] + 1), tok, n, knobs)
+
+    def _self_draft(self, params, st, k):
+        """k greedy tokens int32 [B, k] from the int8 draft model, one step each, and the cache
+        with their K/V written (the check pass overwrites those slots)."""
+        draft_params = dict(params, language_model=params["self_draft"])
+
+        def body(i, carry):
+            cache, last, toks = carry
+            logits, cache = self._feed(draft_params, dict(st, cache=cache), last[:, None],
+                                       offset=i)
+            tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+            return cache, tok, jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
+
+        b = st["last"].shape[0]
+        cache, _, toks = jax.lax.fori_loop(0, k, body, (st["cache"], st["last"],
+                                                        jnp.zeros((b, k), jnp.int32)))
+        return toks, cache
 
     def _emit(self, st, tok, n, knobs):
         """Appends the first n of tok [B, m] to every row (batch 1: the rows share `step`),
@@ -387,11 +428,13 @@ class Generator:
         count = st["count"] + n
         # the m - n tokens past the new ones are written too and overwritten later (the
         # buffers have m spare columns; the draft and the results read only the first count)
-        return dict(st, tokens=jax.lax.dynamic_update_slice(st["tokens"], tok, (0, t)),
-                    seq=jax.lax.dynamic_update_slice(st["seq"], tok, (0, lb + t)),
-                    count=count, eos_hit=st["eos_hit"] | hit,
-                    done=st["done"] | hit | (count >= st["budget"]),
-                    last=jnp.take_along_axis(tok, (n - 1)[:, None], 1)[:, 0], step=t + n[0])
+        new = dict(st, tokens=jax.lax.dynamic_update_slice(st["tokens"], tok, (0, t)),
+                   count=count, eos_hit=st["eos_hit"] | hit,
+                   done=st["done"] | hit | (count >= st["budget"]),
+                   last=jnp.take_along_axis(tok, (n - 1)[:, None], 1)[:, 0], step=t + n[0])
+        if "seq" in st:
+            new["seq"] = jax.lax.dynamic_update_slice(st["seq"], tok, (0, lb + t))
+        return new
 
     def _generate_fn(self, params, ids, valid, pixel_values, budget, knobs, limit, *, spec,
                      slots):
@@ -472,11 +515,16 @@ class Generator:
                     beams=config.num_beams, early_stopping=config.early_stopping,
                     beam_search=config.num_beams > 1 or force_beam_search)
         if len(rows) == 1 and spec.plain_greedy:
-            spec = dataclasses.replace(spec, lookup=self.lookup_limit(
-                config.prompt_lookup_num_tokens), lookup_ngram=config.max_matching_ngram_size)
+            lookup = self.draft_limit(config.prompt_lookup_num_tokens)
+            spec = dataclasses.replace(
+                spec, lookup=lookup, lookup_ngram=config.max_matching_ngram_size,
+                self_draft=0 if lookup else self.draft_limit(config.self_draft_tokens))
+        params = self._call_params
+        if spec.self_draft:
+            params = self._with_self_draft()
         ids, valid, budget, slots = self.prepare(rows, config.max_new_tokens,
                                                  uniform_budget=spec.beam_search,
-                                                 spare=spec.lookup)
+                                                 spare=spec.draft)
         px = self._pad_images(pixel_values)
         eos = self.cfg.text.eos_token_id if config.eos_token_id is None else config.eos_token_id
         knobs = {"temperature": jnp.float32(max(config.temperature, 1e-6)),
@@ -489,10 +537,10 @@ class Generator:
               jax.default_matmul_precision(self.matmul_precision)):
             total = int(budget.max())
             if stream is None or spec.beam_search:
-                state = self._generate(self._call_params, ids, valid, px, budget, knobs,
+                state = self._generate(params, ids, valid, px, budget, knobs,
                                        jnp.int32(total), spec=spec, slots=slots)
             else:
-                state = self._prefill(self._call_params, ids, valid, px, budget, knobs, spec=spec,
+                state = self._prefill(params, ids, valid, px, budget, knobs, spec=spec,
                                       slots=slots)
                 limit = 1
                 while True:
@@ -500,8 +548,7 @@ class Generator:
                     if limit >= total or bool(jnp.all(state["done"])):
                         break
                     limit = min(limit + self.stream_chunk, total)
-                    state = self._decode(self._call_params, state, jnp.int32(limit), knobs,
-                                         spec=spec)
+                    state = self._decode(params, state, jnp.int32(limit), knobs, spec=spec)
         if spec.beam_search:
             out = beam_lib.finish(jax.device_get({k: v for k, v in state.items()
                                                   if k in beam_lib.RESULT_KEYS}),
@@ -541,6 +588,12 @@ class Spec:
     beam_search: bool = False
     lookup: int = 0        # prompt-lookup draft length (0: off)
     lookup_ngram: int = 2
+    self_draft: int = 0    # int8 self-draft length (0: off)
+
+    @property
+    def draft(self) -> int:
+        """Draft tokens a pass checks (0: one token a pass)."""
+        return self.lookup or self.self_draft
 
     @property
     def plain_greedy(self) -> bool:

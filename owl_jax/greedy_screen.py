@@ -44,6 +44,21 @@ def applies(w) -> bool:
             and decode_kernels.matmul_applies(jax.ShapeDtypeStruct((1, w.shape[0]), w.dtype), w))
 
 
+def int8_columns(w):
+    """w fp32 [K, N] -> (int8 values [K, N], fp32 scale [N]) with w ~ values * scale: each
+    column's largest magnitude maps to 127, the rest round to nearest."""
+    w = np.asarray(w, np.float32)
+    blocks = range(0, w.shape[0], 256)  # a block of rows at a time: a 7B head is 0.5 GB
+    top = np.full(w.shape[1], np.finfo(np.float32).tiny, np.float32)
+    for r in blocks:
+        np.maximum(top, np.abs(w[r:r + 256]).max(0), out=top)
+    scale = top / np.float32(127)
+    wq = np.empty(w.shape, np.int8)
+    for r in blocks:
+        wq[r:r + 256] = np.clip(np.rint(w[r:r + 256] / scale), -127, 127)
+    return wq, scale
+
+
 def prepare(w, kind: str = "int8") -> dict:
     """The bf16 or int8 copy of head kernel w [D, V] and the per-column bound: |L_v - a_v| <=
     ||h|| * bound_v, with e_v = ||W_v - Q_v|| (Cauchy-Schwarz; Q is the copy as it is read) and
@@ -52,17 +67,11 @@ def prepare(w, kind: str = "int8") -> dict:
     scale_v = max_k |W_kv| / 127 (a quarter of the head's bytes; the bound is ~8x looser)."""
     w = np.asarray(w, np.float32)
     d = w.shape[0]
-    blocks = range(0, d, 256)  # a block of rows at a time: a 7B head is 0.5 GB
+    blocks = range(0, d, 256)
     if kind == "bf16":
         wq, scale = w.astype(ml_dtypes.bfloat16), np.ones(w.shape[1], np.float32)
     elif kind == "int8":
-        top = np.full(w.shape[1], np.finfo(np.float32).tiny, np.float32)
-        for r in blocks:
-            np.maximum(top, np.abs(w[r:r + 256]).max(0), out=top)
-        scale = top / np.float32(127)
-        wq = np.empty(w.shape, np.int8)
-        for r in blocks:
-            wq[r:r + 256] = np.clip(np.rint(w[r:r + 256] / scale), -127, 127)
+        wq, scale = int8_columns(w)
     else:
         raise ValueError(f"greedy screen kind {kind!r}: 'bf16' or 'int8'")
     scale64 = scale.astype(np.float64)

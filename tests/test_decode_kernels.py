@@ -203,3 +203,47 @@ def test_materialize_is_an_identity_that_xla_cannot_fuse():
     assert hlo.count(decode_kernels.MATERIALIZE) == 2
     for a, b in zip(got, plain):
         np.testing.assert_array_equal(a, b)  # the same bits
+
+
+def _int8_reference(x, wq, scale):
+    """The int8 kernel's math re-derived in numpy: x quantized per row (sx = max |x| / 127,
+    round half to even), the products summed exactly in int64, then float32(sum) * sx * scale."""
+    rows = []
+    for row in x.reshape(-1, x.shape[-1]):
+        top = np.abs(row).max()
+        sx = np.float32(top / np.float32(127)) if top > 0 else np.float32(1)
+        acc = np.rint(row / sx).astype(np.int64) @ wq.astype(np.int64)
+        rows.append(acc.astype(np.float32) * sx * scale)
+    return np.stack(rows).reshape(x.shape[:-1] + (wq.shape[1],))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (13, 70), (64, 4100), (130, 4096), (768, 768),
+                                 (2048, 200)])
+def test_int8_matmul_is_the_quantized_product_bit_for_bit(k, n):
+    """Ragged K (rows past K are padding), column tails of a 64-column tile, narrow w (threads
+    split K) and wide w (threads split the columns), several rows, an all-zero row."""
+    from owl_jax.greedy_screen import int8_columns
+    rng = np.random.default_rng(k + n)
+    wq, scale = int8_columns(rng.standard_normal((k, n)).astype(np.float32))
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    x[1] = 0
+    with decode_kernels.enabled():
+        got = np.asarray(jax.jit(decode_kernels.int8_matmul)(x, wq, scale))
+    np.testing.assert_array_equal(got, _int8_reference(x, wq, scale))
+    # and it approximates x @ the dequantized weights, as XLA's fallback computes it
+    want = np.asarray(decode_kernels.int8_matmul(jnp.asarray(x), wq, scale))
+    exact = x.astype(np.float64) @ (wq.astype(np.float64) * scale)
+    np.testing.assert_allclose(want, exact, atol=1e-5 * np.abs(exact).max())
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max() + 1e-6
+
+
+def test_dense_reads_an_int8_kernel_with_its_scale():
+    """Dense given int8 `kernel` + `kernel_scale` (owl_jax.self_draft's draft model)."""
+    rng = np.random.default_rng(0)
+    wq = rng.integers(-127, 128, (24, 40)).astype(np.int8)
+    scale = rng.random(40).astype(np.float32)
+    x = rng.standard_normal((2, 3, 24)).astype(np.float32)
+    y = Dense(40, ("embed", "mlp"), use_bias=False).apply(
+        {"params": {"kernel": wq, "kernel_scale": scale}}, x)
+    np.testing.assert_allclose(y, x @ (wq.astype(np.float32) * scale), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 // 1. owl_small_m_matmul: y[M, N] = x[M, K] @ w[K, N] for the few rows of a step (M = batch).
 // 2. owl_cached_attention: softmax(q k^T / sqrt(D)) v for a few query rows against a KV cache.
 // 3. owl_greedy_screen: the exact check of a greedy token picked from int8 or bf16 weights.
+// 4. owl_int8_matmul: x @ w for int8 w and x quantized to int8 (the int8 draft model's).
 //
 // Both are streams over memory (weights, cache) with little arithmetic per byte, where XLA's
 // library calls pay per-call packing or per-head overheads that cost more than the work.
@@ -405,6 +406,126 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_bf16w, SmallMMatmulOf<ffi::BF16
 XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_s8w, SmallMMatmulOf<ffi::S8>,
                               SmallMMatmulBinding<ffi::S8>());
 
+// --- 4. int8 matmul for the int8 draft model (owl_jax/self_draft.py)
+//
+// y[m, n] ~ x[m] @ (w[:, n] * scale[n]) with w int8 [K, N] row-major and x quantized per row to
+// int8 (sx = max |x| / 127, xq = round(x / sx)): y = sx * scale[n] * sum_k xq[k] w[k, n], the
+// sum in int32 with VNNI (vpdpbusd: 4 products of an unsigned and a signed byte per lane).
+// Widening int8 weights to floats (owl_small_m_matmul_s8w) costs two conversions per 16
+// weights and ran at 12 GB/s, below the memory's speed; this reads w at the memory's speed.
+// vpdpbusd wants 4 consecutive k of one column in each 32-bit lane: two rounds of byte and
+// word unpacks make them from 4 rows of 64 columns, with the columns in the order
+// Lane(q, i) below; the sums are put back in column order at the end. The weights are the
+// unsigned operand: w + 128 (a sign-bit flip), so the sum is off by 128 * sum_k xq[k], one
+// number per row. Integer sums do not depend on their order, so threads may split K.
+inline int64_t Lane(int64_t q, int64_t i) { return 16 * (i / 4) + 4 * q + i % 4; }
+
+// acc[n - c0] (int32, lanes in Lane order per 64 columns) += xq[k0:k1] @ w[k0:k1, c0:c1], k0 and
+// k1 multiples of 4 except k1 = K.
+void Int8Columns(const int8_t* xq, const int8_t* w, int64_t K, int64_t N, int64_t k0, int64_t k1,
+                 int64_t c0, int64_t c1, int32_t* acc) {
+  constexpr int64_t kSweep = 32;  // rows of w per sweep (concurrent streams, as Columns)
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t s0 = k0; s0 < k1; s0 += kSweep) {
+    const int64_t s1 = std::min(k1, s0 + kSweep);
+    for (int64_t c = c0; c < c1; c += 64) {
+      const __mmask64 mk = c1 - c >= 64 ? ~__mmask64(0) : (__mmask64(1) << (c1 - c)) - 1;
+      int32_t* a = acc + (c - c0);
+      __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 16),
+              a2 = _mm512_loadu_si512(a + 32), a3 = _mm512_loadu_si512(a + 48);
+      for (int64_t k = s0; k < s1; k += 4) {
+        // rows past K are zeros: their 128s meet xq's zero padding
+        auto row = [&](int64_t r) {
+          _mm_prefetch(reinterpret_cast<const char*>(w + (r + kSweep) * N + c), _MM_HINT_T0);
+          return r < K ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + r * N + c), flip)
+                       : _mm512_setzero_si512();
+        };
+        const __m512i r0 = row(k), r1 = row(k + 1), r2 = row(k + 2), r3 = row(k + 3);
+        const __m512i lo01 = _mm512_unpacklo_epi8(r0, r1), hi01 = _mm512_unpackhi_epi8(r0, r1);
+        const __m512i lo23 = _mm512_unpacklo_epi8(r2, r3), hi23 = _mm512_unpackhi_epi8(r2, r3);
+        int32_t quad;
+        std::memcpy(&quad, xq + k, 4);
+        const __m512i xv = _mm512_set1_epi32(quad);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_unpacklo_epi16(lo01, lo23), xv);
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_unpackhi_epi16(lo01, lo23), xv);
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_unpacklo_epi16(hi01, hi23), xv);
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_unpackhi_epi16(hi01, hi23), xv);
+      }
+      _mm512_storeu_si512(a, a0);
+      _mm512_storeu_si512(a + 16, a1);
+      _mm512_storeu_si512(a + 32, a2);
+      _mm512_storeu_si512(a + 48, a3);
+    }
+  }
+}
+
+using S8x2 = ffi::Buffer<ffi::S8, 2>;  // aliases: a comma inside the handler macro breaks it
+using F32x1 = ffi::Buffer<ffi::F32, 1>;
+
+static ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, S8x2 w, F32x1 scale,
+                             ffi::ResultBuffer<ffi::F32> y) {
+  const int64_t K = w.dimensions()[0], N = w.dimensions()[1];
+  const int64_t M = K ? x.element_count() / K : 0;
+  if (scale.dimensions()[0] != N)
+    return ffi::Error::InvalidArgument("int8_matmul: scale must have w's column count");
+  if (K > 66000)  // 255 * 127 * K must fit an int32 lane
+    return ffi::Error::InvalidArgument("int8_matmul: K above 66000 could overflow the sums");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int64_t threads = Threads(pool);
+  const int64_t Kp = (K + 3) & ~int64_t{3}, Np = (N + 63) & ~int64_t{63};
+  // narrow w: threads split K (each its own sums, added at the end); wide w: the columns
+  const int64_t parts = std::clamp<int64_t>(N < kRowSplitBelowN ? Kp / 64 : Np / 64, 1, threads);
+  std::vector<int8_t> xq(Kp);
+  std::vector<int32_t> acc(parts * Np);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x.typed_data() + m * K;
+    float top = 0;
+    for (int64_t k = 0; k < K; ++k) top = std::max(top, std::abs(xm[k]));
+    const float sx = top > 0 ? top / 127.f : 1.f;
+    int64_t xsum = 0;
+    for (int64_t k = 0; k < Kp; ++k) {
+      xq[k] = k < K ? static_cast<int8_t>(std::nearbyint(xm[k] / sx)) : 0;
+      xsum += xq[k];
+    }
+    std::fill(acc.begin(), acc.end(), 0);
+    const int8_t* xp = xq.data();
+    const int8_t* wp = w.typed_data();
+    int32_t* ap = acc.data();
+    ParallelFor(threads, parts, [=](int64_t p) {
+      if (N < kRowSplitBelowN) {
+        const int64_t k0 = (Kp * p / parts) & ~int64_t{3};
+        const int64_t k1 = p + 1 == parts ? K : (Kp * (p + 1) / parts) & ~int64_t{3};
+        Int8Columns(xp, wp, K, N, k0, k1, 0, N, ap + p * Np);
+      } else {
+        const int64_t c0 = (Np * p / parts) & ~int64_t{63};
+        const int64_t c1 = p + 1 == parts ? N : (Np * (p + 1) / parts) & ~int64_t{63};
+        Int8Columns(xp, wp, K, N, 0, K, c0, c1, ap + c0);
+      }
+    });
+    if (N < kRowSplitBelowN)
+      for (int64_t p = 1; p < parts; ++p)
+        for (int64_t i = 0; i < Np; ++i) acc[i] += acc[p * Np + i];
+    float* ym = y->typed_data() + m * N;
+    const float* sp = scale.typed_data();
+    for (int64_t c = 0; c < N; c += 64)
+      for (int64_t q = 0; q < 4; ++q)
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t n = c + Lane(q, i);
+          if (n < N)
+            ym[n] = static_cast<float>(int64_t{acc[c + 16 * q + i]} - 128 * xsum) * sx * sp[n];
+        }
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_int8_matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<S8x2>()
+                                  .Arg<F32x1>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 // The greedy screen's check (owl_jax/greedy_screen.py). For each row m: approx[m] = h[m] @ Q
 // (the int8 or bf16 copy of w) and |fp32 logit_v - approx_v| <= ||h[m]|| * bound[v]. Columns
 // whose upper bound reaches the largest lower bound are the candidates (the argmax is among
@@ -416,7 +537,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_s8w, SmallMMatmulOf<ffi::S8>,
 // full fp32 head.)
 constexpr int64_t kMaxCandidates = 64;
 
-using F32x1 = ffi::Buffer<ffi::F32, 1>;  // aliases: a comma inside the handler macro breaks it
 using F32x2 = ffi::Buffer<ffi::F32, 2>;
 using S32x1 = ffi::Buffer<ffi::S32, 1>;
 using PREDx1 = ffi::Buffer<ffi::PRED, 1>;

@@ -59,9 +59,12 @@ class Dense(nn.Module):
         kernel = param_with_axes(self, "kernel", self.kernel_init, (d_in, self.features),
                                  self.param_dtype, self.axes)
         x = x.astype(self.dtype)
-        kernel = kernel.astype(self.dtype)
-        y = (decode_kernels.matmul(x, kernel) if decode_kernels.matmul_applies(x, kernel)
-             else jnp.dot(x, kernel))
+        if kernel.dtype == jnp.int8:  # int8 values and their per-column scale (owl_jax.self_draft)
+            y = decode_kernels.int8_matmul(x, kernel, self.get_variable("params", "kernel_scale"))
+        else:
+            kernel = kernel.astype(self.dtype)
+            y = (decode_kernels.matmul(x, kernel) if decode_kernels.matmul_applies(x, kernel)
+                 else jnp.dot(x, kernel))
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
                                    self.param_dtype, self.axes[1:])

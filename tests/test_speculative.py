@@ -1,5 +1,6 @@
-"""Prompt lookup: the drafts against a plain-Python re-derivation of HF's rule, and generation
-with lookup against plain greedy decoding (the same tokens, in fewer passes)."""
+"""Speculative greedy decoding: prompt lookup's drafts against a plain-Python re-derivation of
+HF's rule, the int8 self-draft model against the fp32 one, and generation with either draft
+against plain greedy decoding (the same tokens, in fewer passes)."""
 import dataclasses
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax import decode_kernels, lookup
+from owl_jax import decode_kernels, greedy_screen, lookup, self_draft
 from owl_jax.config import tiny
 from owl_jax.generate import GenerationConfig, Generator
 
@@ -80,31 +81,37 @@ def _prompts(cfg, rng):
             [1] + w(12)]
 
 
-def test_same_tokens_as_plain_greedy_in_fewer_passes(model):
+# the GenerationConfig field that asks for each kind of draft
+DRAFTS = pytest.mark.parametrize("draft", ["prompt_lookup_num_tokens", "self_draft_tokens"])
+
+
+@DRAFTS
+def test_same_tokens_as_plain_greedy_in_fewer_passes(model, draft):
     cfg, gen = model
     s = cfg.vision.image_size
     rng = np.random.default_rng(3)
     px = rng.standard_normal((2, s, s, 3)).astype(np.float32)
-    plain = GenerationConfig(max_new_tokens=40, eos_token_id=-1)
+    plain = GenerationConfig(max_new_tokens=40, eos_token_id=-1, self_draft_tokens=0)
     saved = 0
     for row in _prompts(cfg, rng):
         images = px if -1 in row else None
         want = gen.generate([row], images, plain)[0]
         for k in (1, 3, 7):
-            got = gen.generate([row], images, dataclasses.replace(
-                plain, prompt_lookup_num_tokens=k))[0]
+            got = gen.generate([row], images, dataclasses.replace(plain, **{draft: k}))[0]
             assert got.token_ids == want.token_ids and got.finish_reason == "length"
             assert gen.last_passes <= len(want.token_ids) - 1
             saved = max(saved, len(want.token_ids) - 1 - gen.last_passes)
     assert saved >= 5  # drafts were accepted: the comparison is not vacuous
 
 
-def test_eos_and_the_budget_cut_an_accepted_draft(model):
+@DRAFTS
+def test_eos_and_the_budget_cut_an_accepted_draft(model, draft):
     cfg, gen = model
     rng = np.random.default_rng(5)
     row = _prompts(cfg, rng)[0]
-    free = gen.generate([row], None, GenerationConfig(max_new_tokens=40, eos_token_id=-1))[0]
-    lk = dict(prompt_lookup_num_tokens=7)
+    free = gen.generate([row], None, GenerationConfig(max_new_tokens=40, eos_token_id=-1,
+                                                      self_draft_tokens=0))[0]
+    lk = {draft: 7}
     # every token it makes as the EOS, and budgets that end mid-draft
     for stop in set(free.token_ids):
         k = free.token_ids.index(stop)
@@ -136,23 +143,24 @@ def test_emit_cuts_after_eos_and_at_the_budget(model):
     assert int(out["last"][0]) == 2 and not out["eos_hit"][0]
 
 
-def test_streaming_with_lookup(model):
+@DRAFTS
+def test_streaming_with_a_draft(model, draft):
     cfg, gen = model
     row = _prompts(cfg, np.random.default_rng(6))[0]
-    gc = GenerationConfig(max_new_tokens=20, eos_token_id=-1, prompt_lookup_num_tokens=4)
+    gc = GenerationConfig(max_new_tokens=20, eos_token_id=-1, self_draft_tokens=0)
     seen = []
     gen.stream_chunk = 3
-    out = gen.generate([row], None, gc, stream=seen.append)
-    want = gen.generate([row], None, dataclasses.replace(gc, prompt_lookup_num_tokens=0))
+    out = gen.generate([row], None, dataclasses.replace(gc, **{draft: 4}), stream=seen.append)
+    want = gen.generate([row], None, gc)
     assert out[0].token_ids == want[0].token_ids
     assert len(seen) >= 3 and all(s[0] == want[0].token_ids[:len(s[0])] for s in seen)
 
 
 def test_where_lookup_runs(model):
     cfg, gen = model
-    assert gen.lookup_limit(4) == 4
-    assert gen.lookup_limit(50) == decode_kernels.MAX_QUERIES // 2 - 1  # 2 query heads per kv
-    assert Generator(cfg, gen.params, decode_kernels=False).lookup_limit(4) == 0
+    assert gen.draft_limit(4) == 4
+    assert gen.draft_limit(50) == decode_kernels.MAX_QUERIES // 2 - 1  # 2 query heads per kv
+    assert Generator(cfg, gen.params, decode_kernels=False).draft_limit(4) == 0
     # a batch decodes plainly (its rows would advance by different counts): same tokens
     rows = _prompts(cfg, np.random.default_rng(7))[::2]
     gc = GenerationConfig(max_new_tokens=12, eos_token_id=-1)
@@ -171,5 +179,53 @@ def test_with_the_greedy_screen():
     row = [1] + phrase + rng.integers(3, 5000, 4).tolist() + phrase[:3]
     plain = GenerationConfig(max_new_tokens=32, eos_token_id=-1)
     want = gen.generate([row], None, plain)[0].token_ids
-    got = gen.generate([row], None, dataclasses.replace(plain, prompt_lookup_num_tokens=5))
-    assert got[0].token_ids == want
+    for draft in ("prompt_lookup_num_tokens", "self_draft_tokens"):
+        got = gen.generate([row], None, dataclasses.replace(plain, **{draft: 5}))
+        assert got[0].token_ids == want
+
+
+def test_the_self_draft_model_is_the_int8_llm(model):
+    """Every layer kernel as int8_columns quantizes it; the embedding, norms and (with an int8
+    greedy screen) the head copy are the arrays the engine already holds, not copies."""
+    _, gen = model
+    lm = gen.params["language_model"]
+    screen = greedy_screen.prepare(lm["lm_head"]["kernel"], "int8")
+    draft = self_draft.prepare(lm, screen)
+    for name, layer in lm.items():
+        if not name.startswith("layers_"):
+            continue
+        for path, w in jax.tree_util.tree_leaves_with_path(layer):
+            if path[-1].key != "kernel":
+                continue
+            node = draft[name]
+            for p in path[:-1]:
+                node = node[p.key]
+            wq, scale = greedy_screen.int8_columns(w)
+            assert node["kernel"].dtype == jnp.int8
+            np.testing.assert_array_equal(node["kernel"], wq)
+            np.testing.assert_array_equal(node["kernel_scale"], scale)
+    assert draft["embed_tokens"] is lm["embed_tokens"] and draft["norm"] is lm["norm"]
+    assert draft["lm_head"]["kernel"] is screen["w"]
+    own = self_draft.prepare(lm)["lm_head"]  # without a screen: its own int8 head
+    np.testing.assert_array_equal(own["kernel"], screen["w"])
+
+
+def test_a_useless_draft_still_gives_greedy_tokens(model):
+    """The draft only decides the speed: a draft model whose every token is wrong (its head
+    negated) gives the same tokens as plain greedy, one token a pass."""
+    cfg, gen = model
+    row = _prompts(cfg, np.random.default_rng(8))[2]
+    gc = GenerationConfig(max_new_tokens=16, eos_token_id=-1, self_draft_tokens=3)
+    want = gen.generate([row], None, dataclasses.replace(gc, self_draft_tokens=0))[0]
+    good = gen.generate([row], None, gc)[0]
+    assert gen.last_passes < len(want.token_ids) - 1
+    params = gen._with_self_draft()
+    head = params["self_draft"]["lm_head"]
+    gen._self_draft_params = dict(params, self_draft=dict(
+        params["self_draft"], lm_head=dict(head, kernel_scale=-head["kernel_scale"])))
+    try:
+        bad = gen.generate([row], None, gc)[0]
+    finally:
+        gen._self_draft_params = params
+    assert bad.token_ids == good.token_ids == want.token_ids
+    assert gen.last_passes == len(want.token_ids) - 1
