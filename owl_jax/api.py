@@ -117,7 +117,7 @@ class OwlPipeline:
                  no_repeat_ngram_size: int = 0, num_beams: int = 1,
                  length_penalty: float = 1.0, early_stopping: bool = True, seed: int = 0,
                  penalize_prompt: bool = True, eos_token_id: int | None = None,
-                 prompt_lookup_num_tokens: int = 0,
+                 prompt_lookup_num_tokens: int = 0, self_draft_tokens: int = 4,
                  stream: Callable | None = None) -> Generation | list[Generation]:
         """Generates for one prompt (returns one Generation) or a list of prompts with a list of
         image lists (returns a list). Prompts are used verbatim: wrap questions with
@@ -126,7 +126,10 @@ class OwlPipeline:
         applies repetition_penalty / no_repeat_ngram_size to [BOS] + new tokens only, as the
         official mPLUG-Owl generate does. prompt_lookup_num_tokens > 0: greedy decoding of one
         prompt checks drafts copied from the prompt (`owl_jax.lookup`): the same answer, faster
-        where it quotes the prompt or repeats itself.
+        where it quotes the prompt or repeats itself. self_draft_tokens: greedy decoding of one
+        prompt on CPU drafts up to this many tokens with an int8 copy of the LLM and checks them
+        in one fp32 pass (`owl_jax.self_draft`): the same answer, in fewer passes; 0: one pass
+        per token.
 
         stream(text_so_far) (or stream(list_of_texts) for a list of prompts) is called as the
         answer grows, every `stream_chunk` tokens.
@@ -155,7 +158,7 @@ class OwlPipeline:
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
             seed=seed, penalize_prompt=penalize_prompt, eos_token_id=eos_token_id,
-            prompt_lookup_num_tokens=prompt_lookup_num_tokens)
+            prompt_lookup_num_tokens=prompt_lookup_num_tokens, self_draft_tokens=self_draft_tokens)
         on_tokens = None
         if stream is not None:
             def on_tokens(tokens):

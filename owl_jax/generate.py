@@ -71,10 +71,12 @@ class GenerationConfig:
     # (`owl_jax.lookup`); the tokens are those of plain greedy decoding. 0: off.
     prompt_lookup_num_tokens: int = 0
     max_matching_ngram_size: int = 2
-    # Self-speculation: plain greedy decoding of one prompt drafts this many tokens with an int8
-    # copy of the LLM and checks them in one fp32 pass (`owl_jax.self_draft`); the tokens are
-    # those of plain greedy decoding. 0: off. Prompt lookup, where asked for, takes precedence.
-    self_draft_tokens: int = 0
+    # Self-speculation: plain greedy decoding of one prompt drafts up to this many tokens with
+    # an int8 copy of the LLM and checks them in one fp32 pass (`owl_jax.self_draft`); the
+    # tokens are those of plain greedy decoding. It runs where the CPU decode kernels do
+    # (elsewhere: one pass per token); the copy, a quarter of the LLM's bytes, is made at the
+    # first request that uses it. 0: off. Prompt lookup, where asked for, takes precedence.
+    self_draft_tokens: int = 4
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -298,6 +300,8 @@ class Generator:
                                             jnp.full((b, tc), -1, jnp.int32)], 1)
         if spec.draft:
             state["passes"] = jnp.zeros((), jnp.int32)
+        if spec.self_draft:  # how many tokens the next pass drafts, 1 to k
+            state["draft_len"] = jnp.int32(spec.self_draft)
         if spec.beam_search:
             return beam_lib.start(state, logits, budget, knobs, spec)
         state.update(count=jnp.zeros((b,), jnp.int32), done=budget <= 0,
@@ -391,16 +395,25 @@ class Generator:
         else:
             draft, cache = self._self_draft(params, st, spec.self_draft)
             st = dict(st, cache=cache)
-            n_real = jnp.full(draft.shape[:1], spec.self_draft, jnp.int32)
+            n_real = jnp.full(draft.shape[:1], st["draft_len"], jnp.int32)
         h, cache = self._feed(params, st, jnp.concatenate([st["last"][:, None], draft], 1),
                               hidden=True)                                   # [B, k + 1, D]
         tok = self._greedy(params, h.reshape(-1, h.shape[-1])).reshape(h.shape[:2])
         n = lookup_lib.accepted(draft, n_real, tok) + 1
-        return self._emit(dict(st, cache=cache, passes=st["passes"] + 1), tok, n, knobs)
+        st = dict(st, cache=cache, passes=st["passes"] + 1)
+        if spec.self_draft:
+            # HF's schedule for assistant models: two more after a fully confirmed draft, one
+            # fewer (at least one) otherwise. A draft model that is often wrong then costs one
+            # int8 step a pass instead of k.
+            full = n[0] > n_real[0]
+            st["draft_len"] = jnp.where(full, jnp.minimum(st["draft_len"] + 2, spec.self_draft),
+                                        jnp.maximum(st["draft_len"] - 1, 1))
+        return self._emit(st, tok, n, knobs)
 
     def _self_draft(self, params, st, k):
-        """k greedy tokens int32 [B, k] from the int8 draft model, one step each, and the cache
-        with their K/V written (the check pass overwrites those slots)."""
+        """st["draft_len"] (<= k) greedy tokens from the int8 draft model, one step each, as
+        int32 [B, k] (zeros after them), and the cache with their K/V written (the check pass
+        overwrites those slots)."""
         draft_params = dict(params, language_model=params["self_draft"])
 
         def body(i, carry):
@@ -411,8 +424,8 @@ class Generator:
             return cache, tok, jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
 
         b = st["last"].shape[0]
-        cache, _, toks = jax.lax.fori_loop(0, k, body, (st["cache"], st["last"],
-                                                        jnp.zeros((b, k), jnp.int32)))
+        cache, _, toks = jax.lax.fori_loop(0, st["draft_len"], body,
+                                           (st["cache"], st["last"], jnp.zeros((b, k), jnp.int32)))
         return toks, cache
 
     def _emit(self, st, tok, n, knobs):

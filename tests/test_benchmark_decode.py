@@ -27,5 +27,6 @@ def test_decode_benchmark_runs_on_a_local_checkpoint(tmp_path):
     assert "first 16 tokens identical in 1/1 rows" in text
     assert "first 16 tokens identical in 2/2 rows" in text
     assert "same tokens as HF: True" in text
-    for line in ("batch 1: owl-jax", "batch 2: owl-jax", "bandwidth limit", "weight matmuls"):
+    for line in ("batch 1: owl-jax", "batch 2: owl-jax", "bandwidth limit", "weight matmuls",
+                 "one pass per token (self_draft_tokens=0)"):
         assert line in text, line

@@ -38,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt_lookup_num_tokens", type=int, default=0,
                    help="greedy: check up to this many tokens copied from the prompt per pass "
                         "(the same answer, faster where it quotes; 0 = off)")
+    p.add_argument("--self_draft_tokens", type=int, default=4,
+                   help="greedy on CPU: draft up to this many tokens with an int8 copy of the "
+                        "LLM and check them in one pass (the same answer; 0 = one pass per "
+                        "token)")
     p.add_argument("--dtype", default=None, help="bfloat16 / float32 (default: as stored)")
     p.add_argument("--tensor", type=int, default=1,
                    help="shard the weights over this many devices (tensor parallel)")
@@ -91,7 +95,8 @@ def main(argv=None, stdin=None, stdout=None) -> int:
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
               no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
               length_penalty=args.length_penalty, seed=args.seed,
-              prompt_lookup_num_tokens=args.prompt_lookup_num_tokens)
+              prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+              self_draft_tokens=args.self_draft_tokens)
 
     def answer(prompt: str) -> str:
         printer = None if args.no_stream else _Printer(stdout)
