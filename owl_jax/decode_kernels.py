@@ -112,9 +112,7 @@ def int8_matmul(x, w, scale):
     for at most MAX_ROWS rows, the int8 kernel (x quantized per row to int8 as well: sx =
     max |x| / 127, y = float(sum_k round(x_k / sx) w_kn) * sx * scale_n); elsewhere x times the
     widened weights in XLA."""
-    rows = int(np.prod(x.shape[:-1]))
-    if (_enabled.get() and x.dtype == jnp.float32 and w.ndim == 2 and 0 < rows <= MAX_ROWS
-            and x.shape[-1] == w.shape[0] and w.shape[1] > 0):
+    if matmul_applies(x, w):
         out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[1],), jnp.float32)
         return jax.ffi.ffi_call(INT8_MATMUL, out)(x, w, scale)
     return jnp.dot(x, w.astype(x.dtype)) * scale.astype(x.dtype)
