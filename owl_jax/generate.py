@@ -20,7 +20,9 @@ Layout of a batch (every row ends at the same cache slot, so one scalar slot ind
 
 Token choice follows HF `generate` (see `owl_jax.sampling`, `owl_jax.beam`). Plain greedy decoding
 with the CPU decode kernels reads an int8 copy of the lm_head and checks its pick exactly
-(`owl_jax.greedy_screen`: the same tokens, a quarter of the head's bytes). Results hold the new
+(`owl_jax.greedy_screen`: the same tokens, a quarter of the head's bytes); for one prompt it
+checks several drafted tokens per pass over the weights (`owl_jax.speculative`: an int8 copy of
+the LLM or prompt lookup drafts them; the same tokens). Results hold the new
 token ids only (HF 4.28 returns [BOS] + new tokens; we drop the BOS) and never the EOS: a row that
 stopped at EOS has `finish_reason == "eos"`, one that ran out of tokens `"length"`.
 """
@@ -41,8 +43,7 @@ from owl_jax import beam as beam_lib
 from owl_jax import sampling
 from owl_jax import decode_kernels
 from owl_jax import greedy_screen
-from owl_jax import lookup as lookup_lib
-from owl_jax import self_draft
+from owl_jax import speculative
 from owl_jax.config import OwlConfig
 from owl_jax.models import llama as llama_lib
 from owl_jax.models.masks import cache_mask
@@ -138,7 +139,7 @@ def _pow2(n: int, minimum: int = 1) -> int:
 KERNEL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-class Generator:
+class Generator(speculative.SpeculativeDecoding):
     """Compiled prefill + decode for one set of params.
 
     params: the unrolled Owl param tree (plain arrays, already in the compute dtype and, with a
@@ -196,14 +197,6 @@ class Generator:
         self.screen = screen
         self._call_params = self._with_screen(self.params)
         self._self_draft_params = None
-
-    def _with_self_draft(self):
-        """The call params plus the int8 draft model, made at the first request that uses it
-        (a quarter of the LLM's fp32 bytes in memory)."""
-        if self._self_draft_params is None:
-            self._self_draft_params = dict(self._call_params, self_draft=self_draft.prepare(
-                self.params["language_model"], self._call_params.get("greedy_screen")))
-        return self._self_draft_params
 
     def _with_screen(self, params):
         head = params["language_model"]["lm_head"]["kernel"]
@@ -370,84 +363,6 @@ class Generator:
             return greedy_screen.tokens(h, params["language_model"]["lm_head"]["kernel"],
                                         params["greedy_screen"])
         return sampling.greedy(self._head(params, h).astype(jnp.float32))
-
-    def draft_limit(self, k: int) -> int:
-        """The draft length (prompt lookup or self-draft) this engine runs for a request of k
-        (0: plain decoding). The check pass must give every row the bits a one-token step gives
-        it, which the decode kernels do (each output row is summed the same way whatever the
-        row count), so it runs where they do, with its k + 1 rows within their row limits."""
-        if not (k and self.decode_kernels and decode_kernels.available()
-                and self.dtype == jnp.float32):
-            return 0
-        group = self.cfg.text.num_attention_heads // self.cfg.text.kv_heads
-        return max(0, min(k, decode_kernels.MAX_ROWS - 1, decode_kernels.MAX_QUERIES // group - 1))
-
-    def _speculative_step(self, params, st, knobs, spec):
-        """One fp32 pass over the weights for the last token and a draft (batch 1, plain
-        greedy): emits the draft's prefix that greedy decoding confirms and the greedy token
-        after it. The draft comes from prompt lookup or from the int8 copy of the LLM. Without
-        a lookup draft the pass still runs its k + 1 rows: at batch 1 it costs about what a
-        one-token step does (both stream the weights once), while a lax.cond between the two
-        made every pass ~2x slower (XLA copied the state through it)."""
-        if spec.lookup:
-            cur = self._prompt_slots(st) + st["step"]  # tokens known, prompt slots included
-            draft, n_real = lookup_lib.draft(st["seq"], cur, spec.lookup, spec.lookup_ngram)
-        else:
-            draft, cache = self._self_draft(params, st, spec.self_draft)
-            st = dict(st, cache=cache)
-            n_real = jnp.full(draft.shape[:1], st["draft_len"], jnp.int32)
-        h, cache = self._feed(params, st, jnp.concatenate([st["last"][:, None], draft], 1),
-                              hidden=True)                                   # [B, k + 1, D]
-        tok = self._greedy(params, h.reshape(-1, h.shape[-1])).reshape(h.shape[:2])
-        n = lookup_lib.accepted(draft, n_real, tok) + 1
-        st = dict(st, cache=cache, passes=st["passes"] + 1)
-        if spec.self_draft:
-            # HF's schedule for assistant models: two more after a fully confirmed draft, one
-            # fewer (at least one) otherwise. A draft model that is often wrong then costs one
-            # int8 step a pass instead of k.
-            full = n[0] > n_real[0]
-            st["draft_len"] = jnp.where(full, jnp.minimum(st["draft_len"] + 2, spec.self_draft),
-                                        jnp.maximum(st["draft_len"] - 1, 1))
-        return self._emit(st, tok, n, knobs)
-
-    def _self_draft(self, params, st, k):
-        """st["draft_len"] (<= k) greedy tokens from the int8 draft model, one step each, as
-        int32 [B, k] (zeros after them), and the cache with their K/V written (the check pass
-        overwrites those slots)."""
-        draft_params = dict(params, language_model=params["self_draft"])
-
-        def body(i, carry):
-            cache, last, toks = carry
-            logits, cache = self._feed(draft_params, dict(st, cache=cache), last[:, None],
-                                       offset=i)
-            tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-            return cache, tok, jax.lax.dynamic_update_slice(toks, tok[:, None], (0, i))
-
-        b = st["last"].shape[0]
-        cache, _, toks = jax.lax.fori_loop(0, st["draft_len"], body,
-                                           (st["cache"], st["last"], jnp.zeros((b, k), jnp.int32)))
-        return toks, cache
-
-    def _emit(self, st, tok, n, knobs):
-        """Appends the first n of tok [B, m] to every row (batch 1: the rows share `step`),
-        cut after an EOS and at the row's budget."""
-        lb = self._prompt_slots(st)
-        t = st["step"]
-        j = jnp.arange(tok.shape[1])[None, :]
-        eos = (tok == knobs["eos"]) & (j < n[:, None])
-        n = jnp.where(eos.any(1), jnp.argmax(eos, 1).astype(jnp.int32) + 1, n)
-        n = jnp.minimum(n, st["budget"] - st["count"])
-        hit = jnp.any(eos & (j < n[:, None]), 1)
-        count = st["count"] + n
-        # the m - n tokens past the new ones are written too and overwritten later (the
-        # buffers have m spare columns; the draft and the results read only the first count)
-        new = dict(st, tokens=jax.lax.dynamic_update_slice(st["tokens"], tok, (0, t)),
-                   count=count, eos_hit=st["eos_hit"] | hit,
-                   done=st["done"] | hit | (count >= st["budget"]),
-                   last=jnp.take_along_axis(tok, (n - 1)[:, None], 1)[:, 0], step=t + n[0])
-        if "seq" in st:
-            new["seq"] = jax.lax.dynamic_update_slice(st["seq"], tok, (0, lb + t))
-        return new
 
     def _generate_fn(self, params, ids, valid, pixel_values, budget, knobs, limit, *, spec,
                      slots):

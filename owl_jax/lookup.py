@@ -2,11 +2,9 @@
 
 As HF's `prompt_lookup_num_tokens` (PromptLookupCandidateGenerator): take the sequence's last n
 tokens (n = max_ngram, then smaller), find their first earlier occurrence, and propose the up to
-k tokens that followed it. The generation engine feeds the last token and the draft as one chunk
-and keeps the draft's longest prefix that greedy decoding would have produced, plus the token
-after it: one pass over the weights for 1 to k + 1 tokens, the same tokens as plain greedy
-decoding. It pays where the output repeats the prompt or itself (quoting, lists, loops); a
-rejected draft costs the pass with k more rows.
+k tokens that followed it. The generation engine checks the draft in one pass
+(`owl_jax.speculative`). It pays where the output repeats the prompt or itself (quoting, lists,
+loops); a rejected draft costs the pass with k more rows.
 """
 from __future__ import annotations
 
@@ -36,12 +34,3 @@ def draft(seq, cur, k: int, max_ngram: int):
     real &= tokens >= 0  # an image slot or padding ends the draft
     n_real = jnp.sum(jnp.cumprod(real, axis=1), axis=1).astype(jnp.int32)
     return jnp.where(jnp.arange(k)[None, :] < n_real[:, None], tokens, 0), n_real
-
-
-def accepted(tokens, n_real, greedy):
-    """How many draft tokens greedy decoding confirms: the longest prefix of tokens [B, k] (of
-    n_real real ones) with tokens[:, j] == greedy[:, j], greedy [B, k + 1] being the greedy
-    pick after the last token and after each draft token. Returns int32 [B] in [0, n_real]."""
-    k = tokens.shape[1]
-    ok = (tokens == greedy[:, :k]) & (jnp.arange(k)[None, :] < n_real[:, None])
-    return jnp.sum(jnp.cumprod(ok, axis=1), axis=1).astype(jnp.int32)

@@ -1,18 +1,12 @@
-"""Self-speculative greedy decoding: an int8 copy of the LLM drafts, the fp32 LLM checks.
+"""The int8 self-draft: the LLM with int8 weights, which drafts tokens for the fp32 LLM to check.
 
 At batch 1 a decode step is bound by memory: it streams every weight once for one token (fp32:
 4 bytes a weight) and its arithmetic is idle most of the time. The draft model is the same LLM
 with every Dense kernel as int8 values times a per-column scale (`greedy_screen.int8_columns`),
-a quarter of the bytes. Each pass of the generation engine (`Generator._speculative_step`):
-1. the draft makes k greedy tokens, one step each, writing its K/V into the cache slots that
-   step 2 then overwrites;
-2. one fp32 pass feeds the last token and the k draft tokens as k + 1 rows, and the engine keeps
-   the draft's prefix that greedy decoding confirms plus the greedy token after it
-   (`owl_jax.lookup.accepted`), 1 to k + 1 tokens.
-The decode kernels give each row of a pass the bits a one-token step would give it, so the
-tokens are those of plain fp32 greedy decoding, bit for bit, whatever the draft proposes; the
-draft only decides the speed. On the benchmark's random 12-layer model the int8 draft agrees
-with fp32 greedy on ~87% of tokens.
+a quarter of the bytes; its steps run `decode_kernels.int8_matmul`. It makes its tokens one step
+each, writing its K/V into the cache slots that the fp32 check pass then overwrites
+(`owl_jax.speculative`: the tokens are plain greedy's whatever the draft proposes). On the
+benchmark's random 12-layer model the int8 draft agrees with fp32 greedy on ~87% of tokens.
 """
 from __future__ import annotations
 

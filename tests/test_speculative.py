@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax import decode_kernels, greedy_screen, lookup, self_draft
+from owl_jax import decode_kernels, greedy_screen, lookup, self_draft, speculative
 from owl_jax.config import tiny
 from owl_jax.generate import GenerationConfig, Generator
 
@@ -58,7 +58,7 @@ def test_accepted_is_the_confirmed_prefix():
     draft = jnp.array([[5, 6, 7], [5, 6, 7], [5, 6, 7], [5, 6, 7]])
     n_real = jnp.array([3, 3, 1, 0])
     greedy = jnp.array([[5, 6, 7, 9], [5, 0, 7, 9], [5, 6, 7, 9], [5, 6, 7, 9]])
-    assert lookup.accepted(draft, n_real, greedy).tolist() == [3, 1, 1, 0]
+    assert speculative.accepted(draft, n_real, greedy).tolist() == [3, 1, 1, 0]
 
 
 pytestmark = pytest.mark.skipif(not decode_kernels.available(), reason="no decode kernels")
