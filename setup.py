@@ -27,7 +27,11 @@ setup(
     name="owl-jax",
     version="0.1.0",
     description="mPLUG-Owl (arXiv 2304.14178) in JAX/Flax: model, converters, data, training, inference",
-    packages=find_packages(include=["owl_jax", "owl_jax.*", "convert", "convert.*", "configs"]),
+    # convert/ and configs/ stay top-level folders in the repository but install as
+    # owl_jax.convert and owl_jax.configs (top-level names like `configs` collide across projects).
+    packages=find_packages(include=["owl_jax", "owl_jax.*"])
+    + ["owl_jax.convert", "owl_jax.configs"],
+    package_dir={"owl_jax.convert": "convert", "owl_jax.configs": "configs"},
     package_data={"owl_jax": ["csrc/*.cc"]},  # compiled on first use (owl_jax.native)
     python_requires=">=3.10",
     install_requires=CORE,
@@ -39,7 +43,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "owl-convert=convert.cli:main",
+            "owl-convert=owl_jax.convert.cli:main",
             "owl-generate=owl_jax.cli.generate:main",
             "owl-data=owl_jax.cli.data:main",
             "owl-train=owl_jax.cli.train:main",

@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 CHILD = r"""
 import json, sys, time
 import torch, safetensors.torch  # noqa: F401 - imported lazily by the converter; a constant
-import convert.official, owl_jax.checkpoint  # the imports count in the baseline
+import owl_jax.convert.official, owl_jax.checkpoint  # the imports count in the baseline
 def rss():
     with open("/proc/self/status") as f:
         return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f
@@ -34,9 +34,9 @@ base = rss()
 t = time.time()
 direction, src, dst = sys.argv[1:4]
 if direction == "torch-to-jax":
-    convert.official.torch_to_jax(src, dst, progress=False)
+    owl_jax.convert.official.torch_to_jax(src, dst, progress=False)
 else:
-    convert.official.jax_to_torch(src, dst, fmt=sys.argv[4], shard_size=sys.argv[5],
+    owl_jax.convert.official.jax_to_torch(src, dst, fmt=sys.argv[4], shard_size=sys.argv[5],
                                   progress=False)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec.
 print(json.dumps({"baseline": base["VmRSS"], "seconds": time.time() - t,
@@ -79,7 +79,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temp dir)")
     args = ap.parse_args(argv)
     from owl_jax.testing.checkpoints import write_official_checkpoint
-    from convert.torch_io import parse_size
+    from owl_jax.convert.torch_io import parse_size
 
     work = tempfile.mkdtemp(prefix="owl_convert_mem_", dir=args.workdir)
     gb = 1e9

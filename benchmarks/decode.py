@@ -63,7 +63,7 @@ def build_models(tmp, vocab=32000, width=768, layers=12, heads=12, kv_heads=None
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from convert.hf_llama import read_llama_params, read_text_config
+    from owl_jax.convert.hf_llama import read_llama_params, read_text_config
     from owl_jax.config import AbstractorConfig, OwlConfig, VisionConfig
     from owl_jax.models.owl import Owl
     import flax.linen as nn

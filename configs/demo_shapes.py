@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 
-from configs.common import base_config, parse_arg
+from owl_jax.configs.common import base_config, parse_arg
 
 STAGES = ("warmup", "stage1", "stage2")
 ARGS = dict(stage="stage1", out="demo_out", steps=0, batch=32, fast=False)

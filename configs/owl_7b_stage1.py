@@ -25,8 +25,8 @@ The recipe (paper, arXiv 2304.14178 section 4; the repo has no stage-1 script):
   - the frozen LLM is stored in bf16 (exact: its kernels are cast to the bf16 compute dtype);
     gradient clipping at 1.0 (not stated in the paper; a common safety net).
 """
-from configs import common
-from configs.common import COMMON_ARGS, apply_common_args, base_config, parse_arg
+from owl_jax.configs import common
+from owl_jax.configs.common import COMMON_ARGS, apply_common_args, base_config, parse_arg
 
 
 def get_config(arg=None):

@@ -15,8 +15,8 @@ Memory: fp32 master weights + Adam moments of 6.7B parameters are ~81 GB before 
 so this needs FSDP over several devices (e.g. mesh=1x8x1); `owl-train --dry_run` prints the
 per-device figure for a mesh.
 """
-from configs import owl_7b_stage2_lora as lora_recipe
-from configs.common import apply_common_args, base_config, parse_arg
+from owl_jax.configs import owl_7b_stage2_lora as lora_recipe
+from owl_jax.configs.common import apply_common_args, base_config, parse_arg
 
 
 def get_config(arg=None):

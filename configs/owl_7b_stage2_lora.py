@@ -34,8 +34,8 @@ code that produced the released `mplug-owl-llama-7b`:
   - dropout on as in HF training mode (LoRA dropout, and the frozen abstractor's attention
     dropout 0.1 is also active upstream, since model.train() switches every module).
 """
-from configs import common
-from configs.common import COMMON_ARGS, apply_common_args, base_config, parse_arg
+from owl_jax.configs import common
+from owl_jax.configs.common import COMMON_ARGS, apply_common_args, base_config, parse_arg
 
 MIX = {"alpaca": 50_997, "llava": 155_562, "baize_quora": 53_456, "sharegpt": 101_466}
 

@@ -3,8 +3,8 @@
 Synthetic data unless overridden; seconds per step on a CPU. Takes the same ARGS, e.g.
 `owl-train --config configs/tiny_stage2_ft.py:mesh=2x2x2,batch=16 --workdir /tmp/w`.
 """
-from configs import owl_7b_stage2_ft as recipe
-from configs.common import join_args
+from owl_jax.configs import owl_7b_stage2_ft as recipe
+from owl_jax.configs.common import join_args
 
 
 def get_config(arg=None):

@@ -87,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace):
     progress = not args.quiet
     if args.command == "torch-to-jax":
-        from convert.official import torch_to_jax
+        from owl_jax.convert.official import torch_to_jax
         return torch_to_jax(args.src, args.dst, _dtype(args.dtype), args.lora_alpha, args.lora_r,
                             args.keep_lora, args.overwrite, progress)
     if args.command == "jax-to-torch":
-        from convert.official import jax_to_torch
+        from owl_jax.convert.official import jax_to_torch
         return {"files": jax_to_torch(args.src, args.dst, _dtype(args.dtype), args.format,
                                       args.shard_size, progress)}
-    from convert.from_hf import from_hf
+    from owl_jax.convert.from_hf import from_hf
     base = args.base_config
     if base and base.endswith(".json"):
         import os

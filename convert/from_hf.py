@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import hf_clip, hf_llama
-from convert.torch_io import CheckpointError, np_dtype
+from owl_jax.convert import hf_clip, hf_llama
+from owl_jax.convert.torch_io import CheckpointError, np_dtype
 from owl_jax import checkpoint as ckpt
 from owl_jax.config import OwlConfig, load_official
 

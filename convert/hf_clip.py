@@ -25,8 +25,8 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from convert import keymap
-from convert.torch_io import CheckpointError, CheckpointReader, np_dtype
+from owl_jax.convert import keymap
+from owl_jax.convert.torch_io import CheckpointError, CheckpointReader, np_dtype
 from owl_jax.checkpoint import host_array
 from owl_jax.config import VisionConfig
 

@@ -18,8 +18,8 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from convert import keymap, lora as lora_lib
-from convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
+from owl_jax.convert import keymap, lora as lora_lib
+from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
                               return_freed_memory_promptly)
 from owl_jax import checkpoint as ckpt
 from owl_jax.config import from_official_dict, load_official, save_official

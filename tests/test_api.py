@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import owl_jax
-from convert.cli import main as owl_convert
+from owl_jax.convert.cli import main as owl_convert
 from owl_jax.checkpoint import load_checkpoint, save_checkpoint
 
 FAST = {"xla_backend_optimization_level": 0}  # tiny shapes: compile time dominates

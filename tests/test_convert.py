@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert import keymap
-from convert.cli import main
-from convert.official import jax_to_torch, torch_to_jax
-from convert.torch_io import CheckpointError, CheckpointReader, numpy_to_torch
+from owl_jax.convert import keymap
+from owl_jax.convert.cli import main
+from owl_jax.convert.official import jax_to_torch, torch_to_jax
+from owl_jax.convert.torch_io import CheckpointError, CheckpointReader, numpy_to_torch
 from owl_jax import checkpoint as ckpt
 from owl_jax.config import OwlConfig, save_official, tiny
 from owl_jax.testing.checkpoints import write_official_checkpoint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert import keymap
+from owl_jax.convert import keymap
 from owl_jax import sampling
 from owl_jax.config import tiny
 from owl_jax.generate import GenerationConfig, Generator, bucket_length

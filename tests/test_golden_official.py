@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.cli import main as owl_convert
+from owl_jax.convert.cli import main as owl_convert
 from owl_jax.checkpoint import load_checkpoint
 from owl_jax.models.owl import Owl
 from owl_jax.processor import Processor

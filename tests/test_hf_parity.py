@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from convert import keymap
-from convert.cli import main
-from convert.hf_clip import fuse_qkv
-from convert.official import jax_to_torch, torch_to_jax
-from convert.torch_io import CheckpointReader
+from owl_jax.convert import keymap
+from owl_jax.convert.cli import main
+from owl_jax.convert.hf_clip import fuse_qkv
+from owl_jax.convert.official import jax_to_torch, torch_to_jax
+from owl_jax.convert.torch_io import CheckpointReader
 from owl_jax import checkpoint as ckpt
 from owl_jax.config import save_official, tiny
 from owl_jax.models.owl import Owl

@@ -29,7 +29,7 @@ def _recipe(tmp, spec: str) -> str:
     path = tmp / "recipe.py"
     path.write_text(
         "import ml_collections\n"
-        "from configs import tiny_stage1\n"
+        "from owl_jax.configs import tiny_stage1\n"
         "def get_config(arg=None):\n"
         "    c = tiny_stage1.get_config(arg)\n"
         "    c.data = ml_collections.ConfigDict(dict(kind='pipeline', sources=[dict(\n"
@@ -113,7 +113,6 @@ def _initial_params(recipe: str) -> dict:
     from owl_jax.train import state as state_lib
     spec = importlib.util.spec_from_file_location("tiny_recipe", recipe)
     mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, ROOT)  # the recipe imports configs.*
     spec.loader.exec_module(mod)
     c = mod.get_config(f"steps={STEPS},batch={BATCH}")
     c.model.vocab_size = VOCAB

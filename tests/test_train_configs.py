@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import jax
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import common  # noqa: E402
+from owl_jax.configs import common  # noqa: E402
 from owl_jax import sharding as sh  # noqa: E402
 from owl_jax.train import optimizer as opt_lib  # noqa: E402
 from owl_jax.train import state as state_lib  # noqa: E402
@@ -28,7 +26,7 @@ SEVEN_B = {"owl_7b_stage1": VIT + ABSTRACTOR + QUERIES, "owl_7b_stage2_lora": LO
 
 @pytest.mark.parametrize("name", sorted(SEVEN_B))
 def test_7b_recipe_abstract_layout(name):
-    c = importlib.import_module(f"configs.{name}").get_config()
+    c = importlib.import_module(f"owl_jax.configs.{name}").get_config()
     c.init_from = ""  # shapes from model.size (the data root does not exist here)
     cfg = state_lib.owl_config(c)
     model = state_lib.build_model(c, cfg)
@@ -43,12 +41,12 @@ def test_7b_recipe_abstract_layout(name):
 
 
 def test_recipe_args_and_typos():
-    s1 = importlib.import_module("configs.owl_7b_stage1")
+    s1 = importlib.import_module("owl_jax.configs.owl_7b_stage1")
     c = s1.get_config("mesh=2x4x1,batch=512,res=448,micro=8,seq=1024")
     assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (2, 4, 1)
     assert (c.batch.global_size, c.batch.micro_batches, c.batch.seq_len) == (512, 8, 1024)
     assert c.model.image_size == 448
-    s2 = importlib.import_module("configs.owl_7b_stage2_lora")
+    s2 = importlib.import_module("owl_jax.configs.owl_7b_stage2_lora")
     c = s2.get_config("abstractor,decay=cosine")
     assert c.trainable == (".*/lora_[ab]", "abstractor/.*") and c.optimizer.decay == "cosine"
     assert s2.get_config().total_steps == 361_481 * 3 // 256 == 4236
@@ -60,7 +58,7 @@ def test_recipe_args_and_typos():
 
 @pytest.mark.parametrize("name", ["tiny_stage1", "tiny_stage2_lora", "tiny_stage2_ft"])
 def test_tiny_recipe_trains_one_step(name, tmp_path):
-    c = importlib.import_module(f"configs.{name}").get_config("steps=1")
+    c = importlib.import_module(f"owl_jax.configs.{name}").get_config("steps=1")
     evaluate = name == "tiny_stage2_lora"  # held-out loss + greedy samples (adapters merged)
     if not evaluate:
         c.eval_data.kind = "none"
@@ -83,7 +81,7 @@ def test_dry_run_tiny_reports_memory_and_flops(capsys):
     the unrolled HLO count covers the analytic model FLOPs (plus elementwise work), while the
     compiled count (scanned layers counted once) is below it."""
     from owl_jax.train.dry_run import dry_run
-    c = importlib.import_module("configs.tiny_stage1").get_config("mesh=1x1x1,micro=2")
+    c = importlib.import_module("owl_jax.configs.tiny_stage1").get_config("mesh=1x1x1,micro=2")
     out = dry_run(c, peak_tflops=100.0, step_time=2.0, target_mfu=0.5,
                   devices=jax.devices()[:1])
     text = capsys.readouterr().out

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import tiny_stage1, tiny_stage2_lora  # noqa: E402
+from owl_jax.configs import tiny_stage1, tiny_stage2_lora  # noqa: E402
 from owl_jax import checkpoint as ckpt  # noqa: E402
 from owl_jax import sharding as sh  # noqa: E402
 from owl_jax.models.owl import Owl, unscan_params  # noqa: E402
@@ -69,7 +66,7 @@ def test_stage2_lora_starts_from_stage1_export(stage1_export):
 
 
 def test_merged_lora_export_gives_the_unmerged_logits(tmp_path, stage1_export):
-    from convert.official import jax_to_torch, torch_to_jax
+    from owl_jax.convert.official import jax_to_torch, torch_to_jax
     c2 = tiny_stage2_lora.get_config()
     c2.init_from = stage1_export[0]
     layout = layout_for(c2)

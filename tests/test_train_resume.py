@@ -51,7 +51,7 @@ def start(setup, name, sleep=0.0):
     tmp = setup["tmp"]
     recipe = tmp / "recipe.py"
     recipe.write_text(
-        "from configs import tiny_stage1\n"
+        "from owl_jax.configs import tiny_stage1\n"
         "import ml_collections\n"
         "def get_config(arg=None):\n"
         "    c = tiny_stage1.get_config(arg)\n"

@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -24,9 +22,7 @@ import optax
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import tiny_stage1  # noqa: E402
+from owl_jax.configs import tiny_stage1  # noqa: E402
 from owl_jax import sharding as sh  # noqa: E402
 from owl_jax.train import flops as flops_lib  # noqa: E402
 from owl_jax.train import loss as loss_lib  # noqa: E402

@@ -51,20 +51,6 @@ def _flags(argv: list[str]):
     return fv
 
 
-def _config_package_on_path(argv: list[str]) -> None:
-    """Recipes import `configs.common`: put the directory holding configs/ on sys.path."""
-    for i, a in enumerate(argv):
-        path = None
-        if a.startswith("--config="):
-            path = a.split("=", 1)[1]
-        elif a == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        if path:
-            d = os.path.dirname(os.path.dirname(os.path.abspath(path.split(":", 1)[0])))
-            if os.path.exists(os.path.join(d, "configs", "__init__.py")) and d not in sys.path:
-                sys.path.insert(0, d)
-
-
 def _dry_run_devices(config, n_default: int) -> int:
     sizes = [int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)]
     known = math.prod(s for s in sizes if s != -1)
@@ -73,7 +59,6 @@ def _dry_run_devices(config, n_default: int) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    _config_package_on_path(argv)
     fv = _flags(argv)
     config = fv.config
     if config is None:

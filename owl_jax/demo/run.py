@@ -182,7 +182,7 @@ def init_checkpoint(p: dict, vocab_size: int, seed: int = 0) -> None:
 
 
 def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = False):
-    from configs import demo_shapes
+    from owl_jax.configs import demo_shapes
     from owl_jax.train.loop import train
     arg = f"stage={stage},out={out}" + (f",steps={steps}" if steps else "") + \
         (",fast" if fast else "")
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     min_acc = args.min_accuracy if args.min_accuracy is not None else (
         0.0 if args.quick else 0.9)
 
-    from configs import demo_shapes
+    from owl_jax.configs import demo_shapes
     p = demo_shapes.paths(args.out)
     _fresh_output_dir(p["out"])
     st = Steps(["data", "tokenizer", "init", "warmup", "stage1", "stage2", "evaluate",
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
 
     # 8. round trip ---------------------------------------------------------------------------
     st("owl-convert jax-to-torch, then torch-to-jax, and the same questions again")
-    from convert.cli import main as owl_convert
+    from owl_jax.convert.cli import main as owl_convert
     for argv_ in (["jax-to-torch", final, p["torch"]],
                   ["torch-to-jax", p["torch"], p["roundtrip"]]):
         print(f"  owl-convert {' '.join(argv_)}", flush=True)

@@ -13,9 +13,9 @@ import shutil
 
 import numpy as np
 
-from convert import keymap
-from convert.official import set_torch_dtype
-from convert.torch_io import ShardedWriter, np_dtype, numpy_to_torch, torch_to_numpy
+from owl_jax.convert import keymap
+from owl_jax.convert.official import set_torch_dtype
+from owl_jax.convert.torch_io import ShardedWriter, np_dtype, numpy_to_torch, torch_to_numpy
 from owl_jax.config import OwlConfig, save_official
 
 LAYOUTS = ("bin", "sharded_bin", "safetensors", "sharded_safetensors")
