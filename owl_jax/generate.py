@@ -159,17 +159,6 @@ class Generator(speculative.SpeculativeDecoding):
                  compiler_options: dict | None = None, decode_kernels: bool | None = None,
                  screen: str | None = "int8", matmul_precision: str | None = None):
         self.cfg = cfg
-        # Leaves are put on the device once here: numpy passed to every call would be copied
-        # every call (~60 ms for a 12-layer 768-wide model), and jax.Arrays on another device
-        # (converters hand over host CPU arrays, `checkpoint.host_array`) would make every
-        # compiled call run there, on the CPU of a GPU machine. With a mesh the caller has
-        # placed them on their shardings.
-        if mesh is None:
-            device = jax.devices()[0]
-            self.params = jax.tree.map(lambda a: jax.device_put(a, device), params)
-        else:
-            self.params = jax.tree.map(
-                lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
         self.dtype = jnp.dtype(dtype)
         # fp32 means fp32 on every backend: JAX's default lets a GPU round fp32 dots to TF32
         # and a TPU to one bf16 pass, which the fp32 reference (HF, PyTorch) does not
@@ -193,9 +182,31 @@ class Generator(speculative.SpeculativeDecoding):
         self._prefill = jit(self._prefill_fn, static_argnames=("spec", "slots"))
         self._decode = jit(self._decode_fn, static_argnames=("spec",), donate_argnums=(1,))
         self._generate = jit(self._generate_fn, static_argnames=("spec", "slots"))
-        # what the compiled functions get: the params, plus the greedy screen where it applies
         self.screen = screen
-        self._call_params = self._with_screen(self.params)
+        self.params = params
+
+    @property
+    def params(self):
+        return self._params
+
+    @params.setter
+    def params(self, params):
+        """New weights (same shapes): every later call uses them, and the copies made from the
+        old ones (greedy screen, int8 draft) are made again. The compiled functions take the
+        params as arguments, so no recompile."""
+        # Leaves are put on the device once here: numpy passed to every call would be copied
+        # every call (~60 ms for a 12-layer 768-wide model), and jax.Arrays on another device
+        # (converters hand over host CPU arrays, `checkpoint.host_array`) would make every
+        # compiled call run there, on the CPU of a GPU machine. With a mesh the caller has
+        # placed them on their shardings.
+        if self.mesh is None:
+            device = jax.devices()[0]
+            self._params = jax.tree.map(lambda a: jax.device_put(a, device), params)
+        else:
+            self._params = jax.tree.map(
+                lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), params)
+        # what the compiled functions get: the params, plus the greedy screen where it applies
+        self._call_params = self._with_screen(self._params)
         self._self_draft_params = None
 
     def _with_screen(self, params):

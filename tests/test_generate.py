@@ -90,6 +90,27 @@ def test_host_params_are_put_on_the_device_once(model):
         np.testing.assert_array_equal(np.asarray(a), h)
 
 
+def test_new_params_are_what_later_calls_use(model, batch):
+    """Setting `gen.params` (as the trainer's periodic evaluation does with each new state)
+    makes every later call read the new weights, the greedy screen's and the int8 draft's copies
+    included: the tokens equal a fresh engine's on the new weights, and the old buffers may be
+    deleted (donated by the train step) without breaking it."""
+    cfg, params, _ = model
+    rows, px = batch
+    gc = GenerationConfig(max_new_tokens=6, eos_token_id=-1)
+    old = jax.tree.map(jnp.array, params)
+    gen = Generator(cfg, old, compiler_options=FAST)
+    before = [gen.generate(rows, px, gc), gen.generate(rows[:1], None, gc)]  # batch, self-draft
+    new = random_params(cfg, seed=1)
+    gen.params = jax.tree.map(jnp.array, new)
+    jax.tree.map(lambda a: a.delete(), old)
+    fresh = Generator(cfg, new, compiler_options=FAST)
+    for r, p, was in ((rows, px, before[0]), (rows[:1], None, before[1])):
+        got = [g.token_ids for g in gen.generate(r, p, gc)]
+        assert got == [g.token_ids for g in fresh.generate(r, p, gc)]
+        assert got != [g.token_ids for g in was]  # the new weights answer differently
+
+
 def test_params_on_another_device_move_to_the_default_one():
     """Converters hand over jax.Arrays on the host CPU; on a GPU machine the compiled calls
     would follow them and run on the CPU. Two CPU devices stand in (params on the second)."""
