@@ -227,6 +227,24 @@ def test_random_resized_crop_is_torchvision_recipe():
     assert 10 <= flips <= 30
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_pipeline_that_drops_everything_stops_with_the_reasons(data, packing):
+    """Rows shorter than one image's slots: every caption sample is dropped. The pipeline (which
+    repeats forever) stops after max_consecutive_drops drops in a row, naming the reason, the
+    count and the setting to change, instead of reading on silently."""
+    from owl_jax.data.pipeline import PipelineStalled
+    c = cfg(data["ar"], seq_len=N_IMG, packing=packing, num_epochs=None,
+            max_consecutive_drops=50)
+    it = make_train_iterator(c, data["tok"], OWL, 0, 1)
+    with pytest.raises(PipelineStalled) as e:
+        next(it)
+    msg = str(e.value)
+    assert "dropped 50 samples in a row" in msg and "prompt_too_long x" in msg
+    assert f"seq_len={N_IMG} tokens ({N_IMG} per image)" in msg and "seq=N" in msg
+    assert data["ar"] in msg
+    assert it.dropped["prompt_too_long"] >= 40  # the rest: the shards' bad samples
+
+
 def test_mixture_weights_and_tasks(data):
     c = cfg(None, sources=[dict(spec=data["ar"], weight=3.0),
                            dict(spec=data["ar"], weight=1.0, task="text")], num_epochs=None)
@@ -244,7 +262,7 @@ def test_instruction_source(data):
     it = make_train_iterator(cfg(data["instruct"], seq_len=256, batch_size=1), data["tok"], OWL,
                              0, 1)
     rows = take(it)
-    assert (dict(it.dropped), dict(it.lost_at_open)) == ({"missing_image": 1}, {})
+    assert (dict(it.dropped), dict(it.lost_at_open)) == ({"missing_file": 1}, {})
     assert len(rows) == len(data["llava"]["answers"]) + 1  # + the text-only record
     trained = [data["tok"].decode(b["targets"][0][b["loss_mask"][0] > 0]) for b in rows]
     for answer in data["llava"]["answers"].values():

@@ -127,26 +127,32 @@ class Samples(grain.IterDataset):
     batch is dropped): one stage instead of unchunk / count / batch, because grain wraps
     every stage's __next__ in tracing and timing that costs as much per sample as the work.
     The state is the parent's state before the current chunk, the position in that chunk and
-    the drop counts; it is taken between batches."""
+    the drop counts; it is taken between batches.
+
+    `max_run` consecutive drops (no sample in between) raise `stall(run_counts)`, the error to
+    raise (a source that drops everything would otherwise be read forever, printing nothing)."""
 
     def __init__(self, parent: grain.IterDataset, counts: collections.Counter,
-                 batch_size: int | None = None, batch_fn=None):
+                 batch_size: int | None = None, batch_fn=None, max_run: int = 0, stall=None):
         super().__init__(parent)
         self._counts, self._batch_size, self._batch_fn = counts, batch_size, batch_fn
+        self._max_run, self._stall = max_run, stall
 
     def __iter__(self):
         return _SamplesIterator(self._parent.__iter__(), self._counts, self._batch_size,
-                                self._batch_fn)
+                                self._batch_fn, self._max_run, self._stall)
 
 
 class _SamplesIterator(grain.DatasetIterator):
-    def __init__(self, parent, counts, batch_size, batch_fn):
+    def __init__(self, parent, counts, batch_size, batch_fn, max_run=0, stall=None):
         super().__init__(parent)
         self._counts, self._batch_size, self._batch_fn = counts, batch_size, batch_fn
+        self._max_run, self._stall = max_run, stall
         self._chunk, self._pos, self._skip = [], 0, 0
         self._chunk_state = parent.get_state()
 
     def _sample(self):
+        run: collections.Counter = collections.Counter()  # drops since the last sample
         while True:
             while self._pos >= len(self._chunk):
                 self._chunk_state = self._parent.get_state()
@@ -158,6 +164,9 @@ class _SamplesIterator(grain.DatasetIterator):
             if reason is None:
                 return el
             self._counts[reason] += 1
+            run[reason] += 1
+            if self._max_run and run.total() >= self._max_run:
+                raise self._stall(run)
 
     def __next__(self):
         if self._batch_size is None:

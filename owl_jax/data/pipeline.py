@@ -34,6 +34,8 @@ Its fields (defaults in `default_config()`):
   shm_min_bytes      other arrays at least this big go from workers through shared memory,
                      smaller ones through the pipe (a chunk's pixels are always one block)
   max_pixels         decompression-bomb limit (None: PIL's MAX_IMAGE_PIXELS)
+  max_consecutive_drops  this many dropped samples in a row (none kept) stop the pipeline with
+                     an error naming the reasons and what to change (0: never)
 S comes from `owl_cfg` (OwlConfig); its image mean and std are applied on the device by the
 train step (`images.normalize_pixels`).
 
@@ -73,7 +75,8 @@ def default_config():
     return ml_collections.ConfigDict(dict(
         sources=[], seq_len=512, batch_size=8, packing=True, max_images_per_row=4,
         augment=True, seed=0, num_epochs=None, workers=0, threads=2, read_buffer=32,
-        worker_buffer=16, chunk=32, shm_min_bytes=1 << 20, max_pixels=None))
+        worker_buffer=16, chunk=32, shm_min_bytes=1 << 20, max_pixels=None,
+        max_consecutive_drops=1000))
 
 
 def data_config(config) -> dict[str, Any]:
@@ -190,8 +193,50 @@ def _read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
+    except FileNotFoundError:
+        raise imgs.BadImage("missing_file", f"image file not found: {path}") from None
     except OSError as e:
-        raise imgs.BadImage("missing_image", f"{path}: {e}") from None
+        raise imgs.BadImage("unreadable_file", f"{path}: {e}") from None
+
+
+# What to change when every sample is dropped, by drop reason (prefix).
+_REMEDIES = {
+    "prompt_too_long": "samples do not fit a row of seq_len={L} tokens ({T} per image): raise "
+                       "the recipe's seq=N (or --config.batch.seq_len)",
+    "no_trained_tokens": "the answers are cut off at seq_len={L} tokens ({T} per image): raise "
+                         "the recipe's seq=N (or --config.batch.seq_len)",
+    "too_many_images": "samples hold more than max_images_per_row={M} images: raise the "
+                       "recipe's images=N (or --config.batch.max_images_per_row)",
+    "filtered_": "the source's filters reject them: loosen its `filters`",
+    "empty_text": "the samples have no text: check the source's caption / conversation field",
+    "missing_text": "the samples have no text: check the source's caption / conversation field",
+    "missing_file": "image files named by the samples do not exist: check the images= folder "
+                    "of the spec",
+}
+
+
+class PipelineStalled(SourceError):
+    """Every sample of a long run was dropped: the data and the config do not fit."""
+
+
+def _stall_error(cfg: dict, image_tokens: int):
+    L, M = cfg["seq_len"], cfg["max_images_per_row"]
+
+    def make(run: collections.Counter) -> PipelineStalled:
+        reasons = ", ".join(f"{r} x {n}" for r, n in run.most_common())
+        fixes = []
+        for reason, _ in run.most_common():
+            fix = next((v for k, v in _REMEDIES.items() if reason.startswith(k)),
+                       "unreadable images: `owl-data stats SPEC` counts them by reason")
+            fix = f"{reason}: {fix.format(L=L, M=M, T=image_tokens)}"
+            if fix not in fixes:
+                fixes.append(fix)
+        specs = ", ".join(s["spec"] for s in cfg["sources"])
+        return PipelineStalled(
+            f"the input pipeline dropped {run.total()} samples in a row and kept none "
+            f"({reasons}) reading {specs}. What to change: " + "; ".join(fixes) +
+            ". (data.max_consecutive_drops sets this limit.)")
+    return make
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -291,11 +336,13 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
         it_ds = it_ds.mp_prefetch(options, worker_init_fn=_mark_absl_flags_parsed)
     dropped: collections.Counter = collections.Counter()
     L, M, B = cfg["seq_len"], cfg["max_images_per_row"], cfg["batch_size"]
+    guard = dict(max_run=cfg["max_consecutive_drops"],
+                 stall=_stall_error(cfg, owl_cfg.image_tokens))
     if cfg["packing"]:
         # Packed rows are laid out with image_size 0: their pixel_values are empty
         # placeholders, the real ones are copied into the batch from each row's uint8 `pixels`.
-        rows = stages.pack_with_pixels(stages.Samples(it_ds, dropped), L, M)
+        rows = stages.pack_with_pixels(stages.Samples(it_ds, dropped, **guard), L, M)
         batches = rows.batch(B, drop_remainder=True, batch_fn=stages.BatchRows(owl_cfg, M))
     else:
-        batches = stages.Samples(it_ds, dropped, B, stages.BatchSamples(owl_cfg, L, M))
+        batches = stages.Samples(it_ds, dropped, B, stages.BatchSamples(owl_cfg, L, M), **guard)
     return TrainIterator(batches.__iter__(), dropped, lost, sizes)
