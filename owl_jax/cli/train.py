@@ -12,12 +12,16 @@ OWL_PROCESS_ID in the environment; OWL_DISTRIBUTED=auto lets JAX detect TPU pods
 `--config` uses ml_collections' config_flags: the text after ':' goes to the recipe's
 get_config(arg), and `--config.a.b=v` overrides any field (typed like the field). A SIGTERM
 saves a checkpoint at the next step boundary and exits 0; rerunning the command resumes.
+`owl-train --config RECIPE --help` also lists that recipe's ARGS. See docs/training.md.
 """
 from __future__ import annotations
 
 import math
 import os
 import sys
+
+
+HELP = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
 
 def _flags(argv: list[str]):
@@ -44,6 +48,8 @@ def _flags(argv: list[str]):
     flags.DEFINE_integer("num_processes", None, "multi-process: number of processes",
                          flag_values=fv)
     flags.DEFINE_integer("process_id", None, "multi-process: this process", flag_values=fv)
+    if any(a in HELP for a in argv):
+        return fv
     fv(["owl-train"] + list(argv))
     # grain reads absl flags (google/grain#1355): the global FLAGS must count as parsed.
     if not flags.FLAGS.is_parsed():
@@ -57,10 +63,72 @@ def _dry_run_devices(config, n_default: int) -> int:
     return known if -1 not in sizes else max(n_default, known)
 
 
+def _recipe_path(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1].split(":", 1)[0]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+    return None
+
+
+def _recipe_help(path: str) -> str:
+    """The recipe file's docstring (its ARGS), and that of the recipe it wraps (tiny_*.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("owl_train_recipe", path)
+    if spec is None or not os.path.isfile(path):
+        return f"(no recipe file {path})"
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    docs = [mod.__doc__ or "(the recipe has no docstring)"]
+    wrapped = getattr(mod, "recipe", None)
+    if wrapped is not None and wrapped.__doc__:
+        docs.append(f"{os.path.basename(wrapped.__file__)}:\n{wrapped.__doc__}")
+    return f"\nRecipe {path}:\n" + "\n".join(d.strip("\n") for d in docs)
+
+
+def usage(argv: list[str]) -> str:
+    fv = _flags(["--help"])
+    text = (__doc__.strip() + "\n\nflags:\n" +
+            fv.get_help(prefix="  ", include_special_flags=False))
+    path = _recipe_path(argv)
+    return text + ("\n" + _recipe_help(path) if path else
+                   "\n\nRecipes: configs/*.py (owl-train --config configs/NAME.py --help lists one's "
+                   "ARGS).")
+
+
+def _reason(e: Exception) -> str:
+    """One line for a bad command line: config_flags wraps a recipe's own error (e.g. an unknown
+    ARG) with its traceback; the last `SomeError: message` line is the reason."""
+    if isinstance(e, AttributeError):
+        return f"--config.FIELD names a field the recipe does not have: {e}"
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    if errors:
+        return errors[-1]
+    return " ".join(ln.strip() for ln in lines[-4:])
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    fv = _flags(argv)
-    config = fv.config
+    if any(a in HELP for a in argv):
+        print(usage(argv))
+        return 0
+    recipe = _recipe_path(argv)
+    if recipe and not os.path.isfile(recipe):
+        print(f"owl-train: no recipe file {recipe} (the recipes are configs/*.py)",
+              file=sys.stderr)
+        return 2
+    from absl import flags
+    try:
+        fv = _flags(argv)
+        config = fv.config
+        if config is not None:
+            config.keys()  # a recipe that failed to load raises here, not at first use
+    except (flags.Error, ValueError, KeyError, AttributeError, TypeError, OSError) as e:
+        print(f"owl-train: {_reason(e)}\n(owl-train --help lists the flags; with --config "
+              f"RECIPE, its ARGS)", file=sys.stderr)
+        return 2
     if config is None:
         print("owl-train: --config is required", file=sys.stderr)
         return 2
@@ -105,8 +173,11 @@ def main(argv=None) -> int:
     distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
     from owl_jax.train.loop import train
     out = train(config, fv.workdir)
+    if out.get("nothing_to_do"):
+        return 0
     status = "preempted (SIGTERM), checkpoint saved" if out["preempted"] else "done"
-    print(f"owl-train: {status} at step {out['step']}; loss {out.get('loss', float('nan')):.4f}")
+    loss = f"; loss {out['loss']:.4f}" if "loss" in out else ""
+    print(f"owl-train: {status} at step {out['step']}{loss}")
     return 0
 
 

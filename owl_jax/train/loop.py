@@ -184,10 +184,16 @@ def train(config, workdir: str) -> dict:
                                  async_save=bool(config.checkpoint.async_save))
     start = ckpt.latest_step()
     notes = []
+    total = int(config.total_steps)
+    writer = metrics_lib.MetricWriter(workdir, total, initial_step=start or 0)
+    writer.log(f"owl-train: {distributed.describe()}; mesh {dict(mesh.shape)}")
+    writer.log(f"owl-train: {tr.summary(layout.abstract.trainable, layout.abstract.frozen)}")
     if start is not None:
-        state, data_state, _ = ckpt.restore(start, layout.abstract)
+        state, data_state, saved_config = ckpt.restore(start, layout.abstract)
         train_it.set_state(data_state)
         notes.append(f"resumed from checkpoint step {start}")
+        for line in config_changes(saved_config, ckpt_lib.config_to_dict(config)):
+            writer.log(f"owl-train: resuming with a changed config: {line}")
     elif config.init_from:
         state, report = state_lib.init_from_export(layout, config.init_from, int(config.seed))
         notes.append(f"weights from {config.init_from}: {report['loaded']} loaded, "
@@ -198,8 +204,19 @@ def train(config, workdir: str) -> dict:
         state = state_lib.init_fresh(layout, int(config.seed))
         notes.append("random init")
     step = int(jax.device_get(state.step))
+    if step >= total:
+        writer.log(f"owl-train: nothing to do: the checkpoint in {workdir} is at step {step} "
+                   f"and total_steps is {total} (raise --config.total_steps to train on)")
+        for closing in (ckpt.close, writer.close, getattr(train_it, "close", lambda: None)):
+            closing()
+        export_dir = os.path.join(workdir, "export")
+        return {"step": step, "preempted": False, "nothing_to_do": True,
+                "export_dir": export_dir if os.path.isdir(export_dir) else None}
 
     # 6. compiled steps -------------------------------------------------------------------------
+    sources = [s.get("spec") for s in config.data.get("sources", ())] or [config.data.kind]
+    writer.log(f"owl-train: {'; '.join(notes)}; step {step}/{total}; reading the first batch "
+               f"({', '.join(map(str, sources))})")
     first = next(train_it)
     first_state = train_it.get_state()
     check_batch(first, config, cfg)
@@ -214,8 +231,6 @@ def train(config, workdir: str) -> dict:
     distributed.barrier("owl_train_step_compiled")
 
     # 7. observability --------------------------------------------------------------------------
-    total = int(config.total_steps)
-    writer = metrics_lib.MetricWriter(workdir, total, initial_step=step)
     fl = flops_lib.train_flops_per_step(
         cfg, global_batch=int(config.batch.global_size), seq_len=int(config.batch.seq_len),
         images_per_row=int(config.batch.max_images_per_row),
@@ -224,17 +239,15 @@ def train(config, workdir: str) -> dict:
     peak = float(config.peak_tflops) or flops_lib.peak_tflops(jax.devices()[0].device_kind)
     tokens_per_step = int(config.batch.global_size) * int(config.batch.seq_len)
     meter = metrics_lib.Throughput(tokens_per_step, fl["total"], jax.device_count(), peak)
-    writer.log(f"owl-train: {distributed.describe()}; mesh {dict(mesh.shape)}")
     mem = train_step.memory_analysis()
     if mem is not None:
         gib = 2.0 ** 30
         writer.log(f"owl-train: step memory per device: arguments "
                    f"{mem.argument_size_in_bytes / gib:.3g} GiB, temporaries "
                    f"{mem.temp_size_in_bytes / gib:.3g} GiB")
-    writer.log(f"owl-train: {tr.summary(layout.abstract.trainable, layout.abstract.frozen)}")
-    writer.log(f"owl-train: {'; '.join(notes)}; step {step}/{total}; analytic "
-               f"{fl['total'] / 1e12:.4g} TFLOP/step (vision {fl['vision'] / 1e12:.3g}, "
-               f"abstractor {fl['abstractor'] / 1e12:.3g}, llm {fl['llm'] / 1e12:.3g})")
+    writer.log(f"owl-train: analytic {fl['total'] / 1e12:.4g} TFLOP/step (vision "
+               f"{fl['vision'] / 1e12:.3g}, abstractor {fl['abstractor'] / 1e12:.3g}, llm "
+               f"{fl['llm'] / 1e12:.3g})")
 
     # 8.-9. preemption and the loop -------------------------------------------------------------
     cfg_dict = ckpt_lib.config_to_dict(config)
@@ -292,13 +305,40 @@ def train(config, workdir: str) -> dict:
             export_dir = os.path.join(workdir, "export")
             tok_dir = tokenizer and os.path.dirname(tokenizer.model_file)
             ckpt_lib.export(export_dir, state, layout, config, tokenizer_dir=tok_dir)
-            writer.log(f"owl-train: exported {export_dir}")
+            writer.log(f"owl-train: exported {export_dir}" + (
+                f" with the tokenizer of {tok_dir}" if tok_dir else
+                " without a tokenizer (none configured: set tokenizer_dir, or give owl-generate "
+                "--tokenizer DIR)"))
     ckpt.close()
     writer.close()
     if hasattr(train_it, "close"):
         train_it.close()
     return {**last, "step": step, "preempted": preempted, "export_dir": export_dir,
             **{f"eval_{k}": v for k, v in eval_out.items() if k in ("loss", "tokens")}}
+
+
+# Config fields whose change on a resume alters the run (schedule, batch, data, what trains).
+_WATCHED = ("total_steps", "optimizer", "batch", "trainable", "lora", "data", "seed", "model")
+
+
+def config_changes(saved: dict | None, now: dict) -> list[str]:
+    """'field: old -> new' for every watched field that differs between the config a
+    checkpoint was saved with and this run's."""
+    if not saved:
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+    a, b = flat(saved), flat(now)
+    keys = sorted(k for k in set(a) | set(b) if k.split(".")[0] in _WATCHED)
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+            for k in keys if a.get(k) != b.get(k)]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,7 @@
-"""Where training numbers go: TensorBoard event files, a JSON-lines log, a console progress bar.
+"""Where training numbers go: TensorBoard event files, a JSON-lines log, console progress.
+
+On a terminal, progress is a tqdm bar with log lines printed above it; otherwise (a log file, a
+pipe, a SLURM job) each logged step is one plain line, so bars never interleave with the log.
 
 Only process 0 writes. Files:
   WORKDIR/tensorboard/   tensorboardX event files (scalars `train/*`, `eval/*`, text `samples`)
@@ -25,13 +28,14 @@ class MetricWriter:
         self.tb = None
         self.bar = None
         self.jsonl = None
+        self.total = total_steps
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
         if tensorboard:
             self.tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        if progress:
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step",
                             dynamic_ncols=True, smoothing=0.1)
@@ -46,11 +50,14 @@ class MetricWriter:
                     self.tb.add_scalar(f"{split}/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
         self.jsonl.flush()
-        if self.bar is not None and split == "train":
-            shown = {k: clean[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu")
-                     if k in clean}
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                                  for k, v in shown.items()}, refresh=False)
+        if split == "train":
+            shown = {k: (f"{clean[k]:.4g}" if isinstance(clean[k], float) else clean[k])
+                     for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if k in clean}
+            if self.bar is not None:
+                self.bar.set_postfix(shown, refresh=False)
+            else:
+                self.log(f"step {step}/{self.total}: " +
+                         " ".join(f"{k}={v}" for k, v in shown.items()))
 
     def text(self, step: int, tag: str, text: str) -> None:
         if not self.enabled:
