@@ -23,7 +23,7 @@ keeps the copy next to the fp32 head (a quarter of the head's size in memory for
 int8 against bf16: the int8 bound is ~8x looser, so a row has more candidates (a median of 4
 against 1-2 on the benchmark model's own hidden states), each re-scored from a strided column
 of the fp32 head. At batch 1 the bytes saved win (decode step 3-11% faster in interleaved A/Bs);
-at batch 8 the two are even (docs/inference.md, session 8).
+at batch 8 the two are even (docs/inference.md, "Greedy screen").
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 // 3. owl_greedy_screen: the exact check of a greedy token picked from int8 or bf16 weights.
 // 4. owl_int8_matmul: x @ w for int8 w and x quantized to int8 (the int8 draft model's).
 //
-// Both are streams over memory (weights, cache) with little arithmetic per byte, where XLA's
+// All four are streams over memory (weights, cache) with little arithmetic per byte, where XLA's
 // library calls pay per-call packing or per-head overheads that cost more than the work.
 //
 // --- 1. matmul
