@@ -13,7 +13,9 @@ import json
 import mmap
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 from typing import Iterator
 
 import ml_dtypes
@@ -149,23 +151,26 @@ class _File:
 
     def _load_bin(self):
         """(state dict, whether it is memory-mapped)."""
+        try:
+            return self._torch_load()
+        except pickle.UnpicklingError as e:
+            if _legacy_pickles_complete(self.path):
+                raise CheckpointError(_refused(self.path, e)) from None
+            detail = "the pickle ends early"
+        except Exception as e:  # noqa: BLE001 - zip / EOF errors of many kinds
+            detail = ": ".join(filter(None, (type(e).__name__, _plain(str(e)))))
+        raise CheckpointError(f"{self.path}: unreadable or truncated torch checkpoint "
+                              f"({detail})")
+
+    def _torch_load(self):
         torch = _torch()
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError as e:
-            if "mmap" in str(e) and "zipfile" in str(e).lower():  # legacy (pre-1.6) format
-                try:
-                    return torch.load(self.path, map_location="cpu", weights_only=True), False
-                except Exception as e2:  # noqa: BLE001 - re-raised with the file name
-                    e = e2
-            raise CheckpointError(f"{self.path}: unreadable or truncated torch checkpoint "
-                                  f"({type(e).__name__}: {e})") from None
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{self.path}: refused by torch.load(weights_only=True): it "
-                                  f"holds objects other than tensors ({e})") from None
-        except Exception as e:  # noqa: BLE001 - zip / EOF errors of many kinds
-            raise CheckpointError(f"{self.path}: unreadable or truncated torch checkpoint "
-                                  f"({type(e).__name__}: {e})") from None
+            if not ("mmap" in str(e) and "zipfile" in str(e).lower()):
+                raise
+        # legacy (pre-1.6, non-zip) format: cannot be memory-mapped
+        return torch.load(self.path, map_location="cpu", weights_only=True), False
 
     def _open_safetensors(self):
         from safetensors import safe_open
@@ -235,6 +240,36 @@ class _File:
                 if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
                     raise CheckpointError(f"{self.path}: truncated while reading {k!r}")
                 yield k, out
+
+
+def _refused(path: str, e: Exception) -> str:
+    """The refusal of a pickle that holds more than tensors, naming the global torch named."""
+    m = re.search(r"GLOBAL (\S+)", str(e))
+    what = f" (global {m.group(1)})" if m else ""
+    return (f"{path}: refused: it holds objects{what} that a weights-only load does not allow; "
+            f"a checkpoint to convert must hold tensors only")
+
+
+def _plain(msg: str) -> str:
+    """torch's message without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", msg).strip()
+
+
+def _legacy_pickles_complete(path: str) -> bool:
+    """Whether the pickles at the head of a legacy (non-zip) torch file are whole: magic number,
+    protocol, sys info and the object, parsed without running anything. A file cut inside a
+    GLOBAL line is refused by torch's unpickler as an unknown (clipped) global; that is a
+    truncation. Zip files have a central directory, so torch itself notices them cut."""
+    if zipfile.is_zipfile(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            for _ in range(4):
+                for _ in pickletools.genops(f):  # stops after the pickle's STOP opcode
+                    pass
+    except (ValueError, EOFError, OSError):
+        return False
+    return True
 
 
 _SAFE_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),

@@ -24,7 +24,8 @@ ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
 
 
 def open_image(src: ImageLike) -> Image.Image:
-    """A PIL image in its stored mode (what upstream's `Image.open(path)` gives)."""
+    """A PIL image in its stored mode (what upstream's `Image.open(path)` gives). Raises
+    ValueError: "image file not found: PATH", or "cannot decode image ..."."""
     if isinstance(src, Image.Image):
         return src
     if isinstance(src, np.ndarray):
@@ -37,6 +38,8 @@ def open_image(src: ImageLike) -> Image.Image:
         else:
             img = Image.open(os.fspath(src))
         img.load()
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {os.fspath(src)}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         name = f"{len(src)} bytes" if isinstance(src, (bytes, bytearray, memoryview)) else src
         raise ValueError(f"cannot decode image {name}: {e}") from e

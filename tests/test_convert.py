@@ -339,8 +339,64 @@ def test_error_not_weights_only(tmp_path):
     src = str(tmp_path / "src")
     save_official(_cfg(), src)
     torch.save({"x": torch.zeros(2), "evil": OwlConfig}, os.path.join(src, "pytorch_model.bin"))
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="refused: .*global owl_jax.config.OwlConfig"):
         torch_to_jax(src, str(tmp_path / "out"), progress=False)
+
+
+class _Touch:
+    """Unpickling this runs `callable(marker)`, which would create the marker file."""
+
+    def __init__(self, how, marker):
+        self.how, self.marker = how, marker
+
+    def __reduce__(self):
+        if self.how == "system":
+            return os.system, (f"touch {self.marker}",)
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "zip"])
+@pytest.mark.parametrize("how,global_name", [("system", "posix.system"), ("open", "io.open")])
+def test_malicious_pickle_is_refused_not_run(tmp_path, capsys, legacy, how, global_name):
+    src = str(tmp_path / "src")
+    save_official(_cfg(), src)
+    marker = tmp_path / "ran"
+    path = os.path.join(src, "pytorch_model.bin")
+    torch.save({"x": torch.zeros(2), "y": _Touch(how, str(marker))}, path,
+               _use_new_zipfile_serialization=not legacy)
+    assert main(["torch-to-jax", src, str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()  # the callable never ran
+    assert f"{path}: refused: it holds objects (global {global_name}) that a weights-only " \
+           f"load does not allow" in err
+    assert "truncated" not in err and "\x1b" not in err and "weights_only=False" not in err
+    assert not os.path.exists(tmp_path / "o")
+
+
+def _legacy_bin(directory):
+    """A one-file legacy (non-zip) checkpoint of the tiny model; returns its path and bytes."""
+    write_official_checkpoint(directory, _cfg(), "float16", "bin")
+    path = os.path.join(directory, "pytorch_model.bin")
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    return path, open(path, "rb").read()
+
+
+def test_truncated_legacy_pickle_is_truncated_not_refused(tmp_path):
+    src = str(tmp_path / "src")
+    path, data = _legacy_bin(src)
+    assert not data.startswith(b"PK")
+    assert len(CheckpointReader(src).index()) > 0
+    # inside a GLOBAL line torch's unpickler sees a clipped global name ("collections.Ord") and
+    # refuses it; that is still a truncated file
+    inside_global = data.index(b"collections\nOrderedDict") + len("collections\nOrd")
+    for cut in (inside_global, 60, len(data) // 3, len(data) - 10):
+        with open(path, "wb") as f:
+            f.write(data[:cut])
+        with pytest.raises(CheckpointError) as e:
+            CheckpointReader(src).index()
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: unreadable or truncated torch checkpoint"), (cut, msg)
+        assert "refused" not in msg and "\x1b" not in msg
 
 
 def test_cli_reports_errors_and_converts(good_src, tmp_path, capsys):

@@ -75,8 +75,14 @@ def test_load_image_paths_bytes_and_corrupt(tmp_path):
     assert open_image(_rgb().convert("P")).mode == "P"  # kept for preprocess_image
     with pytest.raises(ValueError, match="cannot decode image"):
         load_image(b"not an image")
-    with pytest.raises(ValueError, match="missing.png"):
-        load_image(str(tmp_path / "missing.png"))
+    missing = tmp_path / "missing.png"
+    for src in (str(missing), missing):
+        with pytest.raises(ValueError) as e:
+            load_image(src)
+        assert str(e.value) == f"image file not found: {missing}"
+    (tmp_path / "not_an_image.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode image .*not_an_image.png"):
+        load_image(str(tmp_path / "not_an_image.png"))
 
 
 def test_processor_batch(tok):

@@ -1,5 +1,6 @@
 """Sources on shards written in the real img2dataset / COCO layouts (owl_jax.testing.shards)."""
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -96,6 +97,20 @@ def test_bad_image_reasons():
         imgs.decode_image(b"")
 
 
+def test_read_image_file_reasons(tmp_path):
+    missing = str(tmp_path / "nope.jpg")
+    with pytest.raises(imgs.BadImage) as e:
+        imgs.read_image_file(missing)
+    assert (e.value.reason, e.value.detail) == ("missing_file", f"image file not found: {missing}")
+    with pytest.raises(imgs.BadImage) as e:
+        imgs.read_image_file(str(tmp_path))
+    assert e.value.reason == "unreadable_file" and str(tmp_path) in e.value.detail
+    (tmp_path / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(imgs.BadImage, match="undecodable_image"):  # found, then not decodable
+        imgs.decode_image(imgs.read_image_file(str(tmp_path / "x.jpg")))
+    assert {"missing_file", "unreadable_file"} <= set(imgs.REASONS)
+
+
 def test_parquet_skips_failed_rows_by_status(pq):
     d, m = pq
     stream = open_source(f"parquet:{d}/*.parquet")
@@ -146,7 +161,14 @@ def test_coco_captions(tmp_path, karpathy):
     m = shards.write_coco(str(tmp_path), n_images=8, karpathy=karpathy)
     stream = open_source(f"coco:{m['annotations']}?images={m['images']}")
     assert {ex["key"]: ex["text"] for ex in stream} == m["samples"]
-    assert dict(stream.skipped) == m["skipped"] == {"missing_image": 2}
+    # the first image's file is not written: its 2 captions are skipped as missing_file
+    assert sum(m["skipped"].values()) == 2
+    assert dict(stream.skipped) == {"missing_file": 2}
+    name = "COCO_train2014_000000001000.jpg" if karpathy else "000000001000.jpg"
+    path = os.path.join(m["images"], "train2014", name) if karpathy else \
+        os.path.join(m["images"], name)
+    assert stream.skip_examples["missing_file"] == \
+        f"{path} (key 1000_50000): image file not found: {path}"
     if karpathy:
         keep = {k for k, s in m["splits"].items() if s in ("train", "restval")}
         stream = open_source(f"coco:{m['annotations']}?images={m['images']}&split=train,restval")

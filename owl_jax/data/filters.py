@@ -30,6 +30,22 @@ _COLUMNS = {
     "max_nsfw": ("nsfw_score_opennsfw2", "punsafe"),
 }
 
+# (metavar, what a threshold skips): the help of owl-data's filter flags
+HELP = {
+    "min_similarity": ("T", "skip samples whose image-text CLIP similarity (LAION `similarity`, "
+                            "COYO `clip_similarity_vitb32`) is below T"),
+    "min_clip_similarity": ("T", "skip samples whose ViT-L/14 CLIP similarity (COYO "
+                                 "`clip_similarity_vitl14`) is below T"),
+    "min_aesthetic": ("T", "skip samples whose aesthetic score (COYO `aesthetic_score_laion_v2`, "
+                           "`aesthetic`, `AESTHETIC_SCORE`) is below T"),
+    "max_watermark": ("T", "skip samples whose watermark probability (COYO `watermark_score`, "
+                           "LAION-2B `pwatermark`) is above T"),
+    "max_nsfw": ("T", "skip samples whose NSFW probability (COYO `nsfw_score_opennsfw2`, "
+                      "LAION-2B `punsafe`) is above T"),
+    "min_size": ("PX", "skip images whose short side is below PX pixels"),
+    "max_aspect_ratio": ("R", "skip images whose long side is more than R times the short side"),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class FilterSpec:

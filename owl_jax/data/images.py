@@ -2,7 +2,9 @@
 
 Decoding never crashes on bad data: it raises `BadImage(reason)` with one of the reasons
 `missing_image`, `undecodable_image`, `truncated_image`, `corrupt_image`, `decompression_bomb`,
-which sources count and skip. Every colour mode comes out as RGB uint8 HWC:
+which sources count and skip. Reading a local image file (`read_image_file`) raises
+`missing_file` ("image file not found: PATH") or `unreadable_file` before any decoding.
+Every colour mode comes out as RGB uint8 HWC:
   - alpha (RGBA, LA, PA, P with transparency) is composited over white,
   - 16-bit and 32-bit integer images (I;16*, I) are scaled from 0..65535 to 0..255,
   - float images (F) are clipped to 0..255, everything else (L, 1, P, CMYK, YCbCr...) uses PIL's
@@ -27,8 +29,8 @@ from owl_jax.data import fast_resize
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
-REASONS = ("missing_image", "undecodable_image", "truncated_image", "corrupt_image",
-           "decompression_bomb")
+REASONS = ("missing_image", "missing_file", "unreadable_file", "undecodable_image",
+           "truncated_image", "corrupt_image", "decompression_bomb")
 
 
 class BadImage(Exception):
@@ -36,6 +38,19 @@ class BadImage(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def read_image_file(path: str) -> bytes:
+    """The bytes of a local image file. Raises BadImage `missing_file` when there is no such
+    file, `unreadable_file` when it cannot be read (a directory, no permission...)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise BadImage("missing_file", f"image file not found: {path}") from None
+    except OSError as e:
+        raise BadImage("unreadable_file",
+                       f"cannot read image file {path}: {e.strerror or e}") from None
 
 
 def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:

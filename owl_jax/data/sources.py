@@ -5,11 +5,13 @@
         ...
     stream.samples, stream.skipped   # examples yielded, Counter of skip reasons
 
-Skip reasons: img2dataset statuses of parquet rows (`failed_to_download`, ...), `missing_image`,
-`missing_caption`, the image decode reasons of `images.py`, `filtered_<threshold>` (filters.py),
-`truncated_tar`, `corrupt_tar`, `corrupt_parquet`, `corrupt_record`, `missing_shard` (a file
-named by a brace range that does not exist). Work is split into units (one per input file, or
-chunks of a COCO annotation list) that `owl-data convert` / `stats` run in parallel.
+Skip reasons: img2dataset statuses of parquet rows (`failed_to_download`, ...), `missing_image`
+(no image bytes), `missing_file` / `unreadable_file` (a local image file of a COCO source that
+does not exist / cannot be read), `missing_caption`, the image decode reasons of `images.py`,
+`filtered_<threshold>` (filters.py), `truncated_tar`, `corrupt_tar`, `corrupt_parquet`,
+`corrupt_record`, `missing_shard` (a file named by a brace range that does not exist). Work is
+split into units (one per input file, or chunks of a COCO annotation list) that
+`owl-data convert` / `stats` run in parallel.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ Two annotation formats are recognised by their content:
     images are read from `images=DIR/filepath/filename` (or `DIR/filename` when that exists).
     `split=train,restval` keeps those Karpathy splits (default: all).
 Option `per=caption` (default) yields one sample per caption; `per=image` one per image with
-the first caption as `text` and all of them in `captions`.
+the first caption as `text` and all of them in `captions`. An image file that does not exist is
+skipped as `missing_file` (detail "image file not found: PATH").
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 from typing import Iterator
 
+from owl_jax.data.images import BadImage, read_image_file
 from owl_jax.data.spec import RawSample, Skipped, SourceError, Spec
 
 # entry: (key, image path, caption, meta)
@@ -68,8 +70,9 @@ def _karpathy(data, images_dir, per, splits, path) -> list[Entry]:
         if splits is not None and im.get("split") not in splits:
             continue
         file = os.path.join(images_dir, im.get("filepath", ""), im["filename"])
-        if not os.path.exists(file):
-            file = os.path.join(images_dir, im["filename"])
+        flat = os.path.join(images_dir, im["filename"])
+        if not os.path.exists(file) and os.path.exists(flat):
+            file = flat  # when neither exists, the skip names the documented DIR/filepath path
         image_id = im.get("cocoid", im.get("imgid"))
         base = {"image_id": image_id, "file_name": im["filename"], "split": im.get("split")}
         sents = [(s.get("sentid"), s.get("raw")) for s in im.get("sentences", [])]
@@ -85,13 +88,15 @@ def _entries(key, file, captions, base, per) -> list[Entry]:
 
 
 def read_entry(entry: Entry) -> RawSample | Skipped:
+    """The sample of one entry; a missing image file is skipped as `missing_file`, an
+    unreadable one as `unreadable_file`."""
     key, file, text, meta = entry
+    where = f"{file} (key {key})"
     try:
-        with open(file, "rb") as f:
-            image = f.read()
-    except OSError as e:
-        return Skipped("missing_image", f"{file} (key {key})", str(e))
-    return RawSample(key=key, image=image, text=text, meta=dict(meta), where=f"{file} (key {key})")
+        image = read_image_file(file)
+    except BadImage as e:
+        return Skipped(e.reason, where, e.detail)
+    return RawSample(key=key, image=image, text=text, meta=dict(meta), where=where)
 
 
 def iter_entries(entries: list[Entry]) -> Iterator[RawSample | Skipped]:
