@@ -4,9 +4,10 @@
              --data_dir /data/tfds --split test --batch_size 16 --out results/coco
 
 `--raw_dir` builds the task's TFDS dataset (ArrayRecord) from the original files into
-`--data_dir` first (once; later runs find it there and can drop the flag). Writes metrics.json,
-answers.jsonl and, for coco_caption / vqav2, predictions.json in the official results format.
-See docs/eval.md.
+`--data_dir` first; later runs with the flag reuse that build while the raw files it read are
+unchanged and rebuild it when they changed (runs without the flag use the build as it is).
+Writes metrics.json, answers.jsonl (in the questions' input order) and, for coco_caption /
+vqav2, predictions.json in the official results format. See docs/eval.md.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="JAX checkpoint directory (owl_jax.load_pretrained)")
     p.add_argument("--task", required=True, choices=sorted(run.TASKS))
     p.add_argument("--data_dir", required=True, help="TFDS data dir holding the prepared dataset")
-    p.add_argument("--raw_dir", help="original files to build the dataset from (see docs/eval.md)")
+    p.add_argument("--raw_dir", help="original files to build the dataset from; rebuilt from them "
+                   "when they changed since the last build (see docs/eval.md)")
     p.add_argument("--config", help="builder config: eval (default) or full (coco_caption, vqav2)")
     p.add_argument("--split", help="default: test for coco_caption / owleval, val for vqav2")
     p.add_argument("--out", required=True, help="output directory")
@@ -47,7 +49,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     split = args.split or DEFAULT_SPLIT[args.task]
     if args.raw_dir:
-        tfds_builders.prepare(args.task, args.raw_dir, args.data_dir, args.config)
+        try:
+            tfds_builders.prepare(args.task, args.raw_dir, args.data_dir, args.config)
+        except FileNotFoundError as e:  # the builders name the missing file and the layout
+            print(f"owl-eval: {e}", file=sys.stderr)
+            return 2
     try:
         source = tfds_builders.load(args.task, split, args.data_dir, args.config)
     except Exception as e:  # noqa: BLE001 - tfds raises several kinds for "not prepared"

@@ -13,7 +13,8 @@ image as the question before) are asked in the same conversation, after the mode
 answers, so a batch runs turn by turn.
 
 Records are read and their images decoded by a grain pipeline (threads, order kept) while the
-generator works; an image that fails to decode skips its record and is counted.
+generator works; an image that fails to decode skips its record and is counted. The answers come
+back in the questions' input order (each record's `index`), whatever order the dataset stores.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from owl_jax.tokenizer import build_prompt
 @dataclasses.dataclass
 class Conversation:
     images: list            # PIL images, shown once at the start of the conversation
-    turns: list[dict]       # per question: {'question': str, ...task fields}
+    turns: list[dict]       # per question: {'question': str, 'index': int, ...task fields}
 
 
 @dataclasses.dataclass
@@ -47,7 +48,7 @@ class Skip:
 @dataclasses.dataclass
 class EvalResult:
     task: str
-    rows: list[dict]        # one per answered question, with references / scores
+    rows: list[dict]        # one per answered question, in input order, with references / scores
     metrics: dict
     predictions: list[dict] | None   # the official results-file format, when there is one
 
@@ -58,6 +59,13 @@ def _s(x) -> str:
 
 def _first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
+
+
+def _categories(category) -> list[str]:
+    """An OwlEval category value (a list of names, one name, or None) as a list of names."""
+    if category is None:
+        return []
+    return [str(c) for c in category] if isinstance(category, list) else [str(category)]
 
 
 def _decode_images(blobs, where) -> list | Skip:
@@ -104,7 +112,8 @@ class CocoCaption(Task):
         images = _decode_images([r["image"]], f"image {int(r['image/id'])}")
         if isinstance(images, Skip):
             return images
-        return [Conversation(images, [{"question": "", "image_id": int(r["image/id"]),
+        return [Conversation(images, [{"question": "", "index": int(r["index"]),
+                                       "image_id": int(r["image/id"]),
                                        "references": [_s(c) for c in r["captions"]]}])]
 
     def row(self, turn, answer):
@@ -131,7 +140,8 @@ class VQAv2(Task):
             return images
         q = r["questions"]
         return [Conversation(images, [{
-            "question": _s(q["question"][i]), "question_id": int(q["question_id"][i]),
+            "question": _s(q["question"][i]), "index": int(q["index"][i]),
+            "question_id": int(q["question_id"][i]),
             "image_id": int(r["image/id"]), "answers": [_s(a) for a in q["answers"][i]],
             "answer_type": _s(q["answer_type"][i]), "question_type": _s(q["question_type"][i])}])
             for i in range(len(q["question_id"]))]
@@ -171,7 +181,7 @@ class OwlEval(Task):
         records = sorted((source[i] for i in range(len(source))), key=lambda r: int(r["question_id"]))
         groups = []
         for r in records:
-            cats = [_s(c) for c in r["category"]]
+            cats = _categories(json.loads(_s(r["category"])))
             follow_up = bool(cats) and not any("single" in c for c in cats)
             names = [_s(n) for n in r["image/filenames"]]
             if follow_up and groups and groups[-1][-1][1] == names:
@@ -185,10 +195,12 @@ class OwlEval(Task):
         images = _decode_images(first["images"], f"question {int(first['question_id'])} {names}")
         if isinstance(images, Skip):
             return images
+        # ability and category come back as the question file had them (JSON in the record).
         return [Conversation(images, [{
-            "question": _s(r["question"]), "question_id": int(r["question_id"]),
-            "image": names[0] if len(names) == 1 else names, "ability": _s(r["ability"]),
-            "category": [_s(c) for c in r["category"]]} for r, _ in group])]
+            "question": _s(r["question"]), "index": int(r["index"]),
+            "question_id": int(r["question_id"]), "image": names[0] if len(names) == 1 else names,
+            "ability": json.loads(_s(r["ability"])), "category": json.loads(_s(r["category"]))}
+            for r, _ in group])]
 
     def row(self, turn, answer):
         # OwlEval's answer-file fields, plus an empty rating for the human raters.
@@ -237,12 +249,12 @@ def _batched(items: Iterable, n: int, limit: int | None) -> Iterator[list]:
 
 
 def answer_batch(generator, task: Task, convs: list[Conversation], prompt: str,
-                 gen_kwargs: dict, pad_to: int = 0) -> list[dict]:
-    """Runs the conversations turn by turn (one generate call per turn index). Each call is
-    padded to `pad_to` prompts by repeating the last one, so a compiled engine sees one batch
-    size; the padding answers are dropped."""
+                 gen_kwargs: dict, pad_to: int = 0) -> list[tuple[int, dict]]:
+    """Runs the conversations turn by turn (one generate call per turn index) and returns
+    (the turn's input index, its row) pairs. Each call is padded to `pad_to` prompts by repeating
+    the last one, so a compiled engine sees one batch size; the padding answers are dropped."""
     history = [[] for _ in convs]
-    rows = []
+    answered = []
     for t in range(max(len(c.turns) for c in convs)):
         active = [i for i, c in enumerate(convs) if t < len(c.turns)]
         asked = [prompt.format(question=convs[i].turns[t]["question"]) for i in active]
@@ -256,8 +268,9 @@ def answer_batch(generator, task: Task, convs: list[Conversation], prompt: str,
                                f"{len(prompts) + pad} prompts")
         for i, q, res in zip(active, asked, results):
             history[i] += [q, res.text.strip()]
-            rows.append(task.row(convs[i].turns[t], task.postprocess(res.text)))
-    return rows
+            turn = convs[i].turns[t]
+            answered.append((turn["index"], task.row(turn, task.postprocess(res.text))))
+    return answered
 
 
 def evaluate(generator, task: str | Task, source, *, batch_size: int = 8,
@@ -266,21 +279,24 @@ def evaluate(generator, task: str | Task, source, *, batch_size: int = 8,
              progress: bool = True) -> EvalResult:
     """Generates answers for `source` (a random-access dataset of the task's records, e.g.
     `tfds_builders.load(...)`) and scores them. `max_examples` caps the number of
-    conversations (images for coco_caption, questions for vqav2)."""
+    conversations (images for coco_caption, questions for vqav2), taken in `task.order(source)`
+    (the order `source` stores them; OwlEval's by question_id); the result's rows are in the
+    questions' input order."""
     task = get_task(task) if isinstance(task, str) else task
     prompt = task.prompt if prompt is None else prompt
     gen_kwargs = dict(max_new_tokens=max_new_tokens or task.max_new_tokens,
                       temperature=temperature, num_beams=num_beams)
     skipped = collections.Counter()
-    rows = []
+    answered = []       # (input index, row)
     # Only COCO has one conversation per record; the others' batch count is not known upfront.
     total = (math.ceil(min(len(source), max_examples or math.inf) / batch_size)
              if task.name == "coco_caption" else None)
     bar = tqdm(total=total, desc=f"eval {task.name}", unit="batch", disable=not progress)
     for batch in _batched(iter_conversations(task, source, num_threads, skipped), batch_size, max_examples):
-        rows += answer_batch(generator, task, batch, prompt, gen_kwargs, pad_to=batch_size)
+        answered += answer_batch(generator, task, batch, prompt, gen_kwargs, pad_to=batch_size)
         bar.update(1)
     bar.close()
+    rows = [row for _, row in sorted(answered, key=lambda pair: pair[0])]
     m = {"task": task.name, "num_answers": len(rows), "skipped": dict(skipped),
          "prompt": prompt, "generation": gen_kwargs, **task.metrics(rows)}
     return EvalResult(task.name, rows, m, task.predictions(rows))

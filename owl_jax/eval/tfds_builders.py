@@ -1,7 +1,7 @@
 """TFDS builders for the evaluation sets, built from local files into ArrayRecord, no TensorFlow.
 
     from owl_jax.eval import tfds_builders as tb
-    tb.prepare("coco_caption", raw_dir="/data/coco", data_dir="/data/tfds")    # once
+    tb.prepare("coco_caption", raw_dir="/data/coco", data_dir="/data/tfds")    # as needed
     ds = tb.load("coco_caption", "test", data_dir="/data/tfds")               # random access
     grain.MapDataset.source(ds)[0]   # {'image': b'\\xff\\xd8...', 'captions': [b'...'], ...}
 
@@ -24,11 +24,17 @@ without TF (strings come back as `bytes`); decode them with `owl_jax.data.images
 Every image is fully decoded once at build time; missing or corrupt images, and malformed
 annotations, are skipped, counted in the dataset's `metadata.json` ("skipped": {reason: n}) and
 logged with the file they came from.
+
+Every record holds `index`, its position in the raw annotation / question file (for VQAv2, each
+question's), so results can be put back in the input order: tfds stores records shuffled.
+Each build also records the raw files it read, by size and content hash (`raw_files.py`), and
+`prepare` rebuilds a dataset whose raw files changed since.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -39,6 +45,7 @@ import tensorflow_datasets as tfds
 from owl_jax.data.images import BadImage, open_image
 from owl_jax.data.sources_coco import load_entries
 from owl_jax.data.spec import Spec
+from owl_jax.eval import raw_files
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +60,16 @@ class SplitsConfig(tfds.core.BuilderConfig):
 
 
 class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """ArrayRecord by default; counts and logs what it skips; reads `dl_manager.manual_dir`."""
+    """ArrayRecord by default; counts and logs what it skips; reads `dl_manager.manual_dir` and
+    records every file read there in the build's `raw_files.json`."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Records hold `index` (input order); raw_files.json; OwlEval "
+                              "`ability` and `category` as JSON text of the input values."}
 
     def __init__(self, *, file_format: str = "array_record", **kwargs):
         self._skipped = collections.Counter()
+        self._raw = raw_files.Recorder()
         super().__init__(file_format=file_format, **kwargs)
 
     @tfds.core.utils.classproperty
@@ -77,8 +88,7 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     def _read_image(self, path: str, where: str) -> bytes | None:
         """The file's bytes when it decodes as an image, else None (skipped and counted)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = self._raw.read(path)
         except OSError as e:
             self._skip("missing_image", where, str(e))
             return None
@@ -89,12 +99,30 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             return None
         return data
 
+    def _read_json(self, path: str):
+        try:
+            return json.loads(self._raw.read(path))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+
     def _download_and_prepare(self, dl_manager, download_config=None):
         self._skipped.clear()
+        self._raw = raw_files.Recorder()
         super()._download_and_prepare(dl_manager, download_config)
         self.info.metadata["skipped"] = dict(self._skipped)
         if self._skipped:
             log.warning("%s: skipped %s", self.name, dict(self._skipped))
+        # self.data_dir is the build's temporary folder here, renamed once the build succeeds.
+        self._raw.save(str(dl_manager.manual_dir), os.fspath(self.data_dir))
+
+    def _log_download_bytes(self):
+        # tfds prints "Downloading and preparing ..." here; nothing is downloaded (`prepare`
+        # says what it does instead).
+        pass
+
+    def _log_download_done(self):
+        counts = ", ".join(f"{s.name} {s.num_examples}" for s in self.info.splits.values())
+        print(f"{self.name}: built {counts} records in {self.data_dir}", flush=True)
 
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo(builder=...) directly: `dataset_info_from_configs` would look for metadata
@@ -118,19 +146,21 @@ class OwlCocoKarpathy(_LocalFilesBuilder):
 
     def _features(self):
         return tfds.features.FeaturesDict({
-            "image": IMAGE_BYTES, "image/id": np.int64, "image/filename": tfds.features.Text(),
+            "index": np.int64, "image": IMAGE_BYTES, "image/id": np.int64,
+            "image/filename": tfds.features.Text(),
             "captions": tfds.features.Sequence(tfds.features.Text())})
 
     def _split_generators(self, dl_manager):
         root = str(dl_manager.manual_dir)
         ann = os.path.join(root, "dataset_coco.json")
-        if not os.path.exists(ann):
+        if not self._raw.exists(ann):
             raise FileNotFoundError(f"{self.name}: no {ann}. {self.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+        self._raw.read(ann)     # recorded; load_entries parses it
         by_split = collections.defaultdict(list)
         spec = Spec("coco", ann, (("images", root), ("per", "image"),
                                   ("split", ",".join(self.builder_config.splits))))
-        for entry in load_entries(spec):
-            by_split[entry[3]["split"]].append(entry)
+        for index, entry in enumerate(load_entries(spec)):     # in file order
+            by_split[entry[3]["split"]].append((index, entry))
         if not by_split:
             raise ValueError(f"{self.name}: {ann} has no images in splits "
                              f"{self.builder_config.splits}")
@@ -139,7 +169,7 @@ class OwlCocoKarpathy(_LocalFilesBuilder):
                 if by_split[s]}
 
     def _generate_examples(self, entries):
-        for key, path, _, meta in entries:
+        for index, (key, path, _, meta) in entries:
             where = f"{path} (cocoid {key})"
             captions = [c for c in meta["captions"] if c]
             if not captions:
@@ -147,7 +177,7 @@ class OwlCocoKarpathy(_LocalFilesBuilder):
                 continue
             data = self._read_image(path, where)
             if data is not None:
-                yield key, {"image": data, "image/id": int(meta["image_id"]),
+                yield key, {"index": index, "image": data, "image/id": int(meta["image_id"]),
                             "image/filename": meta["file_name"], "captions": captions}
 
 
@@ -175,7 +205,7 @@ class OwlVqav2(_LocalFilesBuilder):
         return tfds.features.FeaturesDict({
             "image": IMAGE_BYTES, "image/id": np.int64, "image/filename": tfds.features.Text(),
             "questions": tfds.features.Sequence({
-                "question_id": np.int64, "question": tfds.features.Text(),
+                "index": np.int64, "question_id": np.int64, "question": tfds.features.Text(),
                 "answers": tfds.features.Tensor(shape=(VQA_NUM_ANSWERS,), dtype=np.object_),
                 "answer_type": tfds.features.Text(), "question_type": tfds.features.Text(),
                 "multiple_choice_answer": tfds.features.Text()})})
@@ -186,10 +216,11 @@ class OwlVqav2(_LocalFilesBuilder):
         for split in self.builder_config.splits:
             sub, folder = VQA_SPLITS[split]
             qfile = os.path.join(root, f"v2_OpenEnded_mscoco_{sub}_questions.json")
-            if os.path.exists(qfile):
+            if self._raw.exists(qfile):
                 afile = os.path.join(root, f"v2_mscoco_{sub}_annotations.json")
                 out[split] = self._generate_examples(
-                    qfile, afile if os.path.exists(afile) else None, os.path.join(root, folder), folder)
+                    qfile, afile if self._raw.exists(afile) else None, os.path.join(root, folder),
+                    folder)
         if not out:
             raise FileNotFoundError(f"{self.name}: no question file for splits "
                                     f"{self.builder_config.splits} in {root}. "
@@ -197,10 +228,11 @@ class OwlVqav2(_LocalFilesBuilder):
         return out
 
     def _generate_examples(self, qfile, afile, image_dir, folder):
-        questions = _read_json(qfile)["questions"]
-        answers = {a["question_id"]: a for a in _read_json(afile)["annotations"]} if afile else None
+        questions = self._read_json(qfile)["questions"]
+        answers = ({a["question_id"]: a for a in self._read_json(afile)["annotations"]} if afile
+                   else None)
         by_image = collections.defaultdict(list)
-        for q in questions:
+        for index, q in enumerate(questions):
             qid = q.get("question_id")
             ann = {} if answers is None else answers.get(qid)
             if ann is None:
@@ -213,7 +245,8 @@ class OwlVqav2(_LocalFilesBuilder):
                            f"{len(human)} answers, expected {VQA_NUM_ANSWERS}")
                 continue
             by_image[q["image_id"]].append({
-                "question_id": qid, "question": q["question"], "answers": np.array(human, object),
+                "index": index, "question_id": qid, "question": q["question"],
+                "answers": np.array(human, object),
                 "answer_type": ann.get("answer_type", ""), "question_type": ann.get("question_type", ""),
                 "multiple_choice_answer": ann.get("multiple_choice_answer", "")})
         for image_id, qs in sorted(by_image.items()):
@@ -224,14 +257,6 @@ class OwlVqav2(_LocalFilesBuilder):
                 continue
             yield image_id, {"image": data, "image/id": image_id, "image/filename": name,
                              "questions": sorted(qs, key=lambda q: q["question_id"])}
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -247,16 +272,18 @@ class OwlEvalInstructions(_LocalFilesBuilder):
         "<manual_dir>/cases/, <manual_dir>/images/ or the manual dir itself (OwlEval layout).")
 
     def _features(self):
+        # ability and category: JSON text of the line's values (a string, a list, ... or null),
+        # so the answer file can give them back as they were.
         return tfds.features.FeaturesDict({
-            "question_id": np.int64, "question": tfds.features.Text(),
+            "index": np.int64, "question_id": np.int64, "question": tfds.features.Text(),
             "images": tfds.features.Sequence(IMAGE_BYTES),
             "image/filenames": tfds.features.Sequence(tfds.features.Text()),
-            "ability": tfds.features.Text(), "category": tfds.features.Sequence(tfds.features.Text())})
+            "ability": tfds.features.Text(), "category": tfds.features.Text()})
 
     def _split_generators(self, dl_manager):
         root = str(dl_manager.manual_dir)
         qfile = os.path.join(root, "questions.jsonl")
-        if not os.path.exists(qfile):
+        if not self._raw.exists(qfile):
             found = sorted(f for f in os.listdir(root) if f.endswith(".jsonl"))
             if len(found) != 1:
                 raise FileNotFoundError(f"{self.name}: no questions.jsonl in {root} (and "
@@ -267,8 +294,8 @@ class OwlEvalInstructions(_LocalFilesBuilder):
         return {"test": self._generate_examples(qfile, image_dirs)}
 
     def _generate_examples(self, qfile, image_dirs):
-        with open(qfile, encoding="utf-8") as f:
-            lines = f.readlines()
+        text = io.TextIOWrapper(io.BytesIO(self._raw.read(qfile)), encoding="utf-8")
+        lines = text.readlines()
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -286,16 +313,20 @@ class OwlEvalInstructions(_LocalFilesBuilder):
             images = []
             for name in names:
                 path = next((os.path.join(d, name) for d in image_dirs
-                             if os.path.exists(os.path.join(d, name))), os.path.join(image_dirs[0], name))
+                             if self._raw.exists(os.path.join(d, name))),
+                            os.path.join(image_dirs[0], name))
                 images.append(self._read_image(path, f"{path} ({where})"))
             if any(im is None for im in images):
                 continue
-            category = rec.get("category", rec.get("type", []))
             qid = int(rec.get("question_id", lineno))
-            yield qid, {"question_id": qid, "question": question, "images": images,
-                        "image/filenames": [str(n) for n in names],
-                        "ability": str(rec.get("ability", "")),
-                        "category": [str(c) for c in (category if isinstance(category, list) else [category])]}
+            yield qid, {"index": lineno - 1, "question_id": qid, "question": question,
+                        "images": images, "image/filenames": [str(n) for n in names],
+                        "ability": _json(rec.get("ability")),
+                        "category": _json(rec.get("category", rec.get("type")))}
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------------------
@@ -319,11 +350,33 @@ def tfds_name(task: str, config: str | None = None) -> str:
 
 
 def prepare(task: str, raw_dir: str, data_dir: str, config: str | None = None):
-    """Builds the task's dataset from the local files in `raw_dir` into `data_dir` (a no-op when
-    it is already there). Returns the builder."""
-    b = tfds.builder(tfds_name(task, config), data_dir=data_dir)
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=raw_dir))
+    """Builds the task's dataset from the local files in `raw_dir` into `data_dir`. A build
+    already there is kept when the raw files it read are unchanged (same presence, size and
+    contents, see `raw_files`) and rebuilt otherwise. Prints which. Returns the builder."""
+    name = tfds_name(task, config)
+    if not os.path.isdir(raw_dir):      # before a cached build is judged stale against nothing
+        raise FileNotFoundError(f"{name}: raw dir {raw_dir} is not a directory")
+    b = tfds.builder(name, data_dir=data_dir)
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    if b.data_path.exists():    # what download_and_prepare would reuse
+        changed = raw_files.changes(os.fspath(b.data_dir), raw_dir)
+        if changed == []:
+            print(f"{name}: raw files in {raw_dir} unchanged: using the build in {b.data_dir}",
+                  flush=True)
+            return b
+        print(f"{name}: {_why_rebuild(changed)}: rebuilding", flush=True)
+        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS     # replaces the build
+    print(f"Preparing {name} from local files in {raw_dir} -> {b.data_dir}", flush=True)
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=raw_dir, download_mode=mode))
     return b
+
+
+def _why_rebuild(changed: list[str] | None) -> str:
+    if changed is None:
+        return "the cached build has no record of the raw files it was built from"
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    return f"raw files changed since the cached build ({shown})"
 
 
 def load(task: str, split: str, data_dir: str, config: str | None = None):
