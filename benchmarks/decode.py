@@ -286,7 +286,7 @@ def main(argv=None):
                     help="torch device for HF (cuda: compare with JAX on its default GPU backend)")
     ap.add_argument("--lookup", type=int, default=4,
                     help="also time batch 1 with prompt lookup of this many tokens (0: not)")
-    model = ap.add_argument_group("the LLM (random weights; the defaults are the issue's model)")
+    model = ap.add_argument_group("the LLM (random weights; the defaults are the benchmark's 12 x 768 model)")
     model.add_argument("--layers", type=int, default=12)
     model.add_argument("--width", type=int, default=768)
     model.add_argument("--heads", type=int, default=12)
