@@ -10,8 +10,11 @@ Fields (all recipes share them; `docs/training.md` explains each):
   seed                  init and dropout randomness (dropout key of step s = fold_in(seed, s))
   model.size            '7b' (the released mPLUG-Owl sizes) or 'tiny' (tests, demo). Ignored for
                         the model shape when `init_from` is set: its config.json decides.
-  model.image_size      ViT resolution in px (the 7B checkpoint is 224)
-  model.vocab_size      tiny only (the 7B vocab is 32000)
+  model.image_size      ViT resolution in px; 0 = init_from's (its config.json), else the size
+                        preset's (224 for 7b). A value that differs from init_from's resizes
+                        its position embeddings (bicubic), and the start-up log says so.
+  model.vocab_size      tiny only (the 7B vocab is 32000); with tokenizer_dir set, the
+                        tokenizer's size instead
   model.dtype           compute dtype ('bfloat16' / 'float32')
   model.param_dtype     master-weight dtype of the TRAINED parameters ('float32')
   model.frozen_dtype    storage dtype of FROZEN parameters ('' = param_dtype). Storing a frozen
@@ -25,7 +28,8 @@ Fields (all recipes share them; `docs/training.md` explains each):
   trainable             regexes over '/'-joined param paths; everything else is frozen (no
                         optimizer state, never written)
   init_from             an owl-convert / owl-train export directory ('' = random init)
-  tokenizer_dir         for eval samples ('' = init_from, if it holds tokenizer.model)
+  tokenizer_dir         for the data pipeline, eval samples and the export ('' = init_from,
+                        if it holds tokenizer.model)
   optimizer.*           AdamW: lr, b1, b2, eps, weight_decay, clip_norm, warmup_steps,
                         decay ('cosine' | 'linear' | 'constant'), end_lr_ratio, no_decay (regexes)
   total_steps           optimizer steps of the run
@@ -94,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict(dict(
-        size="7b", image_size=224, vocab_size=32000,
+        size="7b", image_size=0, vocab_size=32000,
         dtype="bfloat16", param_dtype="float32", frozen_dtype="",
         scan_layers=True, remat_policy="full", dropout=True,
     ))
@@ -140,13 +144,17 @@ def given(arg: str | None) -> set[str]:
 
 def apply_common_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict,
                       arg: str | None) -> None:
-    """Args every recipe accepts (size, mesh, batch, res, micro, steps). size=tiny shrinks the
-    recipe first; then every arg given explicitly wins."""
+    """Args every recipe accepts (size, mesh, batch, res, micro, steps, data, eval, tokenizer).
+    size=tiny shrinks the recipe first (synthetic data, unless root= or data= names real
+    data); then every arg given explicitly wins."""
     if a.size not in ("7b", "tiny"):
         raise ValueError(f"size={a.size!r}: expected 7b or tiny")
+    g = given(arg)
+    recipe_data, recipe_eval = c.data, c.eval_data
     if a.size == "tiny":
         tiny_overrides(c)
-    g = given(arg)
+        if "root" in g:  # the recipe's own datasets under root, with the tiny model
+            c.data, c.eval_data = recipe_data, recipe_eval
     if "res" in g:
         c.model.image_size = a.res
     if "mesh" in g:
@@ -157,15 +165,76 @@ def apply_common_args(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict
         c.batch.micro_batches = a.micro
     if "steps" in g:
         c.total_steps = a.steps
+    if a.tokenizer:
+        c.tokenizer_dir = a.tokenizer
+    workers = 0 if a.size == "tiny" else None  # tiny runs decode in threads
+    if a.data:
+        c.data = pipeline_block(a.data, recipe_data, workers=workers)
+    if a.eval:
+        like = recipe_eval if recipe_eval.get("kind") == "pipeline" else recipe_data
+        c.eval_data = pipeline_block(a.eval, like, workers=0, augment=False)
+        if not c.eval_every:
+            c.eval_every = max(1, c.total_steps // 4)
+    elif a.data and (c.eval_data.get("kind") == "synthetic" or "root" not in g):
+        # the recipe's held-out set lives under root= (or is random ids): not the user's data
+        c.eval_data = ml_collections.ConfigDict(dict(kind="none"))
 
 
-COMMON_ARGS = dict(size="7b", mesh="1x-1x1", batch=0, res=224, micro=1, steps=0)
+COMMON_ARGS = dict(size="7b", mesh="1x-1x1", batch=0, res=0, micro=1, steps=0, data="",
+                   eval="", tokenizer="")
+
+# The ARGS every recipe takes besides its own (owl-train --config RECIPE --help prints them).
+DATA_ARGS_HELP = """\
+  data=SPEC[+SPEC]  train on these sources instead of the recipe's (+ joins several; SPEC@W
+                    weights one, default 1): e.g. data=webdataset:/d/laion/{00000..00099}.tar or
+                    data=instruct:/d/llava.json?images=/d/coco. Specs: docs/data.md. No commas
+                    (they separate ARGS): name shards with {a..b} ranges or * globs
+  eval=SPEC[+SPEC]  held-out sources for the eval loss and samples (every steps/4 unless the
+                    recipe sets eval_every)
+  tokenizer=DIR     a directory holding tokenizer.model (default: init's)"""
+
+
+def sources_from_arg(value: str) -> list[dict]:
+    """'SPEC[@WEIGHT]+SPEC...' -> pipeline sources; the task follows the spec's kind
+    (instruct: conversations, else captions). Specs are parsed now, so a typo fails here."""
+    from owl_jax.data.spec import parse_spec
+    out = []
+    for part in filter(None, value.split("+")):
+        spec, weight = part, 1.0
+        head, at, tail = part.rpartition("@")
+        if at:
+            try:
+                spec, weight = head, float(tail)
+            except ValueError:
+                pass
+        try:
+            parse_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"data/eval source {spec!r}: {e}") from None
+        out.append(dict(spec=spec, weight=weight))
+    if not out:
+        raise ValueError(f"data/eval arg {value!r} names no source")
+    return out
+
+
+def pipeline_block(value: str, like, workers: int | None = None,
+                   augment: bool | None = None) -> ml_collections.ConfigDict:
+    """A data block reading the sources of `value`, with the recipe's own pipeline settings
+    (`like`, when it is a pipeline block) for packing, augmentation and decoding."""
+    block = dict(packing=True, augment=True, workers=0, threads=4, seed=0)
+    if like is not None and like.get("kind") == "pipeline":
+        block.update({k: v for k, v in like.to_dict().items() if k not in ("kind", "sources")})
+    block.update(kind="pipeline", sources=sources_from_arg(value))
+    if workers is not None:
+        block["workers"] = workers
+    if augment is not None:
+        block["augment"] = augment
+    return ml_collections.ConfigDict(block)
 
 
 def tiny_overrides(c: ml_collections.ConfigDict) -> None:
     """Shrinks a recipe to the tiny model: seconds per step on a laptop CPU."""
     c.model.size = "tiny"
-    c.model.image_size = 28
     c.model.vocab_size = 256
     c.model.dtype = "float32"
     c.model.frozen_dtype = ""

@@ -3,16 +3,19 @@
     owl-train --config configs/owl_7b_stage1.py:ARGS --workdir DIR [--config.FIELD=VALUE ...]
 
 ARGS (comma-separated name=value; what people sweep):
-  size=7b|tiny      model size (tiny: seconds per step on CPU, synthetic data; = tiny_stage1.py)
+  size=7b|tiny      model size (tiny: seconds per step on CPU, synthetic data unless data= or
+                    root= is given; = tiny_stage1.py)
   mesh=DxFxT        device mesh data x fsdp x tensor, -1 = the rest   (default 1x-1x1: FSDP)
   batch=ROWS        global batch in rows of `seq` tokens               (default 4096)
   micro=K           gradient-accumulation slices per step             (default 64)
-  res=PX            image resolution                                   (default 224)
+  res=PX            image resolution: resizes init's position embeddings (default: init's)
   seq=L             row length; packing fills rows with pairs          (default 512)
   images=M          max images per packed row                          (default 6)
   steps=N           optimizer steps                                    (default 50000)
   root=DIR          where the datasets live                            (default /data)
-  init=DIR          owl-convert output holding CLIP ViT-L/14 + LLaMA-7B (default ROOT/ckpt/owl_init)
+  init=DIR          owl-convert output holding CLIP ViT-L/14 + LLaMA-7B (default ROOT/ckpt/owl_init;
+                    size=tiny: none, a random tiny model)
+  data=, eval=, tokenizer=   the sources to train / evaluate on (see configs/common.py)
 
 The recipe (paper, arXiv 2304.14178 section 4; the repo has no stage-1 script):
   - frozen LLaMA-7B; ViT-L/14 (from CLIP) + abstractor + query tokens trained;

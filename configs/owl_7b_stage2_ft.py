@@ -3,7 +3,7 @@
     owl-train --config configs/owl_7b_stage2_ft.py:ARGS --workdir DIR [--config.FIELD=VALUE]
 
 ARGS: as configs/owl_7b_stage2_lora.py (size, mesh, batch, micro, res, seq, decay, epochs, root,
-init, pack, eval), without the LoRA ones; micro defaults to 32 (1 row per device per slice on
+init, pack, data, eval, tokenizer), without the LoRA ones; micro defaults to 32 (1 row per device per slice on
 8 devices; the official script runs micro 1 x gradient accumulation 4 on 64 GPUs).
 
 The recipe follows `scripts/train_it_wo_lora.sh` (which produced `mplug-owl-llama-7b-ft`): every

@@ -7,7 +7,7 @@ ARGS (comma-separated name=value; what people sweep):
   mesh=DxFxT        device mesh data x fsdp x tensor                   (default 1x-1x1)
   batch=ROWS        global batch                                       (default 256)
   micro=K           gradient-accumulation slices per step             (default 8)
-  res=PX            image resolution                                   (default 224)
+  res=PX            image resolution: resizes init's position embeddings (default: init's)
   seq=L             row length                                         (default 2048)
   rank=R, alpha=A   LoRA rank / alpha                                  (default 8 / 32)
   abstractor        also train the abstractor (the paper; the script freezes it)
@@ -16,7 +16,8 @@ ARGS (comma-separated name=value; what people sweep):
   epochs=E          sets steps = E * 361,481 / batch                   (default 3 -> 4236)
   root=DIR          where the datasets live                            (default /data)
   init=DIR          the stage-1 export (owl-train writes WORKDIR/export) (default ROOT/ckpt/stage1)
-  eval=SPEC         held-out instruct: spec for eval loss / samples    (default: none)
+  data=, eval=, tokenizer=   the sources to train / evaluate on instead of the mix below
+                    (eval: none by default; see configs/common.py)
 
 The recipe follows the official script `pipeline/train.py` + `scripts/train_it.sh`, i.e. the
 code that produced the released `mplug-owl-llama-7b`:
@@ -71,9 +72,7 @@ def stage2_common(c, a, root: str) -> None:
                  weight=MIX["sharegpt"]),
         ],
         packing=a.pack, augment=False, workers=4, threads=4, seed=0)
-    if a.eval:
-        c.eval_data = dict(kind="pipeline", sources=[dict(spec=a.eval)], packing=False,
-                           augment=False, workers=0, threads=4, seed=0)
+    if a.eval:  # the held-out block itself: apply_common_args
         c.eval_every = 500
         c.eval_batches = 2
     c.checkpoint.every_steps = 500
@@ -81,7 +80,7 @@ def stage2_common(c, a, root: str) -> None:
 
 
 ARGS = dict(COMMON_ARGS, micro=8, seq=2048, decay="linear", epochs=3, root="/data", init="",
-            pack=False, eval="")
+            pack=False)
 
 
 def get_config(arg=None):

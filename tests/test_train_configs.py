@@ -56,6 +56,98 @@ def test_recipe_args_and_typos():
         common.parse_mesh("8")
 
 
+def test_data_eval_tokenizer_args_name_the_sources():
+    """`data=` / `eval=` / `tokenizer=` (every recipe): the sources replace the recipe's, keep
+    its pipeline settings, weights with @W, tasks from the spec kind; a bad spec or an unknown
+    arg fails when the config is built; size=tiny honours root= instead of ignoring it."""
+    s1 = importlib.import_module("owl_jax.configs.tiny_stage1")
+    c = s1.get_config("data=webdataset:/d/a/{00000..00009}.tar@3+coco:/d/c.json?images=/d/i,"
+                      "eval=arrayrecord:/d/held,tokenizer=/t")
+    assert c.data.kind == c.eval_data.kind == "pipeline" and c.tokenizer_dir == "/t"
+    assert [(s["spec"], s["weight"]) for s in c.data.sources] == [
+        ("webdataset:/d/a/{00000..00009}.tar", 3.0), ("coco:/d/c.json?images=/d/i", 1.0)]
+    assert [s["spec"] for s in c.eval_data.sources] == ["arrayrecord:/d/held"]
+    assert c.data.packing and c.data.augment and not c.eval_data.augment
+    assert c.data.workers == 0 and c.eval_every == 10
+    c = s1.get_config("data=webdataset:/d/a.tar")  # no eval=: synthetic ids would be noise
+    assert c.eval_data.kind == "none"
+    assert s1.get_config().data.kind == "synthetic"
+    c = s1.get_config("root=/r")
+    assert c.data.kind == "pipeline" and c.data.sources[0]["spec"].startswith("webdataset:/r/")
+    full = importlib.import_module("owl_jax.configs.owl_7b_stage1")
+    assert full.get_config("data=webdataset:/d/a.tar").eval_data.kind == "none"
+    assert full.get_config("data=webdataset:/d/a.tar,root=/r").eval_data.sources[0]["spec"] == (
+        "coco:/r/coco/annotations/captions_val2017.json?images=/r/coco/val2017")
+    s2 = importlib.import_module("owl_jax.configs.owl_7b_stage2_lora")
+    c = s2.get_config("data=instruct:/d/chat.json?images=/d/i,eval=instruct:/d/held.json")
+    assert [s["spec"] for s in c.data.sources] == ["instruct:/d/chat.json?images=/d/i"]
+    assert c.data.packing is False and c.eval_data.packing is False  # the recipe's setting
+    assert c.eval_every == 500
+    with pytest.raises(ValueError, match="'foo:/x'.*must start with"):
+        s1.get_config("data=foo:/x")
+    with pytest.raises(ValueError, match="config arg 'rooot' unknown"):
+        s1.get_config("rooot=/r")
+
+
+def test_init_from_keeps_its_image_size_unless_res_says_otherwise(tmp_path):
+    """The checkpoint's config.json decides the resolution; res= resizes, and says so."""
+    import dataclasses
+    from owl_jax.checkpoint import save_checkpoint
+    from owl_jax.config import tiny
+    cfg = tiny()
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=42))
+    c = importlib.import_module("owl_jax.configs.tiny_stage1").get_config()
+    state = state_lib.init_fresh(_layout(c, cfg), 0)
+    save_checkpoint(str(tmp_path), jax.device_get(state_lib.host_params_unrolled(state)), cfg)
+    s2 = importlib.import_module("owl_jax.configs.tiny_stage2_lora")
+    assert state_lib.owl_config(s2.get_config(f"init={tmp_path}")).vision.image_size == 42
+    c = s2.get_config(f"init={tmp_path},res=56")
+    assert state_lib.owl_config(c).vision.image_size == 56
+    _, report = state_lib.init_from_export(_layout(c), c.init_from, 0)
+    assert report["resized"] == ("ViT position embeddings resized from the checkpoint's 42 px "
+                                 "to model.image_size=56 px (bicubic)")
+
+
+def _layout(c, cfg=None):
+    cfg = cfg or state_lib.owl_config(c)
+    tx, _ = opt_lib.make_optimizer(c.optimizer, int(c.total_steps))
+    mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return state_lib.make_layout(c, state_lib.build_model(c, cfg), cfg, tx, mesh,
+                                 sh.rules_from_config(c.sharding_rules))
+
+
+def test_owl_train_help_and_bad_command_lines(capsys):
+    """--help / -h list the flags and, with --config, the recipe's ARGS; a bad recipe arg,
+    field, flag or file is one line on stderr and exit 2, not a traceback."""
+    from owl_jax.cli.train import main
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for flag in ("--help", "-h"):
+        assert main([flag]) == 0
+        out = capsys.readouterr().out
+        assert "--workdir" in out and "--dry_run" in out and "configs/*.py" in out
+    assert main(["--config", f"{root}/configs/tiny_stage1.py", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "seq=L" in out and "root=DIR" in out and "data=SPEC[+SPEC]" in out
+    for argv, want in [
+            ([f"--config={root}/configs/tiny_stage1.py:bogus=1"], "config arg 'bogus' unknown"),
+            ([f"--config={root}/configs/tiny_stage1.py", "--config.bogus=1"],
+             "names a field the recipe does not have"),
+            (["--config", f"{root}/configs/nope.py"], "no recipe file"),
+            (["--bogus"], "Unknown command line flag 'bogus'")]:
+        assert main(argv + ["--workdir", "/nonexistent/w"]) == 2, argv
+        err = capsys.readouterr().err
+        assert want in err and "Traceback" not in err, (argv, err)
+
+
+def test_config_overrides_come_from_the_given_args(tmp_path):
+    """`main(argv)` (not only the console script's sys.argv) applies --config.FIELD=VALUE."""
+    from owl_jax.cli.train import _flags
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fv = _flags(["--config", f"{root}/configs/tiny_stage1.py", "--config.optimizer.lr=0.25",
+                 "--workdir", str(tmp_path)])
+    assert fv.config.optimizer.lr == 0.25
+
+
 @pytest.mark.parametrize("name", ["tiny_stage1", "tiny_stage2_lora", "tiny_stage2_ft"])
 def test_tiny_recipe_trains_one_step(name, tmp_path):
     c = importlib.import_module(f"owl_jax.configs.{name}").get_config("steps=1")
@@ -74,6 +166,22 @@ def test_tiny_recipe_trains_one_step(name, tmp_path):
         assert 0 < out["eval_loss"] < 10
         samples = read_metrics(str(tmp_path), split="samples")[1]["text"]
         assert samples.count("generated=") == c.num_samples
+
+
+def test_resume_with_no_steps_left_says_so(tmp_path, capsys):
+    """A finished run rerun as is: nothing trains, the log says why (not `loss nan`); the
+    console shows plain step lines when stderr is not a terminal."""
+    from owl_jax.cli.train import main
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    argv = ["--config", f"{root}/configs/tiny_stage1.py:steps=2", "--workdir", str(tmp_path),
+            "--config.eval_data.kind=none", "--config.export_at_end=false"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "step 2/2: loss=" in out and "done at step 2; loss" in out
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "nothing to do: the checkpoint in" in out and "is at step 2" in out
+    assert "nan" not in out and "done at step" not in out
 
 
 def test_dry_run_tiny_reports_memory_and_flops(capsys):
@@ -101,3 +209,22 @@ def test_topology_dry_run_is_skipped_without_libtpu(capsys):
     assert main(["--config", f"{root}/configs/tiny_stage1.py", "--dry_run",
                  "--topology", "v5p:2x2x2"]) == 0
     assert "skipping the topology dry run" in capsys.readouterr().err
+
+
+def test_start_up_lines_print_before_the_first_batch(tmp_path, capsys, monkeypatch):
+    """A pipeline that stalls while the first batch is read: the banner (devices, trainable
+    set, init, the sources it reads) is already on the console, and the error reaches the user."""
+    from owl_jax.data.pipeline import PipelineStalled
+    from owl_jax.train import loop
+
+    class Stalled:
+        def __next__(self):
+            print("(reading)")
+            raise PipelineStalled("the input pipeline dropped 1000 samples in a row")
+    monkeypatch.setattr(loop, "make_iterator", lambda data_cfg, *a, **k: Stalled())
+    c = importlib.import_module("owl_jax.configs.tiny_stage1").get_config()
+    with pytest.raises(PipelineStalled, match="1000 samples in a row"):
+        train(c, str(tmp_path))
+    out = capsys.readouterr().out
+    banner = out.index("owl-train: trainable"), out.index("reading the first batch (synthetic)")
+    assert max(banner) < out.index("(reading)")

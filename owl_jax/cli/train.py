@@ -28,8 +28,9 @@ def _flags(argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
     fv = flags.FlagValues()
+    # sys_argv: the --config.FIELD overrides are read from these args, not from sys.argv
     config_flags.DEFINE_config_file("config", None, "recipe file[:args]", flag_values=fv,
-                                    lock_config=True)
+                                    lock_config=True, sys_argv=["owl-train"] + list(argv))
     flags.DEFINE_string("workdir", None, "checkpoints, logs, export", flag_values=fv)
     flags.DEFINE_bool("dry_run", False, "compile the step from abstract shapes and report",
                       flag_values=fv)
@@ -84,7 +85,9 @@ def _recipe_help(path: str) -> str:
     wrapped = getattr(mod, "recipe", None)
     if wrapped is not None and wrapped.__doc__:
         docs.append(f"{os.path.basename(wrapped.__file__)}:\n{wrapped.__doc__}")
-    return f"\nRecipe {path}:\n" + "\n".join(d.strip("\n") for d in docs)
+    from owl_jax.configs.common import DATA_ARGS_HELP
+    return (f"\nRecipe {path}:\n" + "\n".join(d.strip("\n") for d in docs) +
+            "\n\nARGS every recipe takes:\n" + DATA_ARGS_HELP)
 
 
 def usage(argv: list[str]) -> str:

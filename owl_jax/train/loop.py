@@ -74,8 +74,14 @@ def make_iterator(data_cfg, config, cfg, tokenizer, salt: int = 0):
     if kind == "pipeline":
         from owl_jax.data import pipeline
         if tokenizer is None:
-            raise ValueError("data.kind='pipeline' needs a tokenizer: set tokenizer_dir (or an "
-                             "init_from directory that holds tokenizer.model)")
+            raise ValueError("data.kind='pipeline' needs a tokenizer: the recipe arg "
+                             "tokenizer=DIR (--config.tokenizer_dir), or an init= / init_from "
+                             "directory that holds tokenizer.model")
+        if tokenizer.vocab_size > cfg.text.vocab_size:
+            raise ValueError(f"the tokenizer {tokenizer.model_file} has {tokenizer.vocab_size} "
+                             f"tokens, the model's vocab {cfg.text.vocab_size}: train from a "
+                             f"checkpoint made for it (init=DIR), or for a fresh tiny model set "
+                             f"--config.model.vocab_size={tokenizer.vocab_size}")
         block = data_cfg.to_dict()
         block.pop("kind", None)
         block.update(seq_len=int(b.seq_len), batch_size=int(b.global_size) // pc,
@@ -199,7 +205,7 @@ def train(config, workdir: str) -> dict:
         notes.append(f"weights from {config.init_from}: {report['loaded']} loaded, "
                      f"{len(report['initialised'])} initialised "
                      f"{report['initialised'][:4]}{'...' if len(report['initialised']) > 4 else ''}"
-                     + (f", resized {report['resized']}" if report["resized"] else ""))
+                     + (f"; {report['resized']}" if report["resized"] else ""))
     else:
         state = state_lib.init_fresh(layout, int(config.seed))
         notes.append("random init")

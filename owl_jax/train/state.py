@@ -57,8 +57,12 @@ def owl_config(config) -> OwlConfig:
         cfg = owl_config_lib.load_official(config.init_from)
     elif m.size == "7b":
         cfg = OwlConfig()
-    elif m.size == "tiny":
-        cfg = owl_config_lib.tiny(vocab_size=int(m.vocab_size))
+    elif m.size == "tiny":  # a fresh tiny model reads its tokenizer's ids, where one is set
+        vocab = int(m.vocab_size)
+        if config.tokenizer_dir:
+            from owl_jax.tokenizer import OwlTokenizer
+            vocab = OwlTokenizer.from_dir(config.tokenizer_dir).vocab_size
+        cfg = owl_config_lib.tiny(vocab_size=vocab)
     else:
         raise ValueError(f"model.size={m.size!r}: expected 7b or tiny")
     if m.image_size and m.image_size != cfg.vision.image_size:
@@ -251,7 +255,12 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
                         compiler_options=layout.compiler_options)(loaded, jax.random.key(seed))
     fresh_keys = sorted(set(want) - set(stored))
     report = {"loaded": len(stored), "initialised": fresh_keys,
-              "resized": [pe_key] if stored.get(pe_key) not in (None, want[pe_key]) else []}
+              "resized": ""}
+    if stored.get(pe_key) not in (None, want[pe_key]):
+        grid = lambda n: int(round((n - 1) ** 0.5)) * layout.cfg.vision.patch_size  # noqa: E731
+        report["resized"] = (f"ViT position embeddings resized from the checkpoint's "
+                             f"{grid(stored[pe_key][1])} px to model.image_size="
+                             f"{layout.cfg.vision.image_size} px (bicubic)")
     return state, report
 
 
