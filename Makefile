@@ -13,6 +13,7 @@ $(VENV)/.installed: setup.py requirements.lock
 	touch $@
 
 install: $(VENV)/.installed
+	@echo "owl-jax is installed in $(VENV): '. $(VENV)/bin/activate' puts owl-convert, owl-generate, owl-data, owl-train and owl-eval on PATH"
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests

@@ -79,8 +79,9 @@ class OwlPipeline:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.model: pass tokenizer=DIR to "
-                             "load_pretrained or copy the tokenizer files into the checkpoint")
+            raise ValueError("this checkpoint has no tokenizer.model: pass a directory that "
+                             "holds one (owl-generate --tokenizer DIR, load_pretrained(..., "
+                             "tokenizer=DIR)) or copy the tokenizer files into the checkpoint")
 
     # ---------------------------------------------------------------------------------------
 

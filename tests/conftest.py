@@ -10,6 +10,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs tools in subprocesses (seconds to minutes)")
+
+
 @pytest.fixture
 def broken_compiler(monkeypatch, tmp_path):
     """An x86-64 CPU with AVX2 and AVX-512 whose C++ compiler always fails, and an empty

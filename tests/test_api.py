@@ -160,3 +160,39 @@ def test_owl_generate_cli(ckpt, owl, monkeypatch):
     assert main(args + ["--chat"], stdin=io.StringIO("What is in the image?\n/exit\n"),
                 stdout=out) == 0
     assert out.getvalue() == f"Human: AI: {want}\nHuman: "
+
+
+def test_owl_generate_tokenizer_flag_and_bad_checkpoints(ckpt, owl, tmp_path, monkeypatch,
+                                                         capsys):
+    """A checkpoint without tokenizer files (a synthetic-data owl-train export) answers with
+    --tokenizer DIR, and without it is refused with that advice; a bad --ckpt is one line, not a
+    traceback; /reset in --chat says that the conversation was cleared."""
+    import io
+    import shutil
+    from owl_jax.cli.generate import main
+    bare = str(tmp_path / "bare")
+    shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*"))
+    seen = {}
+    real_load = owl_jax.load_pretrained
+
+    def load(path, **kw):  # the real loader's checks, the fixture's compiled model
+        seen["tokenizer"] = real_load(path, tokenizer=kw.get("tokenizer"),
+                                      compiler_options=FAST).tokenizer
+        return owl if seen["tokenizer"] is not None else real_load(path, **kw)
+    monkeypatch.setattr(owl_jax, "load_pretrained", load)
+    _, images = _prompts()
+    args = ["--image", images[1][0], "--max_new_tokens", "4", "--prompt", "What is it?"]
+    assert main(["--ckpt", bare] + args, stdout=io.StringIO()) == 2
+    assert "--tokenizer DIR" in capsys.readouterr().err
+    out = io.StringIO()
+    assert main(["--ckpt", bare, "--tokenizer", ckpt] + args, stdout=out) == 0
+    assert seen["tokenizer"].model_file == os.path.join(ckpt, "tokenizer.model")
+    assert out.getvalue().strip()
+    for bad in (str(tmp_path / "nowhere"), str(tmp_path)):
+        assert main(["--ckpt", bad] + args, stdout=io.StringIO()) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"owl-generate: cannot use --ckpt {bad}:") and "Traceback" not in err
+    out = io.StringIO()
+    assert main(["--ckpt", ckpt, "--chat"] + args[:4], stdin=io.StringIO("/reset\n/exit\n"),
+                stdout=out) == 0
+    assert out.getvalue() == "Human: (conversation cleared)\nHuman: "

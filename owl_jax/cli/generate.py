@@ -8,7 +8,7 @@ The question is wrapped in the official template (system line, one `Human: <imag
 image, `Human: {question}`, `AI: `) unless --raw, which sends --prompt verbatim (it must then
 hold one `<image>` per --image). --chat keeps a conversation: every turn is appended to the
 template (`Human: ...`, `AI: ...`) and the whole conversation is the next prompt; type /reset to
-start over, /exit (or an empty line, or Ctrl-D) to leave. Decoding flags use HF's names; see
+start over (it answers "(conversation cleared)"), /exit (or an empty line, or Ctrl-D) to leave. Decoding flags use HF's names; see
 docs/inference.md.
 """
 from __future__ import annotations
@@ -21,7 +21,11 @@ from owl_jax.tokenizer import build_prompt
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="owl-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="JAX checkpoint directory (owl-convert output)")
+    p.add_argument("--ckpt", required=True,
+                   help="JAX checkpoint directory (owl-convert output or an owl-train export)")
+    p.add_argument("--tokenizer", default=None,
+                   help="directory holding tokenizer.model, for a checkpoint without one "
+                        "(default: the checkpoint's own)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--prompt", help="the question (or, with --raw, the whole prompt)")
     p.add_argument("--raw", action="store_true", help="send --prompt verbatim, no template")
@@ -89,8 +93,13 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     if args.tensor > 1:
         from owl_jax.sharding import make_mesh
         mesh = make_mesh(data=1, fsdp=1, tensor=args.tensor)
-    owl = owl_jax.load_pretrained(args.ckpt, dtype=args.dtype, mesh=mesh,
-                                  stream_chunk=args.stream_chunk)
+    try:
+        owl = owl_jax.load_pretrained(args.ckpt, dtype=args.dtype, mesh=mesh,
+                                      tokenizer=args.tokenizer, stream_chunk=args.stream_chunk)
+        owl._need_tokenizer()
+    except (OSError, ValueError) as e:
+        print(f"owl-generate: cannot use --ckpt {args.ckpt}: {e}", file=sys.stderr)
+        return 2
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
               no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
@@ -131,6 +140,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             break
         if question == "/reset":
             turns = []
+            stdout.write("(conversation cleared)\n")
             continue
         stdout.write("AI: ")
         stdout.flush()

@@ -171,7 +171,7 @@ class SampleMaker:
         sample = prepared["sample"]
         try:
             pil = [self.checks.open_image(src)[0] if kind == "raw" else
-                   imgs.open_image(_read_file(src), self.checks.max_pixels)
+                   imgs.open_image(imgs.read_image_file(src), self.checks.max_pixels)
                    for kind, src in prepared["images"]]
         except imgs.BadImage as e:
             return {"drop": e.reason}
@@ -187,16 +187,6 @@ class SampleMaker:
         if self.augment:
             return imgs.random_resized_crop_flip(img, self.size, rng)
         return imgs.resize_square(img, self.size)
-
-
-def _read_file(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise imgs.BadImage("missing_file", f"image file not found: {path}") from None
-    except OSError as e:
-        raise imgs.BadImage("unreadable_file", f"{path}: {e}") from None
 
 
 # What to change when every sample is dropped, by drop reason (prefix).
@@ -320,8 +310,9 @@ def make_train_iterator(config, tokenizer, owl_cfg, process_index: int | None = 
     # the number of workers.
     chunk = max(1, cfg["chunk"])
     ds = stages.Chunks(ds, chunk)
+    prefetch = max(2, cfg["read_buffer"] // chunk)  # more threads than chunks ahead: idle
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=cfg["threads"], prefetch_buffer_size=max(2, cfg["read_buffer"] // chunk)))
+        num_threads=min(cfg["threads"], prefetch), prefetch_buffer_size=prefetch))
     if cfg["workers"] > 0:
         _mark_absl_flags_parsed()
         # a chunk's pixels travel as one array (4.8 MB for 32 images at 224 px) through one

@@ -7,6 +7,8 @@ and returns text (ids when no tokenizer is known).
 """
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,7 +104,12 @@ def generate_samples(layout, state, global_batch: dict, n: int, max_new_tokens: 
         return "(no eval row has a trained token to prompt for)"
     generated = greedy(layout, state, rows, max_new_tokens)
     if tokenizer is not None:
-        dec = lambda ids: tokenizer.decode([int(t) for t in ids])
+        slots = layout.cfg.image_tokens
+
+        def dec(ids):  # an image's slots (ids < 0) shown as <image>
+            return "".join("<image>" * (len(run) // slots) if is_slot else tokenizer.decode(run)
+                           for is_slot, run in ((k, list(g)) for k, g in itertools.groupby(
+                               (int(t) for t in ids), key=lambda t: t < 0)))
     else:
         dec = lambda ids: " ".join(str(int(t)) for t in ids)
     lines = []
