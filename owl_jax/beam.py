@@ -121,9 +121,8 @@ def _add(fin, ok, score, seq, length, nb):
 
 
 def finish(st, n_rows, length_penalty, eos_id):
-    """Host side (numpy): BeamSearchScorer.finalize, then the best hypothesis per prompt."""
-    from owl_jax.generate import Generation
-
+    """Host side (numpy): BeamSearchScorer.finalize, then the best hypothesis per prompt, as
+    (token_ids, finish_reason) pairs: the new tokens without the EOS, and "eos" or "length"."""
     out = []
     t = int(st["step"])
     nb = st["scores"].shape[1]
@@ -140,7 +139,7 @@ def finish(st, n_rows, length_penalty, eos_id):
                     hyps = sorted(hyps, key=lambda h: h[0])[-nb:]
         best = max(hyps, key=lambda h: h[0])[1]
         if best and best[-1] == eos_id:
-            out.append(Generation(best[:-1], "eos"))
+            out.append((best[:-1], "eos"))
         else:
-            out.append(Generation(best, "length"))
+            out.append((best, "length"))
     return out

@@ -489,9 +489,10 @@ class Generator(speculative.SpeculativeDecoding):
                     limit = min(limit + self.stream_chunk, total)
                     state = self._decode(params, state, jnp.int32(limit), knobs, spec=spec)
         if spec.beam_search:
-            out = beam_lib.finish(jax.device_get({k: v for k, v in state.items()
-                                                  if k in beam_lib.RESULT_KEYS}),
-                                  len(rows), config.length_penalty, eos)
+            best = beam_lib.finish(jax.device_get({k: v for k, v in state.items()
+                                                   if k in beam_lib.RESULT_KEYS}),
+                                   len(rows), config.length_penalty, eos)
+            out = [Generation(ids, reason) for ids, reason in best]
             if stream is not None:
                 stream([g.token_ids for g in out])
             return out

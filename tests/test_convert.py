@@ -122,6 +122,7 @@ def test_dtype_flag_and_cast_on_load(tmp_path):
     assert all(np.array_equal(_bits(a[k]), _bits(b[k])) for k in a)
 
 
+@pytest.mark.slow
 def test_restore_into_shardings_8_devices(tmp_path):
     cfg = _cfg()
     write_official_checkpoint(str(tmp_path / "src"), cfg, "bfloat16", "safetensors")

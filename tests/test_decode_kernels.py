@@ -149,11 +149,11 @@ def test_generator_decodes_through_the_kernels(monkeypatch):
     them off would go unnoticed otherwise) and gives the same greedy tokens as with XLA's ops,
     on a batch with different prompt lengths and image counts."""
     from owl_jax.generate import GenerationConfig, Generator
-    from test_generate import FAST, _rows, random_params, small_config
+    from owl_jax.testing.models import FAST, prompt_rows, random_params, small_config
     cfg = small_config()
     params = jax.tree.map(jnp.asarray, random_params(cfg))
     rng = np.random.default_rng(1)
-    rows = _rows(cfg, rng)
+    rows = prompt_rows(cfg, rng)
     s = cfg.vision.image_size
     px = rng.standard_normal((3, s, s, 3)).astype(np.float32)
     gcfg = GenerationConfig(max_new_tokens=6)

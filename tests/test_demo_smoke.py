@@ -14,6 +14,7 @@ import sys
 import tarfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from owl_jax.demo import run, scoring, shapes
@@ -49,6 +50,7 @@ def test_scoring_rule():
     assert res["caption"] == 0.5 and res["correct"] == [True, False]
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "owl_jax.demo", "--quick", "--out", str(out)],

@@ -8,66 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from owl_jax.convert import keymap
 from owl_jax import sampling
-from owl_jax.config import tiny
 from owl_jax.generate import GenerationConfig, Generator, bucket_length
 from owl_jax.models.owl import Owl
-
-VOCAB = 48
-FAST = {"xla_backend_optimization_level": 0}  # tiny shapes: compile time dominates
-
-
-def random_params(cfg, seed=0):
-    """Random weights (numpy, no init compile) scaled so that the model's choices depend on
-    the context: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + 0.2 N, embeddings ~ N(0, 1)."""
-    import flax.linen as nn
-    s = cfg.vision.image_size
-    shapes = nn.unbox(jax.eval_shape(lambda: Owl(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, s, s, 3)))))["params"]
-    rng = np.random.default_rng(seed)
-
-    def make(path, a):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            x = 1 + 0.2 * rng.standard_normal(a.shape)
-        elif "bias" in name:
-            x = 0.05 * rng.standard_normal(a.shape)
-        elif "kernel" in name:
-            x = rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]))
-        else:
-            x = rng.standard_normal(a.shape)
-        return x.astype(np.float32)
-    return jax.tree_util.tree_map_with_path(make, shapes)
-
-
-def to_hf(cfg, params):
-    """HF LlamaForCausalLM holding our language model's weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    t = cfg.text
-    hc = LlamaConfig(vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                     intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                     num_attention_heads=t.num_attention_heads, num_key_value_heads=t.kv_heads,
-                     max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.rms_norm_eps,
-                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                     attn_implementation="eager")
-    m = LlamaForCausalLM(hc).eval()
-    sd = {e.torch_key: torch.from_numpy(np.ascontiguousarray(
-        keymap.to_torch(e.kind, np.asarray(keymap.get_path(params, e.path)))))
-        for e in keymap.hf_llama_entries(t)}
-    missing, unexpected = m.load_state_dict(sd, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return m
-
-
-def small_config():
-    """tiny() with one ViT / abstractor layer (compile time), two LLM layers and grouped-query
-    attention (4 heads over 2 kv heads), so the cache layout is checked against HF with GQA."""
-    import dataclasses
-    cfg = tiny(vocab_size=VOCAB, num_key_value_heads=2)
-    return dataclasses.replace(
-        cfg, vision=dataclasses.replace(cfg.vision, num_hidden_layers=1),
-        abstractor=dataclasses.replace(cfg.abstractor, num_hidden_layers=1))
+from owl_jax.testing.models import FAST, VOCAB, prompt_rows, random_params, small_config, to_hf
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +55,7 @@ def test_new_params_are_what_later_calls_use(model, batch):
         assert got != [g.token_ids for g in was]  # the new weights answer differently
 
 
+@pytest.mark.slow
 def test_params_on_another_device_move_to_the_default_one():
     """Converters hand over jax.Arrays on the host CPU; on a GPU machine the compiled calls
     would follow them and run on the CPU. Two CPU devices stand in (params on the second)."""
@@ -156,21 +101,12 @@ def test_fp32_dots_are_traced_at_full_precision(model):
         assert len(seen) >= 2 and set(seen) == {want}, dtype
 
 
-def _rows(cfg, rng):
-    t = cfg.image_tokens
-    w = lambda n: rng.integers(3, VOCAB, n).tolist()  # noqa: E731
-    return [[1] + w(9),                                   # text only
-            [1] + w(2) + [-1] * t + w(4),                  # one image
-            [1] + w(3) + [-1] * t + w(2) + [-1] * t + w(1),  # two images
-            [1] + w(17)]                                   # longer, text only
-
-
 @pytest.fixture(scope="module")
 def batch(model):
     cfg, _, _ = model
     rng = np.random.default_rng(1)
     s = cfg.vision.image_size
-    rows = _rows(cfg, rng)
+    rows = prompt_rows(cfg, rng)
     px = rng.standard_normal((3, s, s, 3)).astype(np.float32)
     return rows, px
 

@@ -120,7 +120,7 @@ def test_applies_only_where_the_head_is_wide_fp32_and_the_kernels_run():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_generation_with_the_screen_equals_without(kind):
-    from test_generate import FAST, random_params  # tests/ is on sys.path
+    from owl_jax.testing.models import FAST, random_params
     cfg = tiny(vocab_size=V)
     params = random_params(cfg)
     gen = Generator(cfg, params, compiler_options=FAST, screen=kind)

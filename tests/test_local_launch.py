@@ -16,9 +16,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from owl_jax.testing import shards
 from owl_jax.testing.spm import train_tiny_tokenizer
+
+pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, SAMPLES, VOCAB = 3, 8, 32, 512

@@ -9,13 +9,15 @@ from PIL import Image
 from owl_jax.checkpoint import save_checkpoint
 from owl_jax.testing.spm import train_tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # runs the notebook in a kernel process
+
 NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks",
                         "inference.ipynb")
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from tests.test_generate import random_params, small_config
+    from owl_jax.testing.models import random_params, small_config
     import dataclasses
     root = tmp_path_factory.mktemp("nb")
     train_tiny_tokenizer(str(root / "tok"), vocab_size=384)

@@ -40,6 +40,7 @@ def tar_members(d):
     return out
 
 
+@pytest.mark.slow  # --workers 2: a pool of spawned processes
 def test_convert_keeps_bytes_and_counts(wds, tmp_path, capsys):
     d, m = wds
     out = str(tmp_path / "ar")

@@ -12,6 +12,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs in a subprocess
+
 
 def test_sharded_forward_matches_single_device():
     env = dict(os.environ)

@@ -11,8 +11,7 @@ import pytest
 from owl_jax import decode_kernels, greedy_screen, lookup, self_draft, speculative
 from owl_jax.config import tiny
 from owl_jax.generate import GenerationConfig, Generator
-
-from test_generate import FAST, VOCAB, random_params, small_config  # tests/ is on sys.path
+from owl_jax.testing.models import FAST, VOCAB, random_params, small_config
 
 
 def _draft_reference(seq, cur, k, max_ngram):

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

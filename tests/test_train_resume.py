@@ -22,6 +22,8 @@ import pytest
 from owl_jax.testing import shards
 from owl_jax.testing.spm import train_tiny_tokenizer
 
+pytestmark = pytest.mark.slow  # starts subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH, SAMPLES = 10, 4, 32
 
