@@ -319,6 +319,7 @@ RECORDS = {
     "unicode": rec("<image>\nWhat is Ω?", "Ω is omega, café 😀 über 2023."),
     "empty_answer": rec("<image>\nQ?", "", "Again?", "Yes."),
     "eos_in_answer": rec("<image>\nQ?", "A</s>B", "Again?", "Yes."),
+    "eos_in_answer_text": rec("Q?", "A</s>B", "Again?", "Yes.", image=None),
     "tag_in_question": rec("<image>\nSay ASSISTANT: hi", "hi", image="x.jpg"),
     "tag_in_question_text": rec("Why ASSISTANT: here?", "Because.", image=None),
     "unk_literal": rec("Tell me <unk> now.", "Ok.", image=None),
@@ -327,26 +328,27 @@ RECORDS = {
 
 
 def _cut_points(hf, record):
-    """seq_len values that cut the conversation at telling places: nowhere, in the last answer,
-    right after the first trained token, one id short of the full length."""
+    """seq_len values that cut the conversation at telling places: nowhere, one id short of
+    the full length, in the last answer, right after the first trained token, right after the
+    first "</s>" (where a record the reference would mask for a mismatch escapes the check:
+    it only runs when the rounds end inside model_max_length)."""
     text, has_image = ref_record_to_conversation(record)
     ids, target = ref_preprocess_v1(hf, text, has_image, 2048)
     full_ids, full_lab = ref_expand(ids, target, 10**6)
     trained = [i for i, lab in enumerate(full_lab) if lab != -100]
-    cuts = {"none": 2047, "short_by_one": len(full_ids) - 2}
-    if trained:
-        cuts["in_last_answer"] = trained[-1] - 2
-        cuts["after_first_trained"] = trained[0]
-    return cuts
+    n = len(full_ids)
+    return {"none": 2047, "short_by_one": n - 2,
+            "in_last_answer": trained[-1] - 2 if trained else 2 * n // 3,
+            "after_first_trained": trained[0] if trained else n // 3,
+            "first_round_end": full_ids.index(2) if 2 in full_ids else n // 2}
 
 
-@pytest.mark.parametrize("cut", ["none", "short_by_one", "in_last_answer", "after_first_trained"])
+@pytest.mark.parametrize("cut", ["none", "short_by_one", "in_last_answer", "after_first_trained",
+                                 "first_round_end"])
 @pytest.mark.parametrize("name", sorted(RECORDS))
 def test_conversation_labels_match_preprocess_v1(tok, hf, name, cut):
     record = RECORDS[name]
     cuts = _cut_points(hf, record)
-    if cut not in cuts:
-        pytest.skip("nothing trains in this record")
     seq_len = cuts[cut]
     text, has_image = ref_record_to_conversation(record)
     ids, target = ref_preprocess_v1(hf, text, has_image, seq_len + 1)
@@ -374,9 +376,21 @@ def test_expected_outcomes(tok):
         "two_rounds": "", "image_at_end": "", "two_tags_collapse": "", "text_only": "",
         "starts_with_gpt": "", "answer_with_space_and_newline": "", "unicode": "",
         "empty_answer": "", "eos_in_answer": "tokenization_mismatch",
+        "eos_in_answer_text": "tokenization_mismatch",
         "tag_in_question": "tokenization_mismatch",
         "tag_in_question_text": "tokenization_mismatch",
         "unk_literal": "tokenization_mismatch", "question_only": "tokenization_mismatch"}
+
+
+def test_mismatch_check_only_inside_the_length(tok, hf):
+    """The reference checks the rounds against the length only when they end inside
+    model_max_length: cut right after the first "</s>", the record with "</s>" inside an answer
+    trains that answer's first part."""
+    record = RECORDS["eos_in_answer_text"]
+    seq_len = _cut_points(hf, record)["first_round_end"]
+    sample, reason = masks.conversation_sample(tok, record, seq_len, T)
+    trained = [int(sample["input_ids"][i + 1]) for i in np.flatnonzero(sample["loss_mask"])]
+    assert reason == "" and trained == tok.encode("A") + [tok.eos_id]
 
 
 def test_trained_tokens_are_the_answers_and_their_eos(tok):

@@ -82,6 +82,9 @@ def v1_labels(tok, conversation: str, has_image: bool, model_max_length: int,
     for an image, IGNORE for masked labels). ok is False where the reference masks the whole
     sample for a tokenization mismatch (labels are then all IGNORE)."""
     t = templates.get(template)
+    if t.style != "two":
+        raise ValueError(f"training masks exist for the two-style templates (vicuna_v1, "
+                         f"llava_v1) and plain, not {t.name}")
     count = image_token_ids if has_image else _text_ids
     ids = count(tok, conversation)
     if not has_image:
@@ -255,17 +258,14 @@ def conversation_sample(tok, conv: Any, seq_len: int, image_tokens: int,
                     raise _Drop("image_count_mismatch")
                 conv = values[1]
             return caption_sample(tok, conv, seq_len, image_tokens)
-        if t.style != "two":
-            raise ValueError(f"training masks exist for the two-style templates (vicuna_v1, "
-                             f"llava_v1) and plain, not {t.name}")
         if isinstance(conv, str):
             text, has_image = conv, IMAGE_TOKEN in conv
         else:
             values, has_image = conversation_messages(conv)
             text = templates.render(values, t)
+        ids, labels, ok = v1_labels(tok, text, has_image, seq_len + 1, t)
     except _Drop as e:
         return None, e.reason
-    ids, labels, ok = v1_labels(tok, text, has_image, seq_len + 1, t)
     if not ok:
         return None, "tokenization_mismatch"
     return to_sample(ids, labels, seq_len, image_tokens)

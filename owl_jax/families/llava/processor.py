@@ -81,7 +81,8 @@ class LlavaProcessor:
 
     def pixels(self, img: ImageLike) -> np.ndarray:
         """uint8 [S, S, 3]: RGB, (pad,) resize, crop; not normalized."""
-        img = open_image(img).convert("RGB")
+        img = open_image(img)
+        img = img if img.mode == "RGB" else img.convert("RGB")
         if self.cfg.image_aspect_ratio == "pad":
             img = expand2square(img, pad_colour(self.cfg.image_mean))
         return clip_resize_crop(img, self.image_size)
