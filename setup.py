@@ -32,7 +32,8 @@ setup(
     packages=find_packages(include=["owl_jax", "owl_jax.*"])
     + ["owl_jax.convert", "owl_jax.configs"],
     package_dir={"owl_jax.convert": "convert", "owl_jax.configs": "configs"},
-    package_data={"owl_jax": ["csrc/*.cc"]},  # compiled on first use (owl_jax.native)
+    # compiled on first use (owl_jax.native)
+    package_data={"owl_jax": ["csrc/*.cc"], "owl_jax.generate.cpu": ["*.cc"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={

@@ -46,7 +46,8 @@ print(json.dumps({"baseline": base["VmRSS"], "seconds": time.time() - t,
 
 def mid_config():
     """ViT-L/14 + the released abstractor + a 4-layer, 2048-wide LLaMA (~0.7 B params)."""
-    from owl_jax.config import OwlConfig, TextConfig
+    from owl_jax.families.owl1.config import OwlConfig
+    from owl_jax.decoder.llama import TextConfig
     return OwlConfig(text=TextConfig(hidden_size=2048, intermediate_size=5504,
                                      num_hidden_layers=4, num_attention_heads=16))
 

@@ -199,7 +199,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5,
                     help="measurement windows per configuration; the ratio is their median")
     args = ap.parse_args(argv)
-    from owl_jax.config import OwlConfig
+    from owl_jax.families.owl1.config import OwlConfig
     from owl_jax.data import shard_tools
     from owl_jax.testing.spm import train_tiny_tokenizer
     from owl_jax.tokenizer import OwlTokenizer

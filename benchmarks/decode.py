@@ -14,17 +14,17 @@ Baselines, measured in the same process:
   tokens, batch 1 and 8. Our side converts the same HF weights with
   `convert.hf_llama.read_llama_params` and runs `owl_jax.generate.Generator` greedy. At batch
   1 that is, by default, speculative: an int8 copy of the LLM drafts tokens that one fp32 pass
-  checks (`owl_jax.self_draft`; the same tokens). The benchmark also times one pass per token
+  checks (`generate.cpu.self_draft`; the same tokens). The benchmark also times one pass per token
   (`self_draft_tokens=0`) and prints both.
 - memory-bandwidth limit at batch 1: the machine's read bandwidth (best of numpy and XLA
   summing an array as large as the weights one step reads, so both see the same cache
   hierarchy, as many times in a row as the decode steps, between the decode runs) divided by
   those bytes (every layer, the final norm and the lm_head; the KV cache
   and one embedding row are left out, which makes the limit slightly optimistic for us). Our
-  greedy step reads the lm_head as an int8 copy (`owl_jax.greedy_screen`, exact tokens), so
+  greedy step reads the lm_head as an int8 copy (`generate.cpu.greedy_screen`, exact tokens), so
   the benchmark also prints the fraction of the limit for the bytes it actually reads.
 - matmul floors: the weight matmuls of one decode step alone, [batch, D] rows through every
-  kernel, in XLA, in PyTorch and in our decode kernel (`owl_jax.decode_kernels`, which our
+  kernel, in XLA, in PyTorch and in our decode kernel (`generate.cpu.decode_kernels`, which our
   decode step uses on CPU): what a decoder built on each pays per step.
 - time to first token of a one-image prompt: our encode + splice + prefill + first token
   against the same steps in PyTorch (a torch re-implementation of the ViT and abstractor,
@@ -64,8 +64,10 @@ def build_models(tmp, vocab=32000, width=768, layers=12, heads=12, kv_heads=None
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from owl_jax.convert.hf_llama import read_llama_params, read_text_config
-    from owl_jax.config import AbstractorConfig, OwlConfig, VisionConfig
-    from owl_jax.models.owl import Owl
+    from owl_jax.connectors.abstractor import AbstractorConfig
+    from owl_jax.families.owl1.config import OwlConfig
+    from owl_jax.encoders.vit import VisionConfig
+    from owl_jax.families.owl1.model import Owl
     import flax.linen as nn
     import jax.numpy as jnp
 
@@ -190,7 +192,8 @@ def bench_decode(cfg, params, hf, args):
               f"tok/s = {100 * ours / limit:.0f}% of the limit (one pass per token: {one:.1f} "
               f"tok/s = {100 * one / limit:.0f}%)", flush=True)
         screen = gen._call_params.get("greedy_screen")
-        if screen is not None:  # our greedy step reads a copy of the head (owl_jax.greedy_screen)
+        # our greedy step reads a copy of the head (generate.cpu.greedy_screen)
+        if screen is not None:
             read = (probe.nbytes - params["language_model"]["lm_head"]["kernel"].nbytes
                     + sum(a.nbytes for a in screen.values()))
             print(f"batch 1: our one-token greedy step reads {read / 1e6:.0f} MB (the lm_head as "
@@ -206,7 +209,7 @@ def bench_decode(cfg, params, hf, args):
 
 
 def bench_lookup(gen, hf, rows, ids, kw, gcfg, args, plain):
-    """Batch 1 with prompt lookup on both sides (ours: `owl_jax.lookup`; HF: generate's
+    """Batch 1 with prompt lookup on both sides (ours: `generate.cpu.lookup`; HF: generate's
     prompt_lookup_num_tokens), against the plain runs `plain` already timed. How much lookup
     gains depends on how much the output repeats the prompt or itself; this random model's
     greedy output falls into loops, which favours it."""
@@ -238,7 +241,7 @@ def bench_ttft(cfg, params, hf, args):
     import torch
     import jax
     from owl_jax.generate import GenerationConfig, Generator
-    from owl_jax.models.owl import splice_images
+    from owl_jax.layers.splice import splice_images
     gen = Generator(cfg, params)
     t_img = cfg.image_tokens
     rng = np.random.default_rng(2)

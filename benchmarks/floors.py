@@ -75,7 +75,7 @@ class MatmulFloor:
                         for l in layers]
         self.head = lm["lm_head"]["kernel"]
 
-        from owl_jax import decode_kernels
+        from owl_jax.generate.cpu import decode_kernels
 
         def chain(kernels, head, x, mm=jnp.dot):
             for q, k, v, o, g, u, d in kernels:  # k, v are narrower than q with grouped heads

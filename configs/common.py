@@ -8,6 +8,8 @@ with `--config.FIELD=VALUE` instead.
 Fields (all recipes share them; `docs/training.md` explains each):
 
   seed                  init and dropout randomness (dropout key of step s = fold_in(seed, s))
+  model.family          the model family (owl_jax.families: 'owl1', 'llava'); an init_from
+                        checkpoint of another family is an error
   model.size            '7b' (the released mPLUG-Owl sizes) or 'tiny' (tests, demo). Ignored for
                         the model shape when `init_from` is set: its config.json decides.
   model.image_size      ViT resolution in px; 0 = init_from's (its config.json), else the size
@@ -98,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
 
     c.model = ml_collections.ConfigDict(dict(
-        size="7b", image_size=0, vocab_size=32000,
+        family="owl1", size="7b", image_size=0, vocab_size=32000,
         dtype="bfloat16", param_dtype="float32", frozen_dtype="",
         scan_layers=True, remat_policy="full", dropout=True,
     ))

@@ -20,7 +20,7 @@ import numpy as np
 from owl_jax.convert import hf_clip, hf_llama
 from owl_jax.convert.torch_io import CheckpointError, np_dtype
 from owl_jax import checkpoint as ckpt
-from owl_jax.config import OwlConfig, load_official
+from owl_jax.families.owl1.config import OwlConfig, load_official
 
 
 def build_config(llama_dir=None, clip_dir=None, base: OwlConfig | None = None,
@@ -52,7 +52,7 @@ def build_config(llama_dir=None, clip_dir=None, base: OwlConfig | None = None,
 def _init_fn(cfg: OwlConfig, param_dtype: str, part: str):
     """A jitted Owl init for one side of the model, cached per config (compiling the init is
     most of the cost of a small conversion)."""
-    from owl_jax.models.owl import Owl
+    from owl_jax.families.owl1.model import Owl
     model = Owl(cfg, param_dtype=jnp.dtype(param_dtype))
     if part == "vision":
         px = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size,

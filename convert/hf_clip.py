@@ -28,7 +28,7 @@ from tqdm import tqdm
 from owl_jax.convert import keymap
 from owl_jax.convert.torch_io import CheckpointError, CheckpointReader, np_dtype
 from owl_jax.checkpoint import host_array
-from owl_jax.config import VisionConfig
+from owl_jax.encoders.vit import VisionConfig
 
 _IGNORED_PREFIXES = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
 

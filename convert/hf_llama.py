@@ -13,7 +13,7 @@ from tqdm import tqdm
 from owl_jax.convert import keymap
 from owl_jax.convert.torch_io import CheckpointError, CheckpointReader, np_dtype
 from owl_jax.checkpoint import host_array
-from owl_jax.config import TextConfig
+from owl_jax.decoder.llama import TextConfig
 
 
 def read_text_config(directory: str) -> TextConfig:

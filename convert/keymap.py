@@ -18,7 +18,8 @@ import dataclasses
 
 import numpy as np
 
-from owl_jax.config import OwlConfig, TextConfig
+from owl_jax.families.owl1.config import OwlConfig
+from owl_jax.decoder.llama import TextConfig
 
 LINEAR, CONV, PLAIN, BUFFER = "linear", "conv", "plain", "buffer"
 

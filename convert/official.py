@@ -22,7 +22,7 @@ from owl_jax.convert import keymap, lora as lora_lib
 from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
                               return_freed_memory_promptly)
 from owl_jax import checkpoint as ckpt
-from owl_jax.config import from_official_dict, load_official, save_official
+from owl_jax.families.owl1.config import from_official_dict, load_official, save_official
 
 EXTRA_FILES = ("generation_config.json",)
 SOURCE_FILES = ("config.json", "preprocessor_config.json")

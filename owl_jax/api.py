@@ -17,10 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax import checkpoint as ckpt_lib
-from owl_jax.config import OwlConfig
+from owl_jax import families
 from owl_jax.generate import Generation, GenerationConfig, Generator
-from owl_jax.models.owl import Owl
-from owl_jax.processor import Processor
 from owl_jax.tokenizer import OwlTokenizer
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
@@ -56,21 +54,23 @@ def merge_lora(params, rank: int, alpha: float):
 
 
 class OwlPipeline:
-    """A loaded model: `.config`, `.params`, `.tokenizer`, `.processor`, and
-    `.prepare` / `.logits` / `.generate`."""
+    """A loaded model of any family: `.config`, `.family`, `.params`, `.tokenizer`,
+    `.processor`, and `.prepare` / `.logits` / `.generate`."""
 
-    def __init__(self, config: OwlConfig, params, tokenizer: OwlTokenizer | None,
+    def __init__(self, config, params, tokenizer: OwlTokenizer | None,
                  dtype=jnp.float32, mesh=None, stream_chunk: int = 8,
                  compiler_options: dict | None = None):
         self.config = config
+        self.family = families.of_config(config)
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = jnp.dtype(dtype)
         self.mesh = mesh
-        self.processor = Processor(tokenizer, config) if tokenizer is not None else None
+        self.processor = (self.family.processor(tokenizer, config) if tokenizer is not None
+                          else None)
         self.generator = Generator(config, params, dtype=self.dtype, mesh=mesh,
                                    stream_chunk=stream_chunk, compiler_options=compiler_options)
-        model = Owl(config, dtype=self.dtype, param_dtype=self.dtype)
+        model = self.family.model(config, dtype=self.dtype, param_dtype=self.dtype)
 
         def forward(params, ids, mask, pixel_values):
             logits = model.apply({"params": params}, ids, pixel_values, segment_ids=mask)
@@ -121,15 +121,15 @@ class OwlPipeline:
                  prompt_lookup_num_tokens: int = 0, self_draft_tokens: int = 4,
                  stream: Callable | None = None) -> Generation | list[Generation]:
         """Generates for one prompt (returns one Generation) or a list of prompts with a list of
-        image lists (returns a list). Prompts are used verbatim: wrap questions with
-        `owl_jax.tokenizer.build_prompt` for the official template. temperature 0 = greedy.
+        image lists (returns a list). Prompts are used verbatim: wrap questions with the family's
+        template (`owl.family.build_prompt(question, n_images)`). temperature 0 = greedy.
         Options are HF generate's (see `owl_jax.generate.GenerationConfig`); penalize_prompt=False
         applies repetition_penalty / no_repeat_ngram_size to [BOS] + new tokens only, as the
         official mPLUG-Owl generate does. prompt_lookup_num_tokens > 0: greedy decoding of one
-        prompt checks drafts copied from the prompt (`owl_jax.lookup`): the same answer, faster
-        where it quotes the prompt or repeats itself. self_draft_tokens: greedy decoding of one
+        prompt checks drafts copied from the prompt (`generate.cpu.lookup`): the same answer,
+        faster where it quotes the prompt or repeats itself. self_draft_tokens: greedy decoding of one
         prompt on CPU drafts up to this many tokens with an int8 copy of the LLM and checks them
-        in one fp32 pass (`owl_jax.self_draft`): the same answer, in fewer passes; 0: one pass
+        in one fp32 pass (`generate.cpu.self_draft`): the same answer, in fewer passes; 0: one pass
         per token.
 
         stream(text_so_far) (or stream(list_of_texts) for a list of prompts) is called as the
@@ -151,7 +151,7 @@ class OwlPipeline:
             if n != len(imgs):
                 raise ValueError(f"prompt {i} has {n} <image> but {len(imgs)} images were "
                                  f"given: {p!r}")
-            rows.append(self.tokenizer.encode_prompt(p, self.config.image_tokens))
+            rows.append(self.processor.encode(p))
             pixels.extend(self.processor.image(im) for im in imgs)
         px = np.stack(pixels) if pixels else None
         config = GenerationConfig(
@@ -219,12 +219,9 @@ def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = No
                        compiler_options=compiler_options)
 
 
-def _param_shardings(cfg: OwlConfig, mesh, rules):
+def _param_shardings(cfg, mesh, rules):
     from owl_jax import sharding as sh
-    s = cfg.vision.image_size
-
-    def init():
-        return Owl(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
-                             jnp.zeros((1, s, s, cfg.vision.num_channels)))
-    abstract = jax.eval_shape(init)["params"]
+    family = families.of_config(cfg)
+    abstract = jax.eval_shape(
+        lambda: family.model(cfg).init(jax.random.key(0), *family.dummy_inputs(cfg)))["params"]
     return sh.param_shardings(abstract, mesh, rules)

@@ -1,10 +1,13 @@
 """The self-contained JAX checkpoint directory (what `owl-convert` writes and everything loads).
 
-    DIR/config.json               official composite config (owl_jax.config.save_official)
-    DIR/preprocessor_config.json  image size / mean / std
+    DIR/config.json               the family's official / HF config (its `save_config`)
+    DIR/preprocessor_config.json  image size / mean / std (where the family writes one)
     DIR/tokenizer.model, tokenizer_config.json, special_tokens_map.json   (when available)
     DIR/params/                   orbax PyTree checkpoint of the UNROLLED param tree, plain arrays
-    DIR/owl_jax.json              {"format", "version", "dtype", "param_count", "lora"}
+    DIR/owl_jax.json              {"format", "version", "family", "dtype", "param_count", "lora"}
+
+The family (`owl_jax.families`) is recorded in owl_jax.json; directories written before it was
+are owl1 checkpoints.
 
 LoRA adapters may be kept unmerged (`lora_a` [in, r] / `lora_b` [r, out] next to a Dense
 `kernel`); `owl_jax.json` then records {"rank", "alpha", "targets"}.
@@ -18,11 +21,10 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from owl_jax.config import OwlConfig, load_official, save_official
+from owl_jax import families
 
 FORMAT = "owl_jax"
 VERSION = 1
@@ -88,10 +90,11 @@ def copy_tokenizer_files(src_dir: str | None, dst_dir: str) -> list[str]:
     return copied
 
 
-def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str | None = None,
+def save_checkpoint(directory: str, params, cfg, tokenizer_dir: str | None = None,
                     lora: Mapping | None = None, overwrite: bool = False,
                     extra_meta: Mapping | None = None) -> dict:
-    """Writes `params` (unrolled tree of numpy or jax arrays, possibly sharded across hosts).
+    """Writes `params` (unrolled tree of numpy or jax arrays, possibly sharded across hosts) of
+    the model `cfg` (any family's config) describes.
 
     lora: {"rank", "alpha", "targets"} when the tree holds unmerged adapters (targets default to
     the modules that hold them). Returns the meta dict written to `owl_jax.json`.
@@ -100,7 +103,7 @@ def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str |
     flat = _flat(params)
     if any(k.split("/")[1:2] == ["layers"] for k in flat):  # a tower's stacked layers
         raise ValueError("params are in the scanned layout; save the unrolled tree "
-                         "(owl_jax.models.owl.unscan_params)")
+                         "(owl_jax.layers.scan.unscan_params)")
     found_targets = lora_targets_in(params)
     if found_targets and lora is None:
         raise ValueError(f"params hold LoRA adapters on {found_targets}: pass "
@@ -123,12 +126,13 @@ def save_checkpoint(directory: str, params, cfg: OwlConfig, tokenizer_dir: str |
     if jax.process_count() == 1:  # multi-host trees are global jax.Arrays already
         params = jax.tree.map(host_array, params)
     _checkpointer().save(params_dir, args=ocp.args.PyTreeSave(params))
-    meta = {"format": FORMAT, "version": VERSION,
+    family = families.of_config(cfg)
+    meta = {"format": FORMAT, "version": VERSION, "family": family.name,
             "dtype": _dtype_name(x.dtype for x in flat.values()),
             "param_count": int(sum(int(np.prod(x.shape)) for x in flat.values())),
             "lora": lora_meta, **dict(extra_meta or {})}
     if jax.process_index() == 0:
-        save_official(cfg, directory)
+        family.save_config(cfg, directory)
         copy_tokenizer_files(tokenizer_dir, directory)
         with open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f, indent=2)
@@ -139,8 +143,9 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
 
 
-def load_config(directory: str) -> OwlConfig:
-    return load_official(directory)
+def load_config(directory: str):
+    """The model config of a checkpoint directory, read by its family."""
+    return families.of_checkpoint(directory).load_config(directory)
 
 
 def load_meta(directory: str) -> dict:
@@ -159,20 +164,15 @@ def load_meta(directory: str) -> dict:
     return meta
 
 
-def expected_shapes(cfg: OwlConfig) -> dict[str, tuple[int, ...]]:
-    """{"path": shape} of every weight the Owl module creates for `cfg` (abstract, no memory)."""
-    from owl_jax.models.owl import Owl
-
-    def init():
-        ids = jnp.zeros((1, 2), jnp.int32)
-        px = jnp.zeros((1, cfg.vision.image_size, cfg.vision.image_size,
-                        cfg.vision.num_channels), jnp.float32)
-        return Owl(cfg).init(jax.random.key(0), ids, px)
-    shapes = nn.unbox(jax.eval_shape(init))["params"]
+def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """{"path": shape} of every weight the family's model creates for `cfg` (abstract)."""
+    family = families.of_config(cfg)
+    shapes = nn.unbox(jax.eval_shape(
+        lambda: family.model(cfg).init(jax.random.key(0), *family.dummy_inputs(cfg))))["params"]
     return {k: tuple(v.shape) for k, v in _flat(shapes).items()}
 
 
-def check_params_against_config(stored: Mapping[str, tuple[int, ...]], cfg: OwlConfig,
+def check_params_against_config(stored: Mapping[str, tuple[int, ...]], cfg,
                                 lora: Mapping | None, where: str) -> None:
     """Raises ValueError listing missing / unexpected / mis-shaped params."""
     want = expected_shapes(cfg)

@@ -1,4 +1,5 @@
-"""Builds the C++ sources in `owl_jax/csrc` into shared libraries, once per machine.
+"""Builds the project's C++ sources (`owl_jax/csrc/resize.cc`, the CPU decode kernels in
+`owl_jax/generate/cpu/decode_kernels.cc`) into shared libraries, once per machine.
 
 Each library is compiled on first use with the system C++ compiler for this machine's CPU
 (`-march=native`) and cached under `$OWL_JAX_CACHE` (default `~/.cache/owl_jax`). The cache key
@@ -33,13 +34,16 @@ def cpu_flags() -> str:
     return ""
 
 
-def build(name: str, flags: list[str], key: str = "") -> str:
-    """Compiles `csrc/{name}.cc` with `flags` (once) and returns the shared library's path.
-    Raises RuntimeError with the compiler's message where it cannot."""
+def build(source: str, flags: list[str], key: str = "") -> str:
+    """Compiles the C++ file `source` (a name in `owl_jax/csrc`, or a path ending in .cc) with
+    `flags` (once) and returns the shared library's path. Raises RuntimeError with the
+    compiler's message where it cannot."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not cxx:
         raise RuntimeError("no C++ compiler (set CXX)")
-    source = os.path.join(CSRC, f"{name}.cc")
+    if not source.endswith(".cc"):
+        source = os.path.join(CSRC, f"{source}.cc")
+    name = os.path.basename(source)[:-3]
     with open(source, "rb") as f:
         src = f.read()
     digest = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), key.encode(),

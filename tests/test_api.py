@@ -15,7 +15,7 @@ import pytest
 import owl_jax
 from owl_jax.convert.cli import main as owl_convert
 from owl_jax.checkpoint import load_checkpoint, save_checkpoint
-from owl_jax.models.owl import Owl
+from owl_jax.families.owl1.model import Owl
 from owl_jax.testing.models import FAST
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "official_tiny_bf16")
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from owl_jax import config as oc
+from owl_jax.families.owl1 import config as oc
 
 
 def _official(**over):

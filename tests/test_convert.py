@@ -20,7 +20,7 @@ from owl_jax.convert.cli import main
 from owl_jax.convert.official import jax_to_torch, torch_to_jax
 from owl_jax.convert.torch_io import CheckpointError, CheckpointReader, numpy_to_torch
 from owl_jax import checkpoint as ckpt
-from owl_jax.config import OwlConfig, save_official, tiny
+from owl_jax.families.owl1.config import OwlConfig, save_official, tiny
 from owl_jax.testing.checkpoints import write_official_checkpoint
 import official_layout  # tests/ is on sys.path (pytest rootdir-relative import)
 
@@ -222,8 +222,8 @@ def test_kept_lora_forward_equals_merged(tmp_path):
     """Owl(lora=...) on the unmerged adapters == plain Owl on the merged weights."""
     import jax
     import jax.numpy as jnp
-    from owl_jax.models.layers import LoraSpec
-    from owl_jax.models.owl import Owl
+    from owl_jax.layers.core import LoraSpec
+    from owl_jax.families.owl1.model import Owl
     cfg = _cfg()
     src = str(tmp_path / "src")
     write_official_checkpoint(src, cfg, "float32", "bin",
@@ -340,7 +340,8 @@ def test_error_not_weights_only(tmp_path):
     src = str(tmp_path / "src")
     save_official(_cfg(), src)
     torch.save({"x": torch.zeros(2), "evil": OwlConfig}, os.path.join(src, "pytorch_model.bin"))
-    with pytest.raises(CheckpointError, match="refused: .*global owl_jax.config.OwlConfig"):
+    with pytest.raises(CheckpointError, match="refused: .*global
+    owl_jax.families.owl1.config.OwlConfig"):
         torch_to_jax(src, str(tmp_path / "out"), progress=False)
 
 

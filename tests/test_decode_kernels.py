@@ -1,4 +1,4 @@
-"""The decode-step CPU kernels (owl_jax/csrc/decode_kernels.cc) against numpy in float64: the
+"""The decode-step CPU kernels (generate/cpu/decode_kernels.cc) against numpy in float64: the
 matmul on ragged shapes (column tails, partial row sweeps, row groups past 8) and its batch
 invariance, the cached attention with padded, unwritten and fully masked slots; and the switch
 around them: when they are used, and the fallback to XLA when they cannot be built."""
@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax import decode_kernels
-from owl_jax.generate import KERNEL_COMPILER_OPTIONS
-from owl_jax.models.layers import Dense, cached_attention
+from owl_jax.generate.cpu import decode_kernels
+from owl_jax.layers.core import Dense
+from owl_jax.layers.attention import cached_attention
 
 needs_kernel = pytest.mark.skipif(
     not decode_kernels.available(),
@@ -167,7 +167,7 @@ def test_generator_decodes_through_the_kernels(monkeypatch):
         monkeypatch.setattr(decode_kernels, name, counted)
     gen = Generator(cfg, params, compiler_options=FAST)
     assert gen.decode_kernels
-    assert gen.compiler_options == {**KERNEL_COMPILER_OPTIONS, **FAST}
+    assert gen.compiler_options == {**decode_kernels.COMPILER_OPTIONS, **FAST}
     ours = gen.generate(rows, px, gcfg)
     assert calls["matmul"] > 0 and calls["attention"] > 0
     xla = Generator(cfg, params, compiler_options=FAST, decode_kernels=False)
@@ -177,21 +177,21 @@ def test_generator_decodes_through_the_kernels(monkeypatch):
 
 
 def test_kernel_compiler_options_keep_the_norm_sums_out_of_ynnpack():
-    """What KERNEL_COMPILER_OPTIONS is for: XLA's default sends an RMSNorm's sum over [B, D]
+    """What decode_kernels.COMPILER_OPTIONS is for: XLA's default sends an RMSNorm's sum over [B, D]
     to YNNPACK as a library call (which costs more than the sum in a decode step); with the
     options it does not."""
     def rms_norm(x):
         return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
     x = jnp.ones((8, 768), jnp.float32)
     default = jax.jit(rms_norm).lower(x).compile().as_text()
-    ours = jax.jit(rms_norm, compiler_options=KERNEL_COMPILER_OPTIONS).lower(x).compile()
+    ours = jax.jit(rms_norm, compiler_options=decode_kernels.COMPILER_OPTIONS).lower(x).compile()
     assert "__ynn_fusion" in default
     assert "__ynn_fusion" not in ours.as_text()
     np.testing.assert_allclose(np.asarray(ours(x)), np.ones((8, 768)), rtol=1e-6)
 
 
 def test_materialize_is_an_identity_that_xla_cannot_fuse():
-    from owl_jax.models.layers import rope_cos_sin
+    from owl_jax.layers.attention import rope_cos_sin
     pos = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
     def fresh():  # jit caches traces whatever the context: a new function each time
         return jax.jit(lambda p: rope_cos_sin(p, 64, 10000.0, jnp.float32))
@@ -223,7 +223,7 @@ def _int8_reference(x, wq, scale):
 def test_int8_matmul_is_the_quantized_product_bit_for_bit(k, n):
     """Ragged K (rows past K are padding), column tails of a 64-column tile, narrow w (threads
     split K) and wide w (threads split the columns), several rows, an all-zero row."""
-    from owl_jax.greedy_screen import int8_columns
+    from owl_jax.generate.cpu.greedy_screen import int8_columns
     rng = np.random.default_rng(k + n)
     wq, scale = int8_columns(rng.standard_normal((k, n)).astype(np.float32))
     x = rng.standard_normal((3, k)).astype(np.float32)
@@ -239,7 +239,7 @@ def test_int8_matmul_is_the_quantized_product_bit_for_bit(k, n):
 
 
 def test_dense_reads_an_int8_kernel_with_its_scale():
-    """Dense given int8 `kernel` + `kernel_scale` (owl_jax.self_draft's draft model)."""
+    """Dense given int8 `kernel` + `kernel_scale` (generate.cpu.self_draft's draft model)."""
     rng = np.random.default_rng(0)
     wq = rng.integers(-127, 128, (24, 40)).astype(np.int8)
     scale = rng.random(40).astype(np.float32)

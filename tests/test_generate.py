@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from owl_jax import sampling
+from owl_jax.generate import sampling
 from owl_jax.generate import GenerationConfig, Generator, bucket_length
-from owl_jax.models.owl import Owl
+from owl_jax.families.owl1.model import Owl
 from owl_jax.testing.models import FAST, VOCAB, prompt_rows, random_params, small_config, to_hf
 
 
@@ -64,9 +64,9 @@ def test_params_on_another_device_move_to_the_default_one():
     import sys
     code = """
 import flax.linen as nn, jax, jax.numpy as jnp
-from owl_jax.config import tiny
+from owl_jax.families.owl1.config import tiny
 from owl_jax.generate import Generator
-from owl_jax.models.owl import Owl
+from owl_jax.families.owl1.model import Owl
 cfg = tiny()
 s = cfg.vision.image_size
 shapes = nn.unbox(jax.eval_shape(lambda: Owl(cfg).init(

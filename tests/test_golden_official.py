@@ -16,8 +16,8 @@ import torch
 
 from owl_jax.convert.cli import main as owl_convert
 from owl_jax.checkpoint import load_checkpoint
-from owl_jax.models.owl import Owl
-from owl_jax.processor import Processor
+from owl_jax.families.owl1.model import Owl
+from owl_jax.families.owl1.processor import Processor
 from owl_jax.tokenizer import OwlTokenizer
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "official_tiny_bf16")

@@ -6,8 +6,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from owl_jax import decode_kernels, greedy_screen, sampling
-from owl_jax.config import tiny
+from owl_jax.generate.cpu import decode_kernels, greedy_screen
+from owl_jax.generate import sampling
+from owl_jax.families.owl1.config import tiny
 from owl_jax.generate import GenerationConfig, Generator
 
 pytestmark = pytest.mark.skipif(not decode_kernels.available(), reason="no decode kernels")

@@ -17,9 +17,9 @@ from owl_jax.convert.hf_clip import fuse_qkv
 from owl_jax.convert.official import jax_to_torch, torch_to_jax
 from owl_jax.convert.torch_io import CheckpointReader
 from owl_jax import checkpoint as ckpt
-from owl_jax.config import save_official, tiny
-from owl_jax.models.owl import Owl
-from owl_jax.models.vit import VisionTransformer
+from owl_jax.families.owl1.config import save_official, tiny
+from owl_jax.families.owl1.model import Owl
+from owl_jax.encoders.vit import VisionTransformer
 from owl_jax.testing.checkpoints import write_official_checkpoint
 import numpy_ref  # tests/ is on sys.path (pytest rootdir-relative import)
 

@@ -119,7 +119,7 @@ def _initial_params(recipe: str) -> dict:
     spec.loader.exec_module(mod)
     c = mod.get_config(f"steps={STEPS},batch={BATCH}")
     c.model.vocab_size = VOCAB
-    cfg = state_lib.owl_config(c)
+    cfg = state_lib.model_config(c)
     model = state_lib.build_model(c, cfg)
     tx, _ = opt_lib.make_optimizer(c.optimizer, int(c.total_steps))
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -1,9 +1,10 @@
-"""owl_jax.models against an independent float64 numpy derivation of the official math.
+"""Owl v1 (encoders, connectors, decoder, families/owl1) against an independent float64 numpy
+derivation of the official math.
 
 Weights are drawn in the OFFICIAL PyTorch layout and mapped into the Flax tree by a small
 mapping written for the tests (tests/official_layout.py), so a transposition, a wrong eps, a
-wrong qkv interleave or a splice-order bug shows up as a mismatch. Also: packing (segment_ids), the KV
-cache against full recomputation, and scan + remat against the unrolled layers.
+wrong qkv interleave or a splice-order bug shows up as a mismatch. Also: packing (segment_ids),
+the KV cache against full recomputation, and scan + remat against the unrolled layers.
 """
 from __future__ import annotations
 
@@ -15,9 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
-from owl_jax.models import llama, masks
-from owl_jax.models.owl import Owl, scan_params, unscan_params
+from owl_jax.connectors.abstractor import AbstractorConfig
+from owl_jax.families.owl1.config import OwlConfig
+from owl_jax.decoder.llama import TextConfig
+from owl_jax.encoders.vit import VisionConfig
+from owl_jax.decoder import llama
+from owl_jax.layers import masks
+from owl_jax.families.owl1.model import Owl
+from owl_jax.layers.scan import scan_params, unscan_params
 
 import numpy_ref as ref  # tests/ is on sys.path (pytest rootdir-relative import)
 from official_layout import nchw_to_nhwc, official_to_flax, random_official_state_dict

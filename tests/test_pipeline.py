@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from owl_jax.config import tiny
+from owl_jax.families.owl1.config import tiny
 from owl_jax.data import images as imgs
 from owl_jax.data import shard_tools
 from owl_jax.data.pipeline import make_train_iterator
 from owl_jax.data.sources import open_source
-from owl_jax.processor import preprocess_image
+from owl_jax.families.owl1.processor import preprocess_image
 from owl_jax.testing import shards
 from owl_jax.testing.spm import train_tiny_tokenizer
 from owl_jax.tokenizer import OwlTokenizer
@@ -167,7 +167,7 @@ def test_train_step_normalizes_uint8_pixels_like_the_processor():
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    from owl_jax.models.owl import Owl
+    from owl_jax.families.owl1.model import Owl
     from owl_jax.train import step as step_lib
 
     rng = np.random.default_rng(0)

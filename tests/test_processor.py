@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from owl_jax.config import CLIP_MEAN, CLIP_STD, tiny
-from owl_jax.processor import Processor, load_image, open_image, preprocess_image
+from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD
+from owl_jax.families.owl1.config import tiny
+from owl_jax.families.owl1.processor import Processor, load_image, open_image, preprocess_image
 from owl_jax.testing.spm import train_tiny_tokenizer
 from owl_jax.tokenizer import OwlTokenizer, build_prompt
 

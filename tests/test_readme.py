@@ -47,7 +47,7 @@ def command_lines(body: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    from owl_jax.config import tiny
+    from owl_jax.families.owl1.config import tiny
     from owl_jax.testing import shards
     from owl_jax.testing.checkpoints import write_official_checkpoint
     from owl_jax.testing.spm import train_tiny_tokenizer

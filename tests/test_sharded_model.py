@@ -43,8 +43,12 @@ def _main():
     import numpy_ref as ref  # this file's directory is on sys.path when run as a script
     from official_layout import nchw_to_nhwc, official_to_flax, random_official_state_dict
     from owl_jax import sharding
-    from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
-    from owl_jax.models.owl import Owl, scan_params
+    from owl_jax.connectors.abstractor import AbstractorConfig
+    from owl_jax.families.owl1.config import OwlConfig
+    from owl_jax.decoder.llama import TextConfig
+    from owl_jax.encoders.vit import VisionConfig
+    from owl_jax.families.owl1.model import Owl
+    from owl_jax.layers.scan import scan_params
 
     assert jax.device_count() == 8, jax.devices()
     # Every sharded dimension divisible by 2, widths still all different.
@@ -135,7 +139,7 @@ def _main():
     want3 = ref.owl_logits(sd, cfg, ids[3:, :8], px_nchw[3:])
     assert np.abs(sharded[3, :8] - want3[0]).max() / np.abs(want3).max() < 1e-5
     # The image splice partitions with the batch: no row's image tokens are all-gathered.
-    from owl_jax.models.owl import splice_images
+    from owl_jax.layers.splice import splice_images
     rows_sharded = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
     emb = jax.device_put(np.ones((4, 2, t, 40), np.float32), rows_sharded)
     text = jax.device_put(np.zeros((4, 16, 40), np.float32), rows_sharded)

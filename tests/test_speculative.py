@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax import decode_kernels, greedy_screen, lookup, self_draft, speculative
-from owl_jax.config import tiny
+from owl_jax.generate.cpu import decode_kernels, greedy_screen, lookup, self_draft, speculative
+from owl_jax.families.owl1.config import tiny
 from owl_jax.generate import GenerationConfig, Generator
 from owl_jax.testing.models import FAST, VOCAB, random_params, small_config
 

@@ -1,7 +1,7 @@
 """Splicing image tokens into reserved slots, including the official fixed 65-slot runs."""
 import numpy as np
 
-from owl_jax.models.owl import splice_images
+from owl_jax.layers.splice import splice_images
 
 
 def _expected(text, ids, images, slots):

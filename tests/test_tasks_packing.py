@@ -257,8 +257,8 @@ def test_packed_logits_equal_each_sample_alone():
     sample computes alone (attention, RoPE and image splicing never cross samples)."""
     import flax.linen as nn
     import jax
-    from owl_jax.config import tiny
-    from owl_jax.models.owl import Owl
+    from owl_jax.families.owl1.config import tiny
+    from owl_jax.families.owl1.model import Owl
 
     cfg = tiny()
     t, s_img = cfg.image_tokens, cfg.vision.image_size
@@ -314,7 +314,7 @@ def test_packed_logits_equal_each_sample_alone():
 def test_pipeline_batch_stages_equal_pad_and_stack():
     """The pipeline's direct batch builders (uint8 pixels) lay rows out exactly as
     pad_to_length / Packer + stack_rows do with the same images."""
-    from owl_jax.config import tiny
+    from owl_jax.families.owl1.config import tiny
     from owl_jax.data import grain_stages as st
     cfg, rng = tiny(), np.random.default_rng(0)
     s, t, L, M = cfg.vision.image_size, cfg.image_tokens, 3 * cfg.image_tokens, 2

@@ -28,7 +28,7 @@ SEVEN_B = {"owl_7b_stage1": VIT + ABSTRACTOR + QUERIES, "owl_7b_stage2_lora": LO
 def test_7b_recipe_abstract_layout(name):
     c = importlib.import_module(f"owl_jax.configs.{name}").get_config()
     c.init_from = ""  # shapes from model.size (the data root does not exist here)
-    cfg = state_lib.owl_config(c)
+    cfg = state_lib.model_config(c)
     model = state_lib.build_model(c, cfg)
     tx, _ = opt_lib.make_optimizer(c.optimizer, c.total_steps)
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -93,23 +93,23 @@ def test_init_from_keeps_its_image_size_unless_res_says_otherwise(tmp_path):
     """The checkpoint's config.json decides the resolution; res= resizes, and says so."""
     import dataclasses
     from owl_jax.checkpoint import save_checkpoint
-    from owl_jax.config import tiny
+    from owl_jax.families.owl1.config import tiny
     cfg = tiny()
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=42))
     c = importlib.import_module("owl_jax.configs.tiny_stage1").get_config()
     state = state_lib.init_fresh(_layout(c, cfg), 0)
     save_checkpoint(str(tmp_path), jax.device_get(state_lib.host_params_unrolled(state)), cfg)
     s2 = importlib.import_module("owl_jax.configs.tiny_stage2_lora")
-    assert state_lib.owl_config(s2.get_config(f"init={tmp_path}")).vision.image_size == 42
+    assert state_lib.model_config(s2.get_config(f"init={tmp_path}")).vision.image_size == 42
     c = s2.get_config(f"init={tmp_path},res=56")
-    assert state_lib.owl_config(c).vision.image_size == 56
+    assert state_lib.model_config(c).vision.image_size == 56
     _, report = state_lib.init_from_export(_layout(c), c.init_from, 0)
     assert report["resized"] == ("ViT position embeddings resized from the checkpoint's 42 px "
                                  "to model.image_size=56 px (bicubic)")
 
 
 def _layout(c, cfg=None):
-    cfg = cfg or state_lib.owl_config(c)
+    cfg = cfg or state_lib.model_config(c)
     tx, _ = opt_lib.make_optimizer(c.optimizer, int(c.total_steps))
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     return state_lib.make_layout(c, state_lib.build_model(c, cfg), cfg, tx, mesh,

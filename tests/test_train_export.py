@@ -20,7 +20,8 @@ import pytest
 from owl_jax.configs import tiny_stage1, tiny_stage2_lora  # noqa: E402
 from owl_jax import checkpoint as ckpt  # noqa: E402
 from owl_jax import sharding as sh  # noqa: E402
-from owl_jax.models.owl import Owl, unscan_params  # noqa: E402
+from owl_jax.families.owl1.model import Owl
+from owl_jax.layers.scan import unscan_params  # noqa: E402
 from owl_jax.train import checkpointing  # noqa: E402
 from owl_jax.train import optimizer as opt_lib  # noqa: E402
 from owl_jax.train import state as state_lib  # noqa: E402
@@ -28,7 +29,7 @@ from owl_jax.train import trainable as tr  # noqa: E402
 
 
 def layout_for(config):
-    cfg = state_lib.owl_config(config)
+    cfg = state_lib.model_config(config)
     model = state_lib.build_model(config, cfg)
     tx, _ = opt_lib.make_optimizer(config.optimizer, config.total_steps)
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])

@@ -125,7 +125,7 @@ def _setup(micro: int = 1):
     c = tiny_stage1.get_config()
     c.model.dropout = False
     c.batch.micro_batches = micro
-    cfg = state_lib.owl_config(c)
+    cfg = state_lib.model_config(c)
     model = state_lib.build_model(c, cfg)
     tx, schedule = opt_lib.make_optimizer(c.optimizer, c.total_steps)
     mesh = sh.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -200,8 +200,11 @@ def test_step_frozen_untouched_accumulation_exact_and_zero_mask():
 def test_analytic_forward_flops_match_xla_count():
     """The forward part of the analytic count against XLA's HLO cost analysis of the forward
     (lowered only), on widths where matmuls dominate the elementwise work."""
-    from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
-    from owl_jax.models.owl import Owl
+    from owl_jax.connectors.abstractor import AbstractorConfig
+    from owl_jax.families.owl1.config import OwlConfig
+    from owl_jax.decoder.llama import TextConfig
+    from owl_jax.encoders.vit import VisionConfig
+    from owl_jax.families.owl1.model import Owl
     cfg = OwlConfig(
         vision=VisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                             num_attention_heads=4, image_size=56, patch_size=14),
@@ -218,8 +221,8 @@ def test_analytic_forward_flops_match_xla_count():
     lowered = jax.jit(lambda p: model.apply(p, ids, px)).lower(params)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    f = [flops_lib.vision_flops(cfg), flops_lib.abstractor_flops(cfg),
-         flops_lib.llm_flops(cfg, seq)]
+    f = [flops_lib.vision_flops(cfg.vision), flops_lib.abstractor_flops(cfg),
+         flops_lib.llm_flops(cfg.text, seq)]
     analytic = b * sum(m.weights + m.attention for m in f)
     # XLA computes the causal attention in full (no half), and counts elementwise ops.
     analytic_full_attn = analytic + b * f[2].attention

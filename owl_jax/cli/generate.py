@@ -4,8 +4,8 @@
     owl-generate --ckpt ckpts/owl-7b --image a.jpg --image b.jpg --chat
     owl-generate --ckpt ckpts/owl-7b --raw --prompt "$(cat prompt.txt)" --image a.jpg
 
-The question is wrapped in the official template (system line, one `Human: <image>` line per
-image, `Human: {question}`, `AI: `) unless --raw, which sends --prompt verbatim (it must then
+The question is wrapped in the checkpoint's family's template (Owl: system line, one
+`Human: <image>` line per image, `Human: {question}`, `AI: `) unless --raw, which sends --prompt verbatim (it must then
 hold one `<image>` per --image). --chat keeps a conversation: every turn is appended to the
 template (`Human: ...`, `AI: ...`) and the whole conversation is the next prompt; type /reset to
 start over (it answers "(conversation cleared)"), /exit (or an empty line, or Ctrl-D) to leave. Decoding flags use HF's names; see
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from owl_jax.tokenizer import build_prompt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,7 +81,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     import owl_jax
-    from owl_jax.processor import load_image
+    from owl_jax.families.owl1.processor import load_image
 
     try:
         images = [load_image(p) for p in args.image]
@@ -120,7 +119,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
         return out.text
 
     if not args.chat:
-        prompt = args.prompt if args.raw else build_prompt(args.prompt, len(images))
+        prompt = args.prompt if args.raw else owl.family.build_prompt(args.prompt, len(images))
         return 0 if answer(prompt) is not None else 1
 
     turns: list[str] = []
@@ -144,7 +143,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             continue
         stdout.write("AI: ")
         stdout.flush()
-        text = answer(build_prompt(turns + [question], len(images)))
+        text = answer(owl.family.build_prompt(turns + [question], len(images)))
         if text is None:
             continue
         turns += [question, text.strip()]

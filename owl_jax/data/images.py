@@ -179,7 +179,7 @@ def random_resized_crop_flip(img: Image.Image, size: int, rng: np.random.Generat
 def normalize_pixels(pixels, mean, std):
     """The model's input normalization, in one place: uint8 HWC pixels (the training batch
     ships them so) -> float32 (x / 255 - mean) / std, the same float32 operations in the same
-    order as the official processor (`owl_jax.processor.preprocess_image`). Pixels that are
+    order as the official processor (`owl1's processor: preprocess_image`). Pixels that are
     not uint8 are taken as already normalized and returned unchanged (the processor's float32
     output, synthetic batches). numpy arrays give numpy; jax arrays and tracers give jax (the
     train step calls this inside jit, on the device)."""

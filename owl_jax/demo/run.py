@@ -45,7 +45,10 @@ IMAGE_PX = 64  # stored JPEG size; the model resizes to its own resolution (32) 
 
 def demo_model_config(vocab_size: int):
     """The demo's model: ~0.9M parameters, 32 px images, 9 visual tokens per image."""
-    from owl_jax.config import AbstractorConfig, OwlConfig, TextConfig, VisionConfig
+    from owl_jax.connectors.abstractor import AbstractorConfig
+    from owl_jax.families.owl1.config import OwlConfig
+    from owl_jax.decoder.llama import TextConfig
+    from owl_jax.encoders.vit import VisionConfig
     return OwlConfig(
         vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
                             num_attention_heads=4, image_size=32, patch_size=8),
@@ -153,7 +156,7 @@ def init_checkpoint(p: dict, vocab_size: int, seed: int = 0) -> None:
     import jax.numpy as jnp
 
     from owl_jax import checkpoint as ckpt
-    from owl_jax.models.owl import Owl
+    from owl_jax.families.owl1.model import Owl
 
     cfg = demo_model_config(vocab_size)
     s = cfg.vision.image_size

@@ -46,13 +46,12 @@ def answer_all(pipe, images, max_new_tokens: int = 16) -> dict[str, list[str]]:
     from PIL import Image
     from tqdm import tqdm
 
-    from owl_jax.tokenizer import build_prompt
     pil = [Image.open(io.BytesIO(jpg)).convert("RGB") for _, jpg in images]
     out = {}
     prompts = {"colour": shapes.COLOUR_QUESTION, "shape": shapes.SHAPE_QUESTION,
                "caption": shapes.CAPTION_PROMPT}
     for name, q in tqdm(prompts.items(), desc="  generating", unit="prompt", leave=False):
-        gens = pipe.generate([build_prompt(q)] * len(pil), [[im] for im in pil],
+        gens = pipe.generate([pipe.family.build_prompt(q)] * len(pil), [[im] for im in pil],
                              max_new_tokens=max_new_tokens, temperature=0.0)
         out[name] = [g.text.strip() for g in gens]
     return out

@@ -7,10 +7,11 @@
 
 `generator` is anything with `.generate(prompts: list[str], images: list[list[PIL.Image]],
 max_new_tokens=, temperature=, num_beams=) -> list of results with .text` (the object
-`owl_jax.load_pretrained` returns). Every question becomes the official prompt
-(`owl_jax.tokenizer.build_prompt`). OwlEval follow-up questions (category multi_turn only, same
-image as the question before) are asked in the same conversation, after the model's own earlier
-answers, so a batch runs turn by turn.
+`owl_jax.load_pretrained` returns). Every question becomes the official prompt of the
+generator's family (its `build_prompt`; Owl's template for a generator without a family).
+OwlEval follow-up questions (category multi_turn only, same image as the question before) are
+asked in the same conversation, after the model's own earlier answers, so a batch runs turn by
+turn.
 
 Records are read and their images decoded by a grain pipeline (threads, order kept) while the
 generator works; an image that fails to decode skips its record and is counted. The answers come
@@ -258,7 +259,8 @@ def answer_batch(generator, task: Task, convs: list[Conversation], prompt: str,
     for t in range(max(len(c.turns) for c in convs)):
         active = [i for i, c in enumerate(convs) if t < len(c.turns)]
         asked = [prompt.format(question=convs[i].turns[t]["question"]) for i in active]
-        prompts = [build_prompt(history[i] + [q], len(convs[i].images)) for i, q in zip(active, asked)]
+        template = getattr(getattr(generator, "family", None), "build_prompt", build_prompt)
+        prompts = [template(history[i] + [q], len(convs[i].images)) for i, q in zip(active, asked)]
         images = [convs[i].images for i in active]
         pad = max(0, pad_to - len(prompts))
         results = generator.generate(prompts + prompts[-1:] * pad, images + images[-1:] * pad,

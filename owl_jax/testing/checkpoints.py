@@ -16,7 +16,7 @@ import numpy as np
 from owl_jax.convert import keymap
 from owl_jax.convert.official import set_torch_dtype
 from owl_jax.convert.torch_io import ShardedWriter, np_dtype, numpy_to_torch, torch_to_numpy
-from owl_jax.config import OwlConfig, save_official
+from owl_jax.families.owl1.config import OwlConfig, save_official
 
 LAYOUTS = ("bin", "sharded_bin", "safetensors", "sharded_safetensors")
 _NORM_MARKERS = ("layernorm", "norm1", "normk", "norm2", "ffn_ln", "model.norm")

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from owl_jax.config import OwlConfig, tiny
-from owl_jax.models.owl import Owl
+from owl_jax.families.owl1.config import OwlConfig, tiny
+from owl_jax.families.owl1.model import Owl
 
 VOCAB = 48
 """Vocabulary size of `small_config` (token ids 0, 1, 2 are pad / BOS / EOS)."""

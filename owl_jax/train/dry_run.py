@@ -50,7 +50,7 @@ def abstract_batch(config, cfg, mesh, rules, rows: int | None = None) -> dict:
 
 
 def _lower(config, mesh, rules, rows=None):
-    cfg = state_lib.owl_config(config)
+    cfg = state_lib.model_config(config)
     model = state_lib.build_model(config, cfg)
     tx, schedule = opt_lib.make_optimizer(config.optimizer, int(config.total_steps))
     layout = state_lib.make_layout(config, model, cfg, tx, mesh, rules)

@@ -49,7 +49,7 @@ def prompts_from_batch(batch: dict, n: int) -> list[dict]:
 def decode_params(layout, state):
     """The state's params as inference wants them: unrolled layers, LoRA adapters merged
     (W + alpha/r * A B, in fp32), cast to the compute dtype."""
-    from owl_jax.models.owl import unscan_params
+    from owl_jax.layers.scan import unscan_params
     flat = tr.flatten(unscan_params(state.params()))
     lora = layout.model.lora
     if lora is not None:

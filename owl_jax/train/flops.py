@@ -12,12 +12,15 @@ must cross (stage 1: the ViT sits upstream) costs 4N, and a frozen module with n
 trainable upstream (the ViT in stage 2) costs its forward only, 2N. Causal attention is counted
 at half the S x S products (MaxText's convention since 2025). Embedding lookups, norms and
 elementwise ops are not counted. This is MODEL FLOPs (MFU): rematerialisation is not counted.
+
+The image path is the family's: `Family.image_flops(cfg)` lists its per-image modules in order
+(name, their top-level param names, ModuleFlops), built from the tower functions here.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from owl_jax.config import OwlConfig
+from owl_jax import families
 
 
 @dataclasses.dataclass
@@ -27,9 +30,8 @@ class ModuleFlops:
     attention: float     # forward FLOPs of weightless attention products
 
 
-def vision_flops(cfg: OwlConfig) -> ModuleFlops:
-    """Per image."""
-    v = cfg.vision
+def vision_flops(v) -> ModuleFlops:
+    """Per image, for a ViT config (hidden_size, intermediate_size, num_positions, ...)."""
     d, f, n = v.hidden_size, v.intermediate_size, v.num_positions
     patches = n - 1
     per_layer = 2 * n * (d * 3 * d + d * d + 2 * d * f)
@@ -39,7 +41,7 @@ def vision_flops(cfg: OwlConfig) -> ModuleFlops:
                        v.num_hidden_layers * attn)
 
 
-def abstractor_flops(cfg: OwlConfig) -> ModuleFlops:
+def abstractor_flops(cfg) -> ModuleFlops:
     """Per image: Q queries cross-attend to (Q + vision tokens); then visual_fc to the LLM."""
     a = cfg.abstractor
     q, d, f = cfg.num_query_tokens, a.hidden_size, a.intermediate_size
@@ -50,10 +52,15 @@ def abstractor_flops(cfg: OwlConfig) -> ModuleFlops:
                        a.num_hidden_layers * attn)
 
 
-def llm_flops(cfg: OwlConfig, seq_len: int, lora_rank: int = 0,
+def projector_flops(kind: str, d_in: int, d_out: int, tokens: int) -> ModuleFlops:
+    """Per image: a linear map, or Linear -> GELU -> Linear (`mlp2x_gelu`)."""
+    f = 2 * tokens * d_in * d_out + (2 * tokens * d_out * d_out if kind != "linear" else 0)
+    return ModuleFlops(f, 0.0, 0.0)
+
+
+def llm_flops(t, seq_len: int, lora_rank: int = 0,
               lora_targets: tuple[str, ...] = ()) -> ModuleFlops:
-    """Per row of seq_len tokens."""
-    t = cfg.text
+    """Per row of seq_len tokens, for a decoder's TextConfig."""
     d, f, hd = t.hidden_size, t.intermediate_size, t.head_dim
     dq, dkv = t.num_attention_heads * hd, t.kv_heads * hd
     shapes = {"q_proj": (d, dq), "k_proj": (d, dkv), "v_proj": (d, dkv), "o_proj": (dq, d),
@@ -74,28 +81,30 @@ def _train_cost(m: ModuleFlops, weights_trained: bool, grad_flows: bool) -> floa
     return fwd + dx + dw
 
 
-def train_flops_per_step(cfg: OwlConfig, *, global_batch: int, seq_len: int,
+def train_flops_per_step(cfg, *, global_batch: int, seq_len: int,
                          images_per_row: int, trainable_tops: set[str], lora_rank: int = 0,
                          lora_targets: tuple[str, ...] = ()) -> dict[str, float]:
-    """Model FLOPs of one optimizer step over the global batch, split by module.
+    """Model FLOPs of one optimizer step over the global batch, split by module: the family's
+    image modules (e.g. 'vision', 'abstractor'), 'llm' and 'total'.
 
-    trainable_tops: which of {'vision_model', 'abstractor', 'query_tokens', 'language_model'}
-    have fully trained weights; LoRA adapters (lora_rank > 0) are trained in the LLM.
-    Images: every row runs `images_per_row` images through the ViT (padding slots included,
-    as the step computes them).
+    trainable_tops: top-level param names with fully trained weights; LoRA adapters
+    (lora_rank > 0) are trained in the LLM. Images: every row runs `images_per_row` images
+    (padding slots included, as the step computes them).
     """
-    vis_t = "vision_model" in trainable_tops
-    abs_t = bool({"abstractor", "query_tokens"} & trainable_tops)
-    llm_t = "language_model" in trainable_tops
-    lora_t = lora_rank > 0
     n_img = global_batch * images_per_row
+    out, upstream = {}, False
     # dX through a module is needed when anything trainable is upstream of or inside it
-    # (the ViT's own input needs no gradient, but its upper layers do when it trains).
-    vis = _train_cost(vision_flops(cfg), vis_t, vis_t) * n_img
-    abst = _train_cost(abstractor_flops(cfg), abs_t, vis_t or abs_t) * n_img
-    llm_m = llm_flops(cfg, seq_len, lora_rank if lora_t else 0, lora_targets)
-    llm = _train_cost(llm_m, llm_t, vis_t or abs_t or llm_t or lora_t) * global_batch
-    return {"vision": vis, "abstractor": abst, "llm": llm, "total": vis + abst + llm}
+    # (the first module's own input needs no gradient, but its upper layers do when it trains).
+    for name, tops, m in families.of_config(cfg).image_flops(cfg):
+        trained = bool(set(tops) & trainable_tops)
+        upstream = upstream or trained
+        out[name] = _train_cost(m, trained, upstream) * n_img
+    llm_t = families.DECODER in trainable_tops
+    lora_t = lora_rank > 0
+    llm_m = llm_flops(cfg.text, seq_len, lora_rank if lora_t else 0, lora_targets)
+    out["llm"] = _train_cost(llm_m, llm_t, upstream or llm_t or lora_t) * global_batch
+    out["total"] = sum(out.values())
+    return out
 
 
 def trainable_tops_of(paths: list[str]) -> set[str]:

@@ -172,7 +172,7 @@ def train(config, workdir: str) -> dict:
     rules = sh.rules_from_config(config.sharding_rules)
 
     # 3. model, optimizer, layout ---------------------------------------------------------------
-    cfg = state_lib.owl_config(config)
+    cfg = state_lib.model_config(config)
     model = state_lib.build_model(config, cfg)
     tx, schedule = opt_lib.make_optimizer(config.optimizer, int(config.total_steps))
     layout = state_lib.make_layout(config, model, cfg, tx, mesh, rules)
@@ -251,9 +251,8 @@ def train(config, workdir: str) -> dict:
         writer.log(f"owl-train: step memory per device: arguments "
                    f"{mem.argument_size_in_bytes / gib:.3g} GiB, temporaries "
                    f"{mem.temp_size_in_bytes / gib:.3g} GiB")
-    writer.log(f"owl-train: analytic {fl['total'] / 1e12:.4g} TFLOP/step (vision "
-               f"{fl['vision'] / 1e12:.3g}, abstractor {fl['abstractor'] / 1e12:.3g}, llm "
-               f"{fl['llm'] / 1e12:.3g})")
+    parts = ", ".join(f"{k} {v / 1e12:.3g}" for k, v in fl.items() if k != "total")
+    writer.log(f"owl-train: analytic {fl['total'] / 1e12:.4g} TFLOP/step ({parts})")
 
     # 8.-9. preemption and the loop -------------------------------------------------------------
     cfg_dict = ckpt_lib.config_to_dict(config)

@@ -26,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from owl_jax import config as owl_config_lib
-from owl_jax.config import OwlConfig
-from owl_jax.models.layers import LoraSpec
-from owl_jax.models.owl import Owl, scan_params
+from owl_jax import families
+from owl_jax.layers.core import LoraSpec
+from owl_jax.layers.scan import scan_params
 from owl_jax.train import trainable as tr
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -50,19 +49,33 @@ class TrainState:
 # Model from config
 
 
-def owl_config(config) -> OwlConfig:
-    """The model shape: from `init_from`'s config.json when set, else the `model.size` preset."""
-    m = config.model
+def family_of(config) -> families.Family:
+    """The recipe's model family (`model.family`, owl1 by default); an `init_from` checkpoint
+    of another family is an error."""
+    family = families.get(config.model.get("family", families.DEFAULT))
     if config.init_from:
-        cfg = owl_config_lib.load_official(config.init_from)
+        stored = families.name_of_checkpoint(config.init_from)
+        if stored != family.name:
+            raise ValueError(f"init_from {config.init_from} holds a {stored} model, the recipe "
+                             f"trains {family.name} (model.family)")
+    return family
+
+
+def model_config(config):
+    """The model shape: from `init_from`'s config.json when set, else the `model.size` preset
+    of the recipe's family."""
+    m = config.model
+    family = family_of(config)
+    if config.init_from:
+        cfg = family.load_config(config.init_from)
     elif m.size == "7b":
-        cfg = OwlConfig()
+        cfg = family.config_type()
     elif m.size == "tiny":  # a fresh tiny model reads its tokenizer's ids, where one is set
         vocab = int(m.vocab_size)
         if config.tokenizer_dir:
             from owl_jax.tokenizer import OwlTokenizer
             vocab = OwlTokenizer.from_dir(config.tokenizer_dir).vocab_size
-        cfg = owl_config_lib.tiny(vocab_size=vocab)
+        cfg = family.tiny(vocab_size=vocab)
     else:
         raise ValueError(f"model.size={m.size!r}: expected 7b or tiny")
     if m.image_size and m.image_size != cfg.vision.image_size:
@@ -80,30 +93,24 @@ def lora_spec(config) -> LoraSpec | None:
                     dropout=float(config.lora.dropout))
 
 
-def build_model(config, cfg: OwlConfig, scan_layers: bool | None = None) -> Owl:
+def build_model(config, cfg, scan_layers: bool | None = None):
     m = config.model
     lora = lora_spec(config)
-    return Owl(cfg, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
-               scan_layers=m.scan_layers if scan_layers is None else scan_layers,
-               remat_policy=m.remat_policy, lora=lora,
-               lora_targets=tuple(config.lora.targets) if lora else ())
+    return families.of_config(cfg).model(
+        cfg, dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype],
+        scan_layers=m.scan_layers if scan_layers is None else scan_layers,
+        remat_policy=m.remat_policy, lora=lora,
+        lora_targets=tuple(config.lora.targets) if lora else ())
 
 
 def frozen_dtype(config):
     return DTYPES[config.model.frozen_dtype or config.model.param_dtype]
 
 
-def _init_inputs(cfg: OwlConfig):
-    ids = jnp.concatenate([jnp.full((1, cfg.image_tokens), -1, jnp.int32),
-                           jnp.ones((1, 1), jnp.int32)], axis=1)
-    s = cfg.vision.image_size
-    return ids, jnp.zeros((1, 1, s, s, cfg.vision.num_channels), jnp.float32)
-
-
-def init_params_fn(model: Owl, cfg: OwlConfig):
+def init_params_fn(model, cfg):
     """rng -> boxed params (logical axis names attached)."""
-    ids, px = _init_inputs(cfg)
-    return lambda rng: model.init({"params": rng, "dropout": rng}, ids, px)["params"]
+    inputs = families.of_config(cfg).dummy_inputs(cfg)
+    return lambda rng: model.init({"params": rng, "dropout": rng}, *inputs)["params"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,8 +119,8 @@ def init_params_fn(model: Owl, cfg: OwlConfig):
 
 @dataclasses.dataclass
 class StateLayout:
-    model: Owl
-    cfg: OwlConfig
+    model: Any                 # the family's linen Module
+    cfg: Any                   # its config
     tx: Any
     patterns: tuple[str, ...]
     frozen_dtype: Any
@@ -134,7 +141,7 @@ def _split_and_cast(params, patterns, fdtype):
     return t, f
 
 
-def make_layout(config, model: Owl, cfg: OwlConfig, tx, mesh, rules) -> StateLayout:
+def make_layout(config, model, cfg, tx, mesh, rules) -> StateLayout:
     patterns = tuple(config.trainable)
     fdtype = frozen_dtype(config)
 
@@ -266,7 +273,7 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
 
 def host_params_unrolled(state: TrainState):
     """The full param tree in the on-disk (unrolled) layout, still as jax.Arrays."""
-    from owl_jax.models.owl import unscan_params
+    from owl_jax.layers.scan import unscan_params
     return unscan_params(state.params())
 
 

@@ -4,7 +4,7 @@ The trainable tree gets gradients and optimizer state; the frozen tree is a cons
 (gradients still flow THROUGH frozen modules, e.g. the frozen LLM in stage 1, but no weight
 gradient is formed for them and they are returned untouched, bit for bit).
 
-Recipes (paths as in owl_jax/models/owl.py; scanned layers live under
+Recipes (paths as in owl_jax/families/owl1/model.py; scanned layers live under
 `{vision_model,abstractor,language_model}/layers/layer/...`):
 
   stage 1             vision_model/.*  query_tokens  abstractor/.*       (LLM frozen)

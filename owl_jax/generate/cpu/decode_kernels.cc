@@ -1,4 +1,4 @@
-// CPU kernels for a decode step in fp32, registered with XLA's FFI (owl_jax/decode_kernels.py).
+// CPU kernels for a decode step in fp32, registered with XLA's FFI (owl_jax/generate/cpu/decode_kernels.py).
 //
 // 1. owl_small_m_matmul: y[M, N] = x[M, K] @ w[K, N] for the few rows of a step (M = batch).
 // 2. owl_cached_attention: softmax(q k^T / sqrt(D)) v for a few query rows against a KV cache.
@@ -245,7 +245,7 @@ void ParallelFor(int64_t threads, int64_t parts, std::function<void(int64_t)> fn
 // --- 2. attention
 //
 // For each of N = kv heads x batch rows: R query rows q[n] [R, D], the cache k[n] and v[n]
-// [S, D] (the layout of owl_jax.models.llama.init_cache), a mask [R, S]. As the XLA path:
+// [S, D] (the layout of owl_jax.decoder.llama.init_cache), a mask [R, S]. As the XLA path:
 // scores divided by sqrt(D), masked to the float minimum, an fp32 softmax, then p @ v.
 // Slots past the last unmasked one get exactly zero weight, so they are not read: a decode step
 // reads the written part of the cache only.
@@ -406,7 +406,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_bf16w, SmallMMatmulOf<ffi::BF16
 XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_small_m_matmul_s8w, SmallMMatmulOf<ffi::S8>,
                               SmallMMatmulBinding<ffi::S8>());
 
-// --- 4. int8 matmul for the int8 draft model (owl_jax/self_draft.py)
+// --- 4. int8 matmul for the int8 draft model (owl_jax/generate/cpu/self_draft.py)
 //
 // y[m, n] ~ x[m] @ (w[:, n] * scale[n]) with w int8 [K, N] row-major and x quantized per row to
 // int8 (sx = max |x| / 127, xq = round(x / sx)): y = sx * scale[n] * sum_k xq[k] w[k, n], the
@@ -528,7 +528,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(owl_int8_matmul, Int8Matmul,
                                   .Arg<F32x1>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// The greedy screen's check (owl_jax/greedy_screen.py). For each row m: approx[m] = h[m] @ Q
+// The greedy screen's check (owl_jax/generate/cpu/greedy_screen.py). For each row m: approx[m] = h[m] @ Q
 // (the int8 or bf16 copy of w) and |fp32 logit_v - approx_v| <= ||h[m]|| * bound[v]. Columns
 // whose upper bound reaches the largest lower bound are the candidates (the argmax is among
 // them, and every other column is strictly below it); their logits are computed as the column

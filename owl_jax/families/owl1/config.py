@@ -12,60 +12,9 @@ import os
 import warnings
 from typing import Any
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
-    num_hidden_layers: int = 24
-    num_attention_heads: int = 16
-    image_size: int = 224
-    patch_size: int = 14
-    num_channels: int = 3
-    layer_norm_eps: float = 1e-6
-
-    @property
-    def num_positions(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-
-@dataclasses.dataclass(frozen=True)
-class AbstractorConfig:
-    hidden_size: int = 1024
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 16
-    intermediate_size: int = 2816
-    layer_norm_eps: float = 1e-6  # used only by ffn_ln; the other LNs are built with 1e-5
-    encoder_hidden_size: int = 1024
-    attention_probs_dropout_prob: float = 0.1
-
-
-@dataclasses.dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    pad_token_id: int = 0
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_key_value_heads or self.num_attention_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
+from owl_jax.connectors.abstractor import AbstractorConfig
+from owl_jax.decoder.llama import TextConfig
+from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD, VisionConfig
 
 @dataclasses.dataclass(frozen=True)
 class OwlConfig:

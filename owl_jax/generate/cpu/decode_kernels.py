@@ -3,7 +3,7 @@
 At batch 1 to 8 a decode step is a stream over the LLM's weights and its KV cache, with little
 arithmetic per byte. XLA's CPU library calls are built for larger work: its dot packs the weights
 into panels first (at M <= 8 rows that costs more memory traffic than the product), and its
-cached attention runs one tiny GEMM per head. `csrc/decode_kernels.cc` has two XLA FFI targets
+cached attention runs one tiny GEMM per head. `decode_kernels.cc` has two XLA FFI targets
 that stream the weights and the cache once, in place, on as many threads as XLA's intra-op
 pool has:
 - `matmul(x, w)`: x [..., K] @ w [K, N] for up to `MAX_ROWS` rows;
@@ -15,8 +15,9 @@ The kernels are compiled on first use for this machine's CPU (they need AVX-512;
 `owl_jax.native`). Where they cannot be built, or with `OWL_JAX_DECODE_KERNELS=0`, the XLA path
 runs instead, after one warning saying why.
 
-Only code that opts in uses them: `Dense` and `cached_attention` ask `matmul_applies` /
-`attention_applies`, which say no unless the caller traces inside `enabled()`. The generation
+Only code that opts in uses them: inside `enabled()` this module is the backend of
+`owl_jax.layers.ops`, whose `matmul` / `cached_attention` (called by `Dense` and the decoder's
+attention) ask `matmul_applies` / `attention_applies`. The generation
 engine does for its single-device CPU runs; training never does (the kernels have no gradient).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import ctypes
 import logging
 import os
 import platform
+import sys
 import threading
 
 import jax
@@ -34,22 +36,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax import native
+from owl_jax.layers import ops
 
 log = logging.getLogger(__name__)
 
 MATMUL = "owl_small_m_matmul"
-MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (owl_jax.greedy_screen's head copy)
+MATMUL_BF16W = "owl_small_m_matmul_bf16w"  # fp32 x, bf16 w (greedy_screen's head copy)
 MATMUL_S8W = "owl_small_m_matmul_s8w"  # fp32 x, int8 w (its int8 copy)
 _MATMUL_TARGETS = {jnp.dtype(jnp.float32): MATMUL, jnp.dtype(jnp.bfloat16): MATMUL_BF16W,
                    jnp.dtype(jnp.int8): MATMUL_S8W}  # by the weights' dtype
-INT8_MATMUL = "owl_int8_matmul"  # x quantized to int8 too (owl_jax.self_draft's draft model)
+INT8_MATMUL = "owl_int8_matmul"  # x quantized to int8 too (generate.cpu.self_draft's draft model)
 ATTENTION = "owl_cached_attention"
 GREEDY_SCREEN = "owl_greedy_screen"
 MATERIALIZE = "owl_materialize"
 MAX_ROWS = 16  # above this XLA's GEMM is the better matmul
-ROW_SPLIT_BELOW_N = 4096  # narrower w: the matmul kernel splits K between threads (csrc)
+ROW_SPLIT_BELOW_N = 4096  # narrower w: the matmul kernel splits K between threads
 MAX_QUERIES = 16  # query rows per kv head (grouped heads x new tokens) for the attention kernel
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17"]
+
+# With the decode kernels doing a step's matmuls and attention, what XLA runs around them is
+# small: the RMSNorm sums over [B, D], the greedy screen fallback's max. XLA's default sends
+# such reductions (and dots) to YNNPACK, one library call each, which costs more than the sum:
+# with YNNPACK off, the decode step ran 4% (batch 1) and 6.5% (batch 8) faster in an interleaved
+# A/B on benchmarks/decode.py's model, with the same tokens (Eigen takes the prefill's dots, at
+# the same speed).
+COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 _enabled = contextvars.ContextVar("owl_decode_kernels", default=False)
 _lock = threading.Lock()
@@ -69,7 +81,7 @@ def available() -> bool:
             else:
                 try:
                     lib = ctypes.cdll.LoadLibrary(native.build(
-                        "decode_kernels", [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
+                        SOURCE, [*FLAGS, f"-I{jax.ffi.include_dir()}"], jax.__version__))
                     for name in (MATMUL, MATMUL_BF16W, MATMUL_S8W, INT8_MATMUL, ATTENTION,
                                  GREEDY_SCREEN, MATERIALIZE):
                         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
@@ -84,10 +96,13 @@ def available() -> bool:
 
 @contextlib.contextmanager
 def enabled(on: bool = True):
-    """Within this context, `matmul_applies` / `attention_applies` can say yes."""
-    token = _enabled.set(on and available())
+    """Within this context, `matmul_applies` / `attention_applies` can say yes, and the layers'
+    ops (`owl_jax.layers.ops`) ask them."""
+    on = on and available()
+    token = _enabled.set(on)
     try:
-        yield
+        with ops.use(sys.modules[__name__] if on else None):
+            yield
     finally:
         _enabled.reset(token)
 
@@ -120,7 +135,7 @@ def int8_matmul(x, w, scale):
 
 def greedy_screen(h, w, approx, bound):
     """(token int32 [M], safe bool [M]) for fp32 h [M, K], w [K, N], approx [M, N] and bound
-    [N]: see `owl_jax.greedy_screen` and csrc (GreedyScreen)."""
+    [N]: see `owl_jax.generate.cpu.greedy_screen` and decode_kernels.cc (GreedyScreen)."""
     m = h.shape[0]
     return jax.ffi.ffi_call(GREEDY_SCREEN, (jax.ShapeDtypeStruct((m,), jnp.int32),
                                             jax.ShapeDtypeStruct((m,), jnp.bool_)))(

@@ -5,14 +5,14 @@ At batch 1 a decode step is bound by memory: it streams every weight once for on
 with every Dense kernel as int8 values times a per-column scale (`greedy_screen.int8_columns`),
 a quarter of the bytes; its steps run `decode_kernels.int8_matmul`. It makes its tokens one step
 each, writing its K/V into the cache slots that the fp32 check pass then overwrites
-(`owl_jax.speculative`: the tokens are plain greedy's whatever the draft proposes). On the
+(`generate.cpu.speculative`: the tokens are plain greedy's whatever the draft proposes). On the
 benchmark's random 12-layer model the int8 draft agrees with fp32 greedy on ~87% of tokens.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from owl_jax.greedy_screen import int8_columns
+from owl_jax.generate.cpu.greedy_screen import int8_columns
 
 
 def _quantize(tree):

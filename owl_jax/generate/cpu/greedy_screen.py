@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from owl_jax import decode_kernels, sampling
+from owl_jax.generate.cpu import decode_kernels
+from owl_jax.generate import sampling
 
 _EPS = 2.0 ** -24  # fp32 unit roundoff
 

@@ -17,7 +17,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
-from owl_jax.config import OwlConfig
+from owl_jax.families.owl1.config import OwlConfig
 from owl_jax.tokenizer import IMAGE_TOKEN, OwlTokenizer
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
@@ -78,6 +78,10 @@ class Processor:
     def image(self, img: ImageLike) -> np.ndarray:
         return preprocess_image(img, self.image_size, self.cfg.image_mean, self.cfg.image_std)
 
+    def encode(self, prompt: str) -> list[int]:
+        """One prompt's ids: BOS, the text, -1 at each image's slots."""
+        return self.tokenizer.encode_prompt(prompt, self.cfg.image_tokens)
+
     def __call__(self, prompts: Sequence[str] | str,
                  images: Sequence[Sequence[ImageLike]] | None = None) -> dict:
         """Returns {'input_ids' [B, L] int32 (image slots -1, right-padded with EOS),
@@ -97,7 +101,7 @@ class Processor:
             if n != len(imgs):
                 raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} but {len(imgs)} images "
                                  f"were given: {prompt!r}")
-            rows.append(self.tokenizer.encode_prompt(prompt, self.cfg.image_tokens))
+            rows.append(self.encode(prompt))
             pixels.extend(self.image(img) for img in imgs)
         length = max(len(r) for r in rows)
         ids = np.full((len(rows), length), self.tokenizer.eos_id, np.int32)

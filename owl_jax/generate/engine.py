@@ -10,7 +10,8 @@ Layout of a batch (every row ends at the same cache slot, so one scalar slot ind
   row's numbers do not depend on its padding; padded keys are masked out for every query.
 - Prompt lengths are bucketed (`bucket_length`), as are the token capacity Tc, the batch size
   and the image count, so a new prompt length rarely means a new compile.
-- Prefill runs the LLM over the whole prompt (images spliced in, `Owl.embed`), computes the
+- Prefill runs the LLM over the whole prompt (images spliced in, the model's `embed`), computes
+  the
   head on the last position only and picks the first token. The decode loop is one
   `jax.lax.while_loop` inside one jitted function: feed the last token, write its K/V into the
   preallocated cache in place, pick the next token, stop a row at EOS or at its budget, stop the
@@ -18,12 +19,13 @@ Layout of a batch (every row ends at the same cache slot, so one scalar slot ind
 - Streaming calls the same compiled loop with a smaller step limit (a chunk of N tokens), hands
   the text so far to a callback, and calls it again; each chunk costs one host round trip.
 
-Token choice follows HF `generate` (see `owl_jax.sampling`, `owl_jax.beam`). Plain greedy decoding
-with the CPU decode kernels reads an int8 copy of the lm_head and checks its pick exactly
-(`owl_jax.greedy_screen`: the same tokens, a quarter of the head's bytes); for one prompt it
-checks several drafted tokens per pass over the weights (`owl_jax.speculative`: an int8 copy of
-the LLM or prompt lookup drafts them; the same tokens). Results hold the new
-token ids only (HF 4.28 returns [BOS] + new tokens; we drop the BOS) and never the EOS: a row that
+Token choice follows HF `generate` (see `owl_jax.generate.sampling`, `owl_jax.generate.beam`).
+Plain greedy decoding with the CPU decode kernels reads an int8 copy of the lm_head and checks
+its pick exactly (`owl_jax.generate.cpu.greedy_screen`: the same tokens, a quarter of the head's
+bytes); for one prompt it checks several drafted tokens per pass over the weights
+(`owl_jax.generate.cpu.speculative`: an int8 copy of the LLM or prompt lookup drafts them; the
+same tokens). Results hold the new token ids only (HF 4.28 returns [BOS] + new tokens; we drop
+the BOS) and never the EOS: a row that
 stopped at EOS has `finish_reason == "eos"`, one that ran out of tokens `"length"`.
 """
 from __future__ import annotations
@@ -39,73 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from owl_jax import beam as beam_lib
-from owl_jax import sampling
-from owl_jax import decode_kernels
-from owl_jax import greedy_screen
-from owl_jax import speculative
-from owl_jax.config import OwlConfig
-from owl_jax.models import llama as llama_lib
-from owl_jax.models.masks import cache_mask
-from owl_jax.models.owl import Owl
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-    """Decoding options (HF names). temperature 0 = greedy; num_beams > 1 = beam search."""
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    early_stopping: bool = True
-    seed: int = 0
-    eos_token_id: int | None = None   # None: the model config's (2 for LLaMA)
-    # Repetition penalty / no-repeat-ngram over prompt + new tokens (HF generate on input_ids);
-    # False: over [BOS] + new tokens only, as the official mPLUG-Owl generate (inputs_embeds).
-    penalize_prompt: bool = True
-    # Prompt lookup (HF's names): plain greedy decoding of one prompt drafts up to this many
-    # tokens from an earlier occurrence of its last n-gram and checks them in one pass
-    # (`owl_jax.lookup`); the tokens are those of plain greedy decoding. 0: off.
-    prompt_lookup_num_tokens: int = 0
-    max_matching_ngram_size: int = 2
-    # Self-speculation: plain greedy decoding of one prompt drafts up to this many tokens with
-    # an int8 copy of the LLM and checks them in one fp32 pass (`owl_jax.self_draft`); the
-    # tokens are those of plain greedy decoding. It runs where the CPU decode kernels do
-    # (elsewhere: one pass per token); the copy, a quarter of the LLM's bytes, is made at the
-    # first request that uses it. 0: off. Prompt lookup, where asked for, takes precedence.
-    self_draft_tokens: int = 4
-
-    def validate(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.prompt_lookup_num_tokens < 0 or self.max_matching_ngram_size < 1:
-            raise ValueError("prompt_lookup_num_tokens must be >= 0 and max_matching_ngram_size "
-                             ">= 1")
-        if self.self_draft_tokens < 0:
-            raise ValueError(f"self_draft_tokens must be >= 0, got {self.self_draft_tokens}")
-        if self.no_repeat_ngram_size < 0 or self.num_beams < 1:
-            raise ValueError("no_repeat_ngram_size must be >= 0 and num_beams >= 1")
-        if self.num_beams > 1 and self.temperature > 0:
-            raise ValueError("beam sampling is not supported: use temperature 0 with num_beams > 1")
-
-
-@dataclasses.dataclass
-class Generation:
-    token_ids: list[int]          # new tokens, EOS not included
-    finish_reason: str            # "eos" or "length"
-    text: str | None = None       # filled in by callers that own a tokenizer
+from owl_jax.generate import beam as beam_lib
+from owl_jax.generate import sampling
+from owl_jax.generate.config import Generation, GenerationConfig
+from owl_jax.generate.cpu import decode_kernels, greedy_screen, speculative
+from owl_jax.generate.cpu.decode_kernels import COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
+from owl_jax import families
+from owl_jax.decoder import llama as llama_lib
+from owl_jax.layers.masks import cache_mask
 
 
 # -------------------------------------------------------------------------------------------
@@ -130,31 +73,24 @@ def _pow2(n: int, minimum: int = 1) -> int:
 # The engine
 
 
-# With the decode kernels doing a step's matmuls and attention, what XLA runs around them is
-# small: the RMSNorm sums over [B, D], the greedy screen fallback's max. XLA's default sends
-# such reductions (and dots) to YNNPACK, one library call each, which costs more than the sum:
-# with YNNPACK off, the decode step ran 4% (batch 1) and 6.5% (batch 8) faster in an interleaved
-# A/B on benchmarks/decode.py's model, with the same tokens (Eigen takes the prefill's dots, at
-# the same speed).
-KERNEL_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class Generator(speculative.SpeculativeDecoding):
     """Compiled prefill + decode for one set of params.
 
-    params: the unrolled Owl param tree (plain arrays, already in the compute dtype and, with a
+    cfg: any family's model config. params: its unrolled param tree (plain arrays, in the compute dtype and, with a
     mesh, already placed on their shardings). mesh: optional; the KV cache is then sharded over
     the `tensor` axis by kv head. compiler_options: XLA options for every compile (e.g.
     {"xla_backend_optimization_level": 0} when compile time dominates, as in tests).
     decode_kernels: run the decode step's fp32 matmuls and attention through
-    `owl_jax.decode_kernels` (single-device CPU only; None: wherever that applies), compiled
+    `generate.cpu.decode_kernels` (single-device CPU only; None: wherever that applies), compiled
     with KERNEL_COMPILER_OPTIONS under compiler_options. screen: the lm_head copy plain greedy
-    decoding reads there ("int8", "bf16" or None for the fp32 head; `owl_jax.greedy_screen`).
+    decoding reads there ("int8", "bf16" or None for the fp32 head; `generate.cpu.greedy_screen`).
     matmul_precision: `jax.default_matmul_precision` for every call (None: "float32" for fp32,
     the backend's default for bf16).
     """
 
-    def __init__(self, cfg: OwlConfig, params, dtype=jnp.float32, mesh=None,
+    def __init__(self, cfg, params, dtype=jnp.float32, mesh=None,
                  bucket: Callable[[int], int] = bucket_length, stream_chunk: int = 16,
                  compiler_options: dict | None = None, decode_kernels: bool | None = None,
                  screen: str | None = "int8", matmul_precision: str | None = None):
@@ -172,8 +108,8 @@ class Generator(speculative.SpeculativeDecoding):
         self.decode_kernels = decode_kernels
         self.bucket = bucket
         self.stream_chunk = stream_chunk
-        self.owl = Owl(cfg, dtype=self.dtype, param_dtype=self.dtype)
-        self.lm = llama_lib.Llama(cfg.text, dtype=self.dtype, param_dtype=self.dtype)
+        self.model = families.of_config(cfg).model(cfg, dtype=self.dtype,
+                                                   param_dtype=self.dtype)
         self.traces = 0  # how many times a prefill / decode function was traced (= compiled)
         if decode_kernels:
             compiler_options = {**KERNEL_COMPILER_OPTIONS, **(compiler_options or {})}
@@ -210,7 +146,7 @@ class Generator(speculative.SpeculativeDecoding):
         self._self_draft_params = None
 
     def _with_screen(self, params):
-        head = params["language_model"]["lm_head"]["kernel"]
+        head = params[families.DECODER]["lm_head"]["kernel"]
         with decode_kernels.enabled(self.decode_kernels):
             if not self.screen or self.dtype != jnp.float32 or not greedy_screen.applies(head):
                 return params
@@ -221,13 +157,12 @@ class Generator(speculative.SpeculativeDecoding):
 
     def _lm(self, params, x, positions, mask, cache, index, hidden=False):
         with decode_kernels.enabled(self.decode_kernels):
-            return self.lm.apply({"params": params["language_model"]}, x, positions, mask, cache,
-                                 index, True, hidden)
+            return self.model.apply({"params": params}, x, positions, mask, cache, index, hidden,
+                                    method="decode")
 
     def _head(self, params, h):
         with decode_kernels.enabled(self.decode_kernels):
-            return self.lm.apply({"params": params["language_model"]}, h,
-                                 method=lambda m, h: m.lm_head(h))
+            return self.model.apply({"params": params}, h, method="head")
 
     def _constrain_cache(self, cache):
         if self.mesh is None or "tensor" not in self.mesh.shape:
@@ -249,7 +184,7 @@ class Generator(speculative.SpeculativeDecoding):
         and the cache with them written."""
         m = tokens.shape[1]
         t = state["step"] + offset
-        x = self.owl.apply({"params": params}, tokens, method=Owl.embed_tokens)
+        x = self.model.apply({"params": params}, tokens, method="embed_tokens")
         first = self._prompt_slots(state) + t - 1
         pos = (state["pos0"] + t - 1)[:, None] + jnp.arange(m)[None, :]
         mask = cache_mask(state["kv_valid"], first + jnp.arange(m))
@@ -273,9 +208,9 @@ class Generator(speculative.SpeculativeDecoding):
         b, lb = ids.shape
         image_embeds = None
         if pixel_values is not None:
-            image_embeds = self.owl.apply({"params": params}, pixel_values.astype(self.dtype),
-                                          method=Owl.encode_images)
-        x = self.owl.apply({"params": params}, ids, image_embeds, method=Owl.embed)
+            image_embeds = self.model.apply({"params": params}, pixel_values.astype(self.dtype),
+                                            method="encode_images")
+        x = self.model.apply({"params": params}, ids, image_embeds, method="embed")
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
         kv_valid = jnp.concatenate([valid.astype(bool), jnp.ones((b, slots - lb), bool)], 1)
         cache = llama_lib.init_cache(self.cfg.text, b, slots, self.dtype)
@@ -371,7 +306,7 @@ class Generator(speculative.SpeculativeDecoding):
         """Greedy tokens int32 [N] for final-normed hidden states h fp32 [N, D] (N <=
         MAX_ROWS where the params hold a greedy screen)."""
         if "greedy_screen" in params:
-            return greedy_screen.tokens(h, params["language_model"]["lm_head"]["kernel"],
+            return greedy_screen.tokens(h, params[families.DECODER]["lm_head"]["kernel"],
                                         params["greedy_screen"])
         return sampling.greedy(self._head(params, h).astype(jnp.float32))
 

@@ -9,13 +9,25 @@ Official quirks kept on purpose (they decide parity with the released weights):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from owl_jax.config import AbstractorConfig
-from owl_jax.models.layers import (Dense, LayerNorm, attention, constrain, param_with_axes,
-                                   scanned_layers)
+from owl_jax.layers.core import Dense, LayerNorm, constrain, param_with_axes, scanned_layers
+from owl_jax.layers.attention import attention
+
+@dataclasses.dataclass(frozen=True)
+class AbstractorConfig:
+    hidden_size: int = 1024
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 16
+    intermediate_size: int = 2816
+    layer_norm_eps: float = 1e-6  # used only by ffn_ln; the other LNs are built with 1e-5
+    encoder_hidden_size: int = 1024
+    attention_probs_dropout_prob: float = 0.1
+
 
 _TORCH_LN_EPS = 1e-5
 
@@ -82,7 +94,7 @@ class Abstractor(nn.Module):
     """queries [N, Q, D], image [N, P, D] -> [N, Q + 1, text_hidden].
 
     `scan_layers=True` stacks the layers' params under `layers/layer/...`, as the ViT and the
-    LLM do (see `owl_jax.models.owl.scan_params`)."""
+    LLM do (see `owl_jax.families.owl1.model.scan_params`)."""
     cfg: AbstractorConfig
     text_hidden_size: int
     dtype: jnp.dtype = jnp.float32

@@ -8,9 +8,9 @@ would give it (each output row is summed the same way whatever the row count), s
 those of plain greedy decoding, bit for bit, whatever the draft; the draft only decides the speed.
 
 Two drafts (`GenerationConfig`):
-- prompt lookup (`owl_jax.lookup`, `prompt_lookup_num_tokens`): copied from an earlier
+- prompt lookup (`owl_jax.generate.cpu.lookup`, `prompt_lookup_num_tokens`): copied from an earlier
   occurrence of the last n-gram;
-- the int8 self-draft (`owl_jax.self_draft`, `self_draft_tokens`, on by default): the LLM with
+- the int8 self-draft (`generate.cpu.self_draft`, `self_draft_tokens`, on by default): the LLM with
   int8 weights, one cheap step per drafted token. Its length follows HF's schedule for
   assistant models, so a draft model that is often wrong costs one int8 step a pass.
 
@@ -22,7 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from owl_jax import decode_kernels, lookup, self_draft
+from owl_jax import families
+from owl_jax.generate.cpu import decode_kernels, lookup, self_draft
 
 
 def accepted(tokens, n_real, greedy):
@@ -43,7 +44,7 @@ class SpeculativeDecoding:
         (a quarter of the LLM's fp32 bytes in memory)."""
         if self._self_draft_params is None:
             self._self_draft_params = dict(self._call_params, self_draft=self_draft.prepare(
-                self.params["language_model"], self._call_params.get("greedy_screen")))
+                self.params[families.DECODER], self._call_params.get("greedy_screen")))
         return self._self_draft_params
 
     def draft_limit(self, k: int) -> int:
@@ -89,7 +90,7 @@ class SpeculativeDecoding:
         """st["draft_len"] (<= k) greedy tokens from the int8 draft model, one step each, as
         int32 [B, k] (zeros after them), and the cache with their K/V written (the check pass
         overwrites those slots)."""
-        draft_params = dict(params, language_model=params["self_draft"])
+        draft_params = {**params, families.DECODER: params["self_draft"]}
 
         def body(i, carry):
             cache, last, toks = carry

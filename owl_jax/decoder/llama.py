@@ -5,21 +5,46 @@ Rotate-half RoPE (q/k kernels in HF layout), fp32 RMSNorm statistics, fp32 softm
 Two ways to run the layers:
 - unrolled (`layers_{i}` params): supports a KV cache for decoding;
 - `scan_layers=True`: one scanned (and optionally rematerialised) block with params stacked on a
-  leading `layers` axis, for training at scale. `owl_jax.models.owl.scan_params` /
+  leading `layers` axis, for training at scale. `owl_jax.families.owl1.model.scan_params` /
   `unscan_params` convert between the two layouts.
 
 The attention mask is passed in ready-made (bool [B, Lq, Lk]) so that callers decide causality,
-padding and packing (segment ids); see `owl_jax.models.masks`.
+padding and packing (segment ids); see `owl_jax.layers.masks`.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from owl_jax.config import TextConfig
-from owl_jax.models.layers import (Dense, LoraSpec, RMSNorm, apply_rope, attention,
-                                   cached_attention, constrain, rope_cos_sin, scanned_layers)
+from owl_jax.layers.core import Dense, LoraSpec, RMSNorm, constrain, scanned_layers
+from owl_jax.layers.attention import apply_rope, attention, cached_attention, rope_cos_sin
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
 
 REMAT_POLICIES = {
     "none": None,

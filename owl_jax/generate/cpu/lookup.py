@@ -3,7 +3,7 @@
 As HF's `prompt_lookup_num_tokens` (PromptLookupCandidateGenerator): take the sequence's last n
 tokens (n = max_ngram, then smaller), find their first earlier occurrence, and propose the up to
 k tokens that followed it. The generation engine checks the draft in one pass
-(`owl_jax.speculative`). It pays where the output repeats the prompt or itself (quoting, lists,
+(`speculative`). It pays where the output repeats the prompt or itself (quoting, lists,
 loops); a rejected draft costs the pass with k more rows.
 """
 from __future__ import annotations

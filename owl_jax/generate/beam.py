@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from owl_jax import sampling
-from owl_jax.models.llama import select_cache_rows
+from owl_jax.generate import sampling
+from owl_jax.decoder.llama import select_cache_rows
 
 _ROW_KEYS = ("kv_valid", "pos0", "seen", "hist")  # and the cache (`select_cache_rows`)
 RESULT_KEYS = ("step", "scores", "tokens", "fin_tokens", "fin_scores", "fin_len", "done")

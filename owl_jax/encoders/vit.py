@@ -2,15 +2,40 @@
 
 Pre-LN blocks with QuickGELU, a fused QKV projection laid out per head as [q|k|v] (so the output
 reshapes to [..., heads, 3, head_dim]), and a final LayerNorm over all tokens, CLS included.
+
+The same tower serves LLaVA (HF CLIP weights, eps 1e-5): with `feature_layer` it returns one
+intermediate hidden state instead (HF CLIP's `hidden_states[k]`), without the final LayerNorm.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from owl_jax.config import VisionConfig
-from owl_jax.models.layers import (Dense, LayerNorm, attention, constrain, param_with_axes,
-                                   quick_gelu, scanned_layers)
+from owl_jax.layers.core import (Dense, LayerNorm, constrain, param_with_axes, quick_gelu,
+                                 scanned_layers)
+from owl_jax.layers.attention import attention
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
 
 
 class VisionEmbeddings(nn.Module):
@@ -100,27 +125,72 @@ class _ScanBody(nn.Module):
         return VisionLayer(self.cfg, self.dtype, self.param_dtype, name="layer")(x), None
 
 
+class _TapBody(nn.Module):
+    """A scanned VisionLayer that also carries the hidden state after `tap` layers."""
+    cfg: VisionConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    tap: int
+
+    @nn.compact
+    def __call__(self, carry, i):
+        x, kept = carry
+        x = VisionLayer(self.cfg, self.dtype, self.param_dtype, name="layer")(x)
+        return (x, jnp.where(i + 1 == self.tap, x, kept)), None
+
+
 class VisionTransformer(nn.Module):
-    """pixel_values [N, H, W, C] -> last_hidden_state [N, 257, D] (post-LN on every token).
+    """pixel_values [N, H, W, C] -> hidden states [N, 1 + patches, D].
+
+    feature_layer None (mPLUG-Owl): every layer, then post_layernorm on every token.
+    feature_layer k (LLaVA's select layer, indexed as HF CLIP's `hidden_states`: 0 is the
+    embeddings after the pre-LayerNorm, k the output of layer k, negative counts from the end,
+    -1 the last layer): that hidden state, with no post_layernorm. Every layer's params and
+    post_layernorm are still created (checkpoints hold them). Unrolled, the layers after the
+    tap are not run; scanned, every layer runs and the tapped state is carried out.
 
     `scan_layers=True`: one scanned block with params stacked on a leading `layers` axis
-    (`layers/layer/...`, see `owl_jax.models.owl.scan_params`), so that compile time does not
+    (`layers/layer/...`, see `owl_jax.layers.scan.scan_params`), so that compile time does not
     grow with depth; otherwise `layers_{i}`, the layout of checkpoints and conversion."""
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = False
+    feature_layer: int | None = None
+
+    def layers_used(self) -> int:
+        """How many layers the output depends on."""
+        n, k = self.cfg.num_hidden_layers, self.feature_layer
+        if k is None:
+            return n
+        if not -(n + 1) <= k <= n:
+            raise ValueError(f"feature layer {k} is out of range for a {n}-layer vision tower "
+                             f"(hidden states {-(n + 1)} .. {n})")
+        return k % (n + 1)
 
     @nn.compact
     def __call__(self, pixel_values):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        n, used = self.cfg.num_hidden_layers, self.layers_used()
         x = VisionEmbeddings(self.cfg, **kw, name="embeddings")(pixel_values)
-        if self.scan_layers:
-            x, _ = scanned_layers(_ScanBody, self.cfg.num_hidden_layers, remat=self.remat)(
+        if self.scan_layers and used == n:
+            x, _ = scanned_layers(_ScanBody, n, remat=self.remat)(
                 self.cfg, **kw, name="layers")(x)
+            tapped = x
+        elif self.scan_layers:
+            (x, tapped), _ = scanned_layers(_TapBody, n, remat=self.remat)(
+                self.cfg, **kw, tap=used, name="layers")((x, x), jnp.arange(n))
         else:
             layer = nn.remat(VisionLayer) if self.remat else VisionLayer
-            for i in range(self.cfg.num_hidden_layers):
+            tapped = x
+            for i in range(n if self.is_initializing() else used):
                 x = layer(self.cfg, **kw, name=f"layers_{i}")(x)
-        return LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")(x)
+                if i + 1 == used:
+                    tapped = x
+        post = LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")
+        if self.feature_layer is None:
+            return post(x)
+        if self.is_initializing():
+            post(x)  # HF CLIP keeps it (for the pooled CLS output): create its params
+        return tapped
