@@ -1,0 +1,36 @@
+"""LLaVA (arXiv 2304.08485) and LLaVA-1.5 (arXiv 2310.03744): CLIP ViT, a linear or MLP
+projector, LLaMA; one LLM position per image patch."""
+import dataclasses
+
+import jax.numpy as jnp
+
+from owl_jax.families import Family
+from owl_jax.families.llava import config, samples
+from owl_jax.families.llava.model import Llava
+from owl_jax.families.llava.processor import LlavaProcessor
+from owl_jax.families.llava.templates import build_prompt
+
+
+def dummy_inputs(cfg: config.LlavaConfig):
+    """One image's slots then one token, and one image: creates every parameter."""
+    ids = jnp.concatenate([jnp.full((1, cfg.image_tokens), -1, jnp.int32),
+                           jnp.ones((1, 1), jnp.int32)], axis=1)
+    s = cfg.image_size
+    return ids, jnp.zeros((1, 1, s, s, cfg.vision.num_channels), jnp.float32)
+
+
+def image_flops(cfg: config.LlavaConfig):
+    """The tower up to the feature layer (the layers after it do not count), the projector."""
+    from owl_jax.train import flops
+    n = cfg.vision.num_hidden_layers
+    used = dataclasses.replace(cfg.vision, num_hidden_layers=cfg.vision_feature_layer % (n + 1))
+    return [("vision", ("vision_tower",), flops.vision_flops(used)),
+            ("projector", ("multi_modal_projector",),
+             flops.projector_flops(cfg.projector, cfg.vision.hidden_size, cfg.text.hidden_size,
+                                   cfg.image_tokens))]
+
+
+FAMILY = Family(name="llava", config_type=config.LlavaConfig, load_config=config.load,
+                save_config=config.save, tiny=config.tiny, model=Llava,
+                dummy_inputs=dummy_inputs, processor=LlavaProcessor, build_prompt=build_prompt,
+                image_flops=image_flops, samples=samples)
