@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -130,8 +131,8 @@ def params_from_state_dict(state_dict: dict, cfg: LlavaConfig, layout: str = "hf
     -> params. For tests and notebooks; checked as a directory is."""
     arrays = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
               for k, v in state_dict.items()}
-    Info = dataclasses.make_dataclass("Info", ["shape", "file"])
-    infos = {k: Info(tuple(v.shape), "state_dict") for k, v in arrays.items()}
+    infos = {k: SimpleNamespace(shape=tuple(v.shape), file="state_dict")
+             for k, v in arrays.items()}
     entries, canonical = _source_tables(cfg, layout, embedded_tower=True)
     roles = check_keys(infos, entries, canonical, "state_dict")
     return convert_tensors(arrays.items(), roles, entries, cfg.vision.num_attention_heads)

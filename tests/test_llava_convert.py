@@ -2,10 +2,12 @@
 bit-exact (every transformers key spelling, sharded, fp32 / fp16 / bf16), converted models run
 as transformers' does, key errors are named, from-hf copies its sources and seeds the projector.
 """
+import dataclasses
 import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -72,7 +74,7 @@ def test_config_round_trips(cfg, tmp_path):
 
 def test_transformers_reads_our_config_and_we_read_its():
     from transformers import LlavaConfig
-    cfg = CFG.replace(text=CFG.text.__class__(**{**CFG.text.__dict__, "rope_theta": 5e5}))
+    cfg = CFG.replace(text=dataclasses.replace(CFG.text, rope_theta=5e5))
     hf = LlavaConfig.from_dict(lc.to_hf_dict(cfg))
     t, v = hf.text_config, hf.vision_config
     assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
@@ -236,6 +238,27 @@ def test_hf_key_errors_are_named(hf_model, tmp_path):
         assert not os.path.exists(tmp_path / f"out_{name}")
 
 
+def test_export_merges_lora_adapters(hf_model, tmp_path):
+    _, saved = hf_model
+    dst, lora_dst, back = (str(tmp_path / n) for n in ("jax", "lora", "back"))
+    conv.torch_to_jax(saved, dst, progress=False)
+    cfg, params, _ = ckpt.load_checkpoint(dst)
+    params = jax.tree.map(np.array, params)
+    rng, want = np.random.default_rng(15), {}
+    for i in range(cfg.text.num_hidden_layers):
+        q = params["language_model"][f"layers_{i}"]["self_attn"]["q_proj"]
+        q["lora_a"] = rng.standard_normal((64, 2)).astype(np.float32)
+        q["lora_b"] = rng.standard_normal((2, 64)).astype(np.float32)
+        want[f"language_model.model.layers.{i}.self_attn.q_proj.weight"] = \
+            (q["kernel"] + 2.0 * q["lora_a"] @ q["lora_b"]).T
+    ckpt.save_checkpoint(lora_dst, params, cfg, lora={"rank": 2, "alpha": 4.0})
+    conv.jax_to_torch(lora_dst, back, layout="hf", progress=False)
+    out = _arrays(back)
+    assert not any("lora" in k for k in out)
+    for k, w in want.items():
+        np.testing.assert_allclose(out[k], w, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Original layout
 
@@ -266,7 +289,7 @@ def _original_source(tmp, cfg, seed, embedded=False):
 
 @pytest.mark.parametrize("projector", ["linear", "mlp2x_gelu"])
 def test_original_round_trip_is_bit_exact(tmp_path, projector):
-    from transformers import CLIPVisionModel
+    from transformers import CLIPVisionModel, LlamaForCausalLM
     cfg = CFG.replace(projector=projector, image_token_index=None, image_aspect_ratio="square")
     src, clip_dir, arrays = _original_source(tmp_path, cfg, seed=20)
     dst, back = str(tmp_path / "jax"), str(tmp_path / "back")
@@ -278,9 +301,13 @@ def test_original_round_trip_is_bit_exact(tmp_path, projector):
     tower, clip = _arrays(os.path.join(back, "vision_tower")), _arrays(clip_dir)
     assert set(tower) == {keymap.canonical_clip(k) for k in clip}
     assert all(_same_bits(tower[keymap.canonical_clip(k)], v) for k, v in clip.items())
-    # the tower loads strictly in transformers; the config finds it by itself
+    # the tower loads strictly in transformers, the LLM too (beside the projector, which only
+    # the original code knows); the config finds the tower by itself
     _, info = CLIPVisionModel.from_pretrained(os.path.join(back, "vision_tower"),
                                               output_loading_info=True)
+    assert not any(info.values()), info
+    _, info = LlamaForCausalLM.from_pretrained(back, output_loading_info=True)
+    assert sorted(info.pop("unexpected_keys")) == sorted(k for k in arrays if "mm_projector" in k)
     assert not any(info.values()), info
     assert lc.load(back) == lc.load(dst) == cfg
 
