@@ -340,8 +340,8 @@ def test_error_not_weights_only(tmp_path):
     src = str(tmp_path / "src")
     save_official(_cfg(), src)
     torch.save({"x": torch.zeros(2), "evil": OwlConfig}, os.path.join(src, "pytorch_model.bin"))
-    with pytest.raises(CheckpointError, match="refused: .*global
-    owl_jax.families.owl1.config.OwlConfig"):
+    with pytest.raises(CheckpointError,
+                       match="refused: .*global owl_jax.families.owl1.config.OwlConfig"):
         torch_to_jax(src, str(tmp_path / "out"), progress=False)
 
 

@@ -34,10 +34,14 @@ Its fields (defaults in `default_config()`):
   shm_min_bytes      other arrays at least this big go from workers through shared memory,
                      smaller ones through the pipe (a chunk's pixels are always one block)
   max_pixels         decompression-bomb limit (None: PIL's MAX_IMAGE_PIXELS)
+  template           the family's conversation / caption template ("" = its default; LLaVA:
+                     "plain" for stage 1, "vicuna_v1" for stage 2)
   max_consecutive_drops  this many dropped samples in a row (none kept) stop the pipeline with
                      an error naming the reasons and what to change (0: never)
-S comes from `owl_cfg` (OwlConfig); its image mean and std are applied on the device by the
-train step (`images.normalize_pixels`).
+`owl_cfg` is the model config of any family (`owl_jax.families`): the family lays out the
+samples and transforms the images (`Family.samples`); S, the image slots and the image mean and
+std come from the config (the mean and std are applied on the device by the train step,
+`images.normalize_pixels`).
 
 Order of operations, and why: each source is a random-access dataset that is globally
 shuffled (Feistel, no memory; a cached permutation below 2**16 samples), cut to a multiple of
@@ -59,6 +63,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from owl_jax import families
 from owl_jax.data import images as imgs
 from owl_jax.data import grain_stages as stages
 from owl_jax.data import tasks
@@ -76,7 +81,7 @@ def default_config():
         sources=[], seq_len=512, batch_size=8, packing=True, max_images_per_row=4,
         augment=True, seed=0, num_epochs=None, workers=0, threads=2, read_buffer=32,
         worker_buffer=16, chunk=32, shm_min_bytes=1 << 20, max_pixels=None,
-        max_consecutive_drops=1000))
+        template="", max_consecutive_drops=1000))
 
 
 def data_config(config) -> dict[str, Any]:
@@ -128,6 +133,8 @@ class SampleMaker:
     def __init__(self, task: str, tokenizer, owl_cfg, cfg: dict, src: dict):
         self.task, self.tok, self.prompt = task, tokenizer, src["prompt"]
         self.seq_len, self.max_images = cfg["seq_len"], cfg["max_images_per_row"]
+        self.model_cfg, self.samples = owl_cfg, families.of_config(owl_cfg).samples
+        self.template = cfg["template"]
         self.image_tokens = owl_cfg.image_tokens
         self.size = owl_cfg.vision.image_size
         self.augment = cfg["augment"]
@@ -147,8 +154,8 @@ class SampleMaker:
         if isinstance(el, Skipped):
             return {"drop": el.reason}
         if self.task == "instruction":
-            sample, reason = tasks.tokenize_conversation(self.tok, el.text(), self.seq_len,
-                                                         self.image_tokens)
+            sample, reason = self.samples.conversation(self.tok, el, self.seq_len,
+                                                       self.image_tokens, self.template)
             images = [("path", p) for p in el.images[:sample["num_images"]]] if sample else []
         else:
             reason = self.checks.check_raw(el)
@@ -158,8 +165,9 @@ class SampleMaker:
                 sample, reason = tasks.text_sample(self.tok, el.text, self.seq_len)
                 images = []
             else:
-                sample, reason = tasks.caption_sample(self.tok, el.text, self.seq_len,
-                                                      self.image_tokens, self.prompt)
+                sample, reason = self.samples.caption(self.tok, el.text, self.seq_len,
+                                                      self.image_tokens, self.prompt,
+                                                      self.template)
                 images = [("raw", el)]
         if sample is None or sample["num_images"] > self.max_images:
             return {"drop": reason or "too_many_images"}
@@ -184,9 +192,7 @@ class SampleMaker:
         return sample
 
     def _pixels(self, img, rng) -> np.ndarray:
-        if self.augment:
-            return imgs.random_resized_crop_flip(img, self.size, rng)
-        return imgs.resize_square(img, self.size)
+        return self.samples.pixels(img, self.model_cfg, self.augment, rng)
 
 
 # What to change when every sample is dropped, by drop reason (prefix).

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Callable
 
-NAMES = ("owl1",)
+NAMES = ("owl1", "llava")
 DECODER = "language_model"  # every family's decoder submodule / param subtree
 DEFAULT = "owl1"  # the family of checkpoints that do not name one
 
@@ -41,6 +41,10 @@ class Family:
     build_prompt(question_or_turns, n_images)  the family's chat template
     image_flops(cfg)  [(name, top-level param names, owl_jax.train.flops.ModuleFlops per
                       image)] of its image path, in order (the trainer's MFU accounting)
+    samples           training samples for the data pipeline: `caption(tok, text, seq_len,
+                      image_tokens, prompt, template)`, `conversation(tok, Conversation,
+                      seq_len, image_tokens, template)` -> (sample, drop reason) as
+                      owl_jax.data.tasks; `pixels(img, cfg, augment, rng)` -> uint8 [S, S, 3]
     """
     name: str
     config_type: type
@@ -52,6 +56,7 @@ class Family:
     processor: Callable[..., Any]
     build_prompt: Callable[..., str]
     image_flops: Callable[[Any], list]
+    samples: Any
 
 
 def get(name: str) -> Family:

@@ -11,11 +11,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from owl_jax import families
 from owl_jax.families.owl1.config import OwlConfig, tiny
-from owl_jax.families.owl1.model import Owl
 
 VOCAB = 48
 """Vocabulary size of `small_config` (token ids 0, 1, 2 are pad / BOS / EOS)."""
@@ -35,13 +34,14 @@ def small_config() -> OwlConfig:
         abstractor=dataclasses.replace(cfg.abstractor, num_hidden_layers=1))
 
 
-def random_params(cfg: OwlConfig, seed: int = 0) -> dict:
-    """Random fp32 numpy weights for `Owl(cfg)` (shapes from `jax.eval_shape`, so no init
-    compile), scaled so that the model's choices depend on the context: kernels ~ N(0, 1/fan_in),
-    norm scales ~ 1 + 0.2 N, biases ~ 0.05 N, embeddings ~ N(0, 1)."""
-    s = cfg.vision.image_size
-    shapes = nn.unbox(jax.eval_shape(lambda: Owl(cfg).init(
-        jax.random.key(0), jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, s, s, 3)))))["params"]
+def random_params(cfg, seed: int = 0) -> dict:
+    """Random fp32 numpy weights for the model of `cfg` (any family; shapes from
+    `jax.eval_shape`, so no init compile), scaled so that the model's choices depend on the
+    context: kernels ~ N(0, 1/fan_in), norm scales ~ 1 + 0.2 N, biases ~ 0.05 N, embeddings
+    ~ N(0, 1)."""
+    family = families.of_config(cfg)
+    shapes = nn.unbox(jax.eval_shape(lambda: family.model(cfg).init(
+        jax.random.key(0), *family.dummy_inputs(cfg))))["params"]
     rng = np.random.default_rng(seed)
 
     def make(path, a):

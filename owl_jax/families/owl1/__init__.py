@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 
 from owl_jax.families import Family
-from owl_jax.families.owl1 import config
+from owl_jax.families.owl1 import config, samples
 from owl_jax.families.owl1.model import Owl
 from owl_jax.families.owl1.processor import Processor
 from owl_jax.tokenizer import build_prompt
@@ -25,4 +25,4 @@ def image_flops(cfg: config.OwlConfig):
 FAMILY = Family(name="owl1", config_type=config.OwlConfig, load_config=config.load_official,
                 save_config=config.save_official, tiny=config.tiny, model=Owl,
                 dummy_inputs=dummy_inputs, processor=Processor, build_prompt=build_prompt,
-                image_flops=image_flops)
+                image_flops=image_flops, samples=samples)
