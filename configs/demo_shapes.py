@@ -1,20 +1,23 @@
-"""The `make demo` recipe: a tiny mPLUG-Owl trained on synthetic coloured shapes, on a CPU.
+"""The `make demo` recipes: a tiny mPLUG-Owl or LLaVA trained on synthetic coloured shapes, on a
+CPU.
 
     owl-train --config configs/demo_shapes.py:stage=stage1,out=demo_out --workdir W
+    owl-train --config configs/demo_shapes.py:family=llava,stage=stage2,out=demo_out --workdir W
 
-`python -m owl_jax.demo` builds the data, the tokenizer and the initial checkpoint under OUT and
-runs the three stages in order; each stage is an ordinary owl-train config (this file), so any
-stage can also be re-run by hand with the command above.
+`python -m owl_jax.demo [--family llava]` builds the data, the tokenizer and the initial
+checkpoint under OUT and runs the three stages in order; each stage is an ordinary owl-train
+config (this file), so any stage can also be re-run by hand with the commands above.
 
 ARGS (comma-separated name=value):
+  family=owl1|llava            the model family                                (default owl1)
   stage=warmup|stage1|stage2   which stage                                    (default stage1)
   out=DIR                      the demo's output directory                   (default demo_out)
-  steps=N                      optimizer steps (default: the stage's own, below)
+  steps=N                      optimizer steps (default: the stage's own, STEPS below)
   batch=ROWS                   rows per step                                 (default 32)
   fast                         compile without LLVM optimisation (`--quick`: compiles 3-4x
                                faster, steps run ~2x slower)
 
-The stages (each starts from the previous stage's WORKDIR/export):
+mPLUG-Owl (family=owl1; each stage starts from the previous stage's WORKDIR/export):
   warmup  the LLM alone learns the official prompt template, the answer phrasing and the
           colour/shape words from text: official-format text-only conversations ("Human: I see
           a red circle on a gray background. What colour is the shape?\\nAI: The shape is red.")
@@ -28,6 +31,19 @@ The stages (each starts from the previous stage's WORKDIR/export):
   stage2  the official instruction jsonl (mPLUG-Owl format) with images, LoRA (r=8, alpha=32)
           on the LLM's q_proj / v_proj, everything else frozen (the official LoRA script).
 
+LLaVA (family=llava), the same data in LLaVA's formats and templates:
+  warmup  as above, the conversations as a LLaVA json (text-only records, like those of
+          LLaVA-1.5's mix665k) rendered with `vicuna_v1` (only the answers and their </s>
+          train, LLaVA's mask), the plain-text lines in the same `vicuna_v1` rendering.
+          Trainable: language_model/.*
+  stage1  LLaVA's feature alignment: the caption shards in the `plain` template ("<image>" +
+          caption + "\\n"), LLM frozen, projector trained AND the CLIP tower: LLaVA freezes a
+          pretrained CLIP, the demo's tower is random and has to learn to see (as the Owl
+          demo's ViT does in its stage 1).
+  stage2  LLaVA-1.5's visual instruction tuning: the demo's instruction set as a LLaVA json
+          (`conversations`, `image`), `vicuna_v1`, projector + the whole LLM trained, the tower
+          frozen (`scripts/v1_5/finetune.sh`).
+
 Differences from the 7B recipes, and why: learning rates ~100x larger and a few hundred to a
 few thousand steps (a 2-layer, 128-wide model trained from scratch in minutes); no dropout (it
 only slows such short runs down); no augmentation (a random crop can cut the shape off, which
@@ -39,25 +55,33 @@ import os
 
 from owl_jax.configs.common import base_config, parse_arg
 
+FAMILIES = ("owl1", "llava")
 STAGES = ("warmup", "stage1", "stage2")
-ARGS = dict(stage="stage1", out="demo_out", steps=0, batch=32, fast=False)
+ARGS = dict(family="owl1", stage="stage1", out="demo_out", steps=0, batch=32, fast=False)
 
 # Default steps per stage, sized for about ten minutes on two CPU cores.
-STEPS = {"warmup": 300, "stage1": 2000, "stage2": 500}
+STEPS = {"owl1": {"warmup": 300, "stage1": 2000, "stage2": 500},
+         "llava": {"warmup": 300, "stage1": 2000, "stage2": 500}}
+# The format of the instruction files (owl_jax.data.conversation), per family.
+FORMATS = {"owl1": "owl", "llava": "llava"}
 
 
-def paths(out: str) -> dict[str, str]:
-    """Where the demo writes everything (run.py and this config agree through this function)."""
+def paths(out: str, family: str = "owl1") -> dict[str, str]:
+    """Where the demo writes everything (run.py and this config agree through this function).
+    The instruction files are in the family's own format (FORMATS): `.jsonl` (mPLUG-Owl's) or
+    `.json` (LLaVA's)."""
     out = os.path.abspath(out)
+    ext = "jsonl" if FORMATS[family] == "owl" else "json"
     return dict(
         out=out,
         tokenizer=f"{out}/tokenizer",
         init=f"{out}/init",
         train_shards=f"{out}/data/shapes_train",
+        heldout_shards=f"{out}/data/shapes_heldout",
         text_shards=f"{out}/data/text",
-        text_jsonl=f"{out}/data/text/conversations.jsonl",
+        text_conversations=f"{out}/data/text/conversations.{ext}",
         instruct_dir=f"{out}/data/instruct",
-        instruct_jsonl=f"{out}/data/instruct/instructions.jsonl",
+        instructions=f"{out}/data/instruct/instructions.{ext}",
         runs=f"{out}/runs",
         torch=f"{out}/torch",
         roundtrip=f"{out}/roundtrip",
@@ -65,13 +89,79 @@ def paths(out: str) -> dict[str, str]:
     )
 
 
+COMMON_DATA = dict(kind="pipeline", augment=False, workers=0, threads=2, seed=0)
+
+
+def owl1_stage(c, a, p: dict) -> None:
+    """mPLUG-Owl's stages (the module docstring)."""
+    fmt = FORMATS["owl1"]
+    if a.stage == "warmup":
+        c.trainable = ("language_model/.*",)
+        c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
+        c.batch.global_size = max(a.batch // 2, 1)
+        c.batch.seq_len = 128
+        c.data = dict(COMMON_DATA, packing=True, sources=[
+            dict(spec=f"instruct:{p['text_conversations']}?format={fmt}", weight=1.0),
+            dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
+        ])
+    elif a.stage == "stage1":
+        c.trainable = ("vision_model/.*", "query_tokens", "abstractor/.*")
+        c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 50
+        c.batch.global_size = a.batch * 2  # the shape signal is noisy: 64 images per step
+        c.batch.seq_len = 28         # BOS + 9 image slots + the longest caption + EOS
+        c.data = dict(COMMON_DATA, packing=False, sources=[
+            dict(spec=f"webdataset:{p['train_shards']}", task="caption")])
+    else:
+        c.lora.rank, c.lora.alpha, c.lora.dropout = 8, 32.0, 0.0
+        c.lora.targets = ("q_proj", "v_proj")
+        c.trainable = (".*/lora_[ab]",)
+        c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 30
+        c.batch.seq_len = 96
+        c.data = dict(COMMON_DATA, packing=False, sources=[
+            dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")])
+
+
+def llava_stage(c, a, p: dict) -> None:
+    """LLaVA's stages (the module docstring): the data pipeline lays the samples out with
+    LLaVA's templates and loss masks (`template`)."""
+    fmt = FORMATS["llava"]
+    if a.stage == "warmup":
+        c.trainable = ("language_model/.*",)
+        c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
+        c.batch.global_size = max(a.batch // 2, 1)
+        c.batch.seq_len = 128
+        c.data = dict(COMMON_DATA, packing=True, template="vicuna_v1", sources=[
+            dict(spec=f"instruct:{p['text_conversations']}?format={fmt}", weight=1.0),
+            dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
+        ])
+    elif a.stage == "stage1":
+        c.trainable = ("vision_tower/.*", "multi_modal_projector/.*")
+        c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 50
+        c.batch.global_size = a.batch * 2
+        c.batch.seq_len = 32         # BOS + 16 image slots + the longest caption + "\n"
+        c.data = dict(COMMON_DATA, packing=False, template="plain", sources=[
+            dict(spec=f"webdataset:{p['train_shards']}", task="caption")])
+    else:
+        c.trainable = ("multi_modal_projector/.*", "language_model/.*")
+        c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 30
+        c.batch.seq_len = 112
+        c.data = dict(COMMON_DATA, packing=False, template="vicuna_v1", sources=[
+            dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")])
+
+
+RECIPES = {"owl1": owl1_stage, "llava": llava_stage}
+
+
 def get_config(arg=None):
     a = parse_arg(arg, **ARGS)
+    if a.family not in FAMILIES:
+        raise ValueError(f"family={a.family!r}: expected one of {FAMILIES}")
     if a.stage not in STAGES:
         raise ValueError(f"stage={a.stage!r}: expected one of {STAGES}")
-    p = paths(a.out)
+    p = paths(a.out, a.family)
     c = base_config()
     c.seed = 0
+    c.model.family = a.family
     c.model.size = "tiny"          # unused for the shape: init_from's config.json decides
     c.model.image_size = 0         # 0 = keep init_from's resolution
     c.model.dtype = "float32"
@@ -93,35 +183,9 @@ def get_config(arg=None):
     c.num_samples = 0
     c.log_every = 25
     c.export_at_end = True
-    common_data = dict(kind="pipeline", augment=False, workers=0, threads=2, seed=0)
-
-    if a.stage == "warmup":
-        c.init_from = p["init"]
-        c.trainable = ("language_model/.*",)
-        c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
-        c.batch.global_size = max(a.batch // 2, 1)
-        c.batch.seq_len = 128
-        c.data = dict(common_data, packing=True, sources=[
-            dict(spec=f"instruct:{p['text_jsonl']}?format=owl", weight=1.0),
-            dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
-        ])
-    elif a.stage == "stage1":
-        c.init_from = f"{p['run_warmup']}/export"
-        c.trainable = ("vision_model/.*", "query_tokens", "abstractor/.*")
-        c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 50
-        c.batch.global_size = a.batch * 2  # the shape signal is noisy: 64 images per step
-        c.batch.seq_len = 28         # BOS + 9 image slots + the longest caption + EOS
-        c.data = dict(common_data, packing=False, sources=[
-            dict(spec=f"webdataset:{p['train_shards']}", task="caption")])
-    else:
-        c.init_from = f"{p['run_stage1']}/export"
-        c.lora.rank, c.lora.alpha, c.lora.dropout = 8, 32.0, 0.0
-        c.lora.targets = ("q_proj", "v_proj")
-        c.trainable = (".*/lora_[ab]",)
-        c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 30
-        c.batch.seq_len = 96
-        c.data = dict(common_data, packing=False, sources=[
-            dict(spec=f"instruct:{p['instruct_jsonl']}?format=owl&images={p['instruct_dir']}")])
+    c.init_from = p["init"] if a.stage == "warmup" else \
+        f"{p[f'run_{STAGES[STAGES.index(a.stage) - 1]}']}/export"
+    RECIPES[a.family](c, a, p)
     c.fast_compile = a.fast
-    c.total_steps = a.steps or STEPS[a.stage]
+    c.total_steps = a.steps or STEPS[a.family][a.stage]
     return c

@@ -1,9 +1,11 @@
-"""`make demo`'s code path, in seconds: `python -m owl_jax.demo --quick` (a few steps per stage).
+"""`make demo`'s code path, in seconds: `python -m owl_jax.demo --quick [--family llava]` (a few
+steps per stage), for every family the demo trains.
 
 Checks what the full demo relies on, not its accuracy: the data really is in img2dataset /
-official formats, the held-out split shares no image with the training split, every stage
-writes an export the next one starts from, the converted model answers exactly as the trained
-one, and the last line has the promised form.
+official (mPLUG-Owl jsonl, LLaVA json) formats, the held-out split shares no image with the
+training split, every stage writes an export the next one starts from and changes only what it
+trains, the converted model answers exactly as the trained one, and the last line has the
+promised form.
 """
 import io
 import json
@@ -50,10 +52,38 @@ def test_scoring_rule():
     assert res["caption"] == 0.5 and res["correct"] == [True, False]
 
 
+def test_family_table_and_recipes():
+    """Every family of the demo has its model and three chained owl-train stages; the Owl
+    demo's recipe spells no family (its command lines stay as they were)."""
+    from owl_jax import families
+    from owl_jax.configs import demo_shapes
+    assert sorted(run.DEMO) == sorted(demo_shapes.FAMILIES) == sorted(demo_shapes.FORMATS)
+    tokens = {"owl1": 9, "llava": 16}
+    for name in run.DEMO:
+        cfg = run.demo_model_config(640, name)
+        assert families.of_config(cfg).name == name and cfg.image_tokens == tokens[name]
+        assert cfg.vision.image_size == 32 and cfg.text.hidden_size == 128
+        prev = None
+        for stage in run.STAGES:
+            arg = run.stage_arg(name, stage, "/tmp/d")
+            assert arg.startswith("family=llava,") == (name == "llava")
+            c = demo_shapes.get_config(arg)
+            assert c.model.family == name
+            assert c.init_from == (f"{prev}/export" if prev else "/tmp/d/init")
+            prev = f"/tmp/d/runs/{stage}"
+    llava = run.demo_model_config(640, "llava")
+    assert llava.image_token_index == 640 and llava.text.vocab_size == 641
+    # LLaVA's text warm-up is its vicuna_v1 template, ending where the text task adds EOS
+    text = run.DEMO["llava"].inference_text([("What is red?", "A red circle.")])
+    assert text.endswith(" USER: What is red? ASSISTANT: A red circle.")
+
+
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
+@pytest.mark.parametrize("family", ["owl1", "llava"])
+def test_quick_demo_end_to_end(tmp_path, family):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "owl_jax.demo", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "owl_jax.demo", "--quick", "--family", family,
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -61,9 +91,16 @@ def test_quick_demo_end_to_end(tmp_path):
     assert re.fullmatch(r"demo accuracy: \d+\.\d% on 8 held-out images", lines[-1]), lines[-1]
     assert "round trip: 24/24 answers identical" in proc.stdout
     # stage 1 froze the LLM: every param owl-train counted as frozen came out bit-identical
-    frozen = re.search(r"left the ([\d,]+) LLM params bit-identical", proc.stdout)
+    frozen = re.search(r"stage 1 changed [\d,]+ \S+ params and left the ([\d,]+) LLM params "
+                       r"bit-identical", proc.stdout)
     assert frozen and int(frozen[1].replace(",", "")) > 0, proc.stdout[-3000:]
     assert f"; frozen {frozen[1]}\n" in proc.stdout
+    # stage 2 left bit-identical what it does not train (Owl: all but LoRA; LLaVA: the ViT)
+    kept = re.search(r"stage 2 changed [\d,]+ (\S+) params and left the ([\d,]+) (\S+) params",
+                     proc.stdout)
+    assert kept and f"; frozen {kept[2]}\n" in proc.stdout, proc.stdout[-3000:]
+    assert (kept[1], kept[3]) == {"owl1": ("LoRA", "abstractor/LLM/queries/ViT"),
+                                  "llava": ("LLM/projector", "ViT")}[family]
     for k in range(1, 9):
         assert f"[{k}/8]" in proc.stdout
 
@@ -83,15 +120,34 @@ def test_quick_demo_end_to_end(tmp_path):
     stats = json.loads((out / "data" / "shapes_train" / "00000_stats.json").read_text())
     assert stats["successes"] == stats["count"] == len(names) // 3
 
-    # official instruction jsonl, images beside it
-    recs = [json.loads(x) for x in (out / "data" / "instruct" / "instructions.jsonl").open()]
-    assert recs and all(r["task_type"] == "llava_sft" for r in recs)
-    assert recs[0]["text"].startswith(shapes.SYSTEM_PROMPT + "\nHuman: <image>\nHuman: ")
-    assert (out / "data" / "instruct" / recs[0]["image"][0]).exists()
+    instruct = out / "data" / "instruct"
+    if family == "owl1":
+        # official instruction jsonl, images beside it
+        recs = [json.loads(x) for x in (instruct / "instructions.jsonl").open()]
+        assert recs and all(r["task_type"] == "llava_sft" for r in recs)
+        assert recs[0]["text"].startswith(shapes.SYSTEM_PROMPT + "\nHuman: <image>\nHuman: ")
+        assert (instruct / recs[0]["image"][0]).exists()
+        text = [json.loads(x) for x in (out / "data" / "text" / "conversations.jsonl").open()]
+        assert text and "image" not in text[0] and "\nAI: " in text[0]["text"]
+    else:
+        # LLaVA's json: `conversations` human / gpt, "<image>\n" first; text-only records
+        recs = json.loads((instruct / "instructions.json").read_text())
+        assert recs and (instruct / recs[0]["image"]).exists()
+        conv = recs[0]["conversations"]
+        assert [t["from"] for t in conv[:2]] == ["human", "gpt"]
+        assert conv[0]["value"].startswith("<image>\n")
+        text = json.loads((out / "data" / "text" / "conversations.json").read_text())
+        assert text and "image" not in text[0] and text[0]["conversations"][1]["from"] == "gpt"
 
-    # every stage exported; stage 2 keeps LoRA unmerged, the round trip has it merged
+    # every stage exported; Owl's stage 2 keeps LoRA unmerged, the round trip has it merged;
+    # LLaVA's stage 2 trains the LLM itself
     for stage in ("warmup", "stage1", "stage2"):
         assert (out / "runs" / stage / "export" / "config.json").exists()
-    assert json.loads((out / "runs" / "stage2" / "export" / "owl_jax.json").read_text())["lora"]
+    stage2 = json.loads((out / "runs" / "stage2" / "export" / "owl_jax.json").read_text())
+    assert stage2["family"] == family and bool(stage2["lora"]) == (family == "owl1")
     assert json.loads((out / "roundtrip" / "owl_jax.json").read_text())["lora"] is None
-    assert (out / "torch" / "pytorch_model.bin").exists()
+    if family == "owl1":
+        assert (out / "torch" / "pytorch_model.bin").exists()
+    else:
+        assert (out / "torch" / "model.safetensors").exists()
+        assert json.loads((out / "torch" / "config.json").read_text())["model_type"] == "llava"

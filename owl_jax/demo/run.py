@@ -1,33 +1,35 @@
 """`make demo`: the whole owl-jax stack on a laptop CPU, end to end, in about ten minutes.
 
-    python -m owl_jax.demo [--out demo_out] [--quick] [--eval-images 200]
+    python -m owl_jax.demo [--family owl1|llava] [--out demo_out] [--quick] [--eval-images 200]
 
 1. data        synthetic coloured shapes as img2dataset webdataset shards (train, held out),
-               an instruction set in the official mPLUG-Owl jsonl format (images beside it),
-               and the text-only warm-up corpus
+               an instruction set in the family's format (mPLUG-Owl's jsonl / LLaVA's json,
+               images beside it), and the text-only warm-up corpus
 2. tokenizer   a LLaMA-like sentencepiece model trained on the demo's text
-3. init        a randomly initialised tiny Owl written as a checkpoint directory
+3. init        a randomly initialised tiny model of the family written as a checkpoint directory
 4. warmup      owl-train: the LLM learns the template and the words from text
-5. stage 1     owl-train: LLM frozen, ViT + abstractor learn to caption (webdataset -> grain)
-6. stage 2     owl-train: LoRA on the LLM learns to answer questions (official jsonl)
+5. stage 1     owl-train: LLM frozen, the vision side learns to caption (webdataset -> grain)
+6. stage 2     owl-train: instruction tuning (mPLUG-Owl: LoRA on the LLM; LLaVA: projector +
+               the whole LLM)
 7. evaluate    greedy answers and captions for held-out images, scored by keywords
 8. round trip  owl-convert jax-to-torch, then torch-to-jax; the converted model must give the
                same answers
 The last line printed is `demo accuracy: X% on N held-out images`.
 
-The scoring rule is in `owl_jax/demo/scoring.py`.
+What differs per family is in one table, `DEMO` (below), and in the family's recipes in
+configs/demo_shapes.py; the scoring rule is in `owl_jax/demo/scoring.py`.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
-import json
 import os
-import re
 import shutil
 import sys
 import tarfile
 import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -41,24 +43,120 @@ SIZES = dict(
 )
 TRAIN_SEED, HELDOUT_SEED, INSTRUCT_SEED, TEXT_SEED = 1, 2, 3, 4
 IMAGE_PX = 64  # stored JPEG size; the model resizes to its own resolution (32) as upstream does
+STAGES = ("warmup", "stage1", "stage2")
 
 
-def demo_model_config(vocab_size: int):
-    """The demo's model: ~0.9M parameters, 32 px images, 9 visual tokens per image."""
+# --------------------------------------------------------------------------------------------
+# What differs per model family
+
+Turns = list  # [(question, answer), ...]
+
+
+def owl1_model_config(vocab_size: int):
+    """The Owl demo's model: ~0.9M parameters, 32 px images, 9 visual tokens per image."""
     from owl_jax.connectors.abstractor import AbstractorConfig
     from owl_jax.families.owl1.config import OwlConfig
-    from owl_jax.decoder.llama import TextConfig
-    from owl_jax.encoders.vit import VisionConfig
     return OwlConfig(
-        vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
-                            num_attention_heads=4, image_size=32, patch_size=8),
+        vision=_vision(num_hidden_layers=2),
         abstractor=AbstractorConfig(hidden_size=96, num_hidden_layers=1, num_attention_heads=4,
                                     intermediate_size=288, encoder_hidden_size=96,
                                     attention_probs_dropout_prob=0.0),
-        text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
-                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256),
+        text=_text(vocab_size),
         num_query_tokens=8,
     )
+
+
+def llava_model_config(vocab_size: int):
+    """The LLaVA demo's model: the Owl demo's ViT (CLIP layer norm eps 1e-5) with one more layer
+    that LLaVA's penultimate-layer tap never runs (vision_feature_layer -2: 2 layers run, as in
+    the Owl demo), 16 patch tokens per image, the `mlp2x_gelu` projector of LLaVA-1.5, the same
+    LLM; one vocabulary row more than the tokenizer for `<image>` (llava-hf style)."""
+    from owl_jax.families.llava.config import LlavaConfig
+    return LlavaConfig(vision=_vision(num_hidden_layers=3, layer_norm_eps=1e-5),
+                       text=_text(vocab_size + 1), projector="mlp2x_gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       image_token_index=vocab_size, image_aspect_ratio="pad")
+
+
+def _vision(**kw):
+    from owl_jax.encoders.vit import VisionConfig
+    return VisionConfig(hidden_size=96, intermediate_size=384, num_attention_heads=4,
+                        image_size=32, patch_size=8, **kw)
+
+
+def _text(vocab_size: int):
+    from owl_jax.decoder.llama import TextConfig
+    return TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
+
+
+def owl1_inference_text(turns: Turns) -> str:
+    """A text-only conversation as mPLUG-Owl reads it at inference. Training encodes "AI: " as a
+    chunk of its own ("▁AI", ":", "▁"), the official processor encodes the prompt's last chunk
+    whole ("?\\n", "AI", ":", "▁"); a line with "AI:  " (two spaces) encodes like that, answer
+    included. A pretrained 7B LLM knows both; ours, trained from scratch, had never seen "AI"
+    without its "▁" and answered "." to up to half the shape questions."""
+    return shapes.owl_text(turns, with_image=False).replace("\nAI: ", "\nAI:  ")
+
+
+def llava_render(turns: Turns, with_image: bool = True) -> str:
+    """A conversation in LLaVA's `vicuna_v1` template (an image as the first user turn's
+    "<image>\\n" line)."""
+    from owl_jax.families.llava.templates import render
+    msgs = [m for qa in turns for m in qa]
+    if with_image:
+        msgs[0] = "<image>\n" + msgs[0]
+    return render(msgs, "vicuna_v1")
+
+
+def llava_inference_text(turns: Turns) -> str:
+    """A text-only conversation as LLaVA reads it: `vicuna_v1` as one string (LLaVA encodes a
+    text-only conversation, and the chunk after an image, whole, as its prompts at inference),
+    without the final "</s>" (the text task appends EOS)."""
+    text = llava_render(turns, with_image=False)
+    return text[:-len("</s>")] if text.endswith("</s>") else text
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoFamily:
+    """What the demo does differently for one model family. The stage recipes (what trains,
+    learning rates, templates) are the family's functions in configs/demo_shapes.py."""
+    title: str
+    model_config: Callable[[int], Any]        # tokenizer vocabulary size -> model config
+    render: Callable[..., str]                # (turns, with_image) -> training text
+    inference_text: Callable[[Turns], str]    # a warm-up conversation as read at inference
+    keyword_line: Callable[[str, str], str]   # (keywords, caption) -> a warm-up text line
+    stage_titles: dict
+    convert_args: tuple = ()                  # extra `owl-convert jax-to-torch` flags
+
+
+DEMO = {
+    "owl1": DemoFamily(
+        title="mPLUG-Owl", model_config=owl1_model_config, render=shapes.owl_text,
+        inference_text=owl1_inference_text,
+        keyword_line=lambda kw, caption: f"{kw}. {caption}",
+        stage_titles=dict(
+            warmup="text warm-up of the LLM (template, answer phrasing, colour and shape words)",
+            stage1="stage 1: captioning, LLM frozen, ViT + abstractor trained",
+            stage2="stage 2: instruction tuning, LoRA on the LLM")),
+    "llava": DemoFamily(
+        title="LLaVA", model_config=llava_model_config, render=llava_render,
+        inference_text=llava_inference_text,
+        # the keywords stand where stage 1's image stands, the caption follows as in `plain`
+        keyword_line=lambda kw, caption: f"{kw}. {caption}\n",
+        stage_titles=dict(
+            warmup="text warm-up of the LLM (vicuna_v1 template, answer phrasing, colour and "
+                   "shape words)",
+            stage1="stage 1: feature alignment on captions (plain template), LLM frozen, "
+                   "ViT + projector trained",
+            stage2="stage 2: visual instruction tuning (vicuna_v1), projector + LLM trained, "
+                   "ViT frozen"),
+        convert_args=("--layout", "hf")),
+}
+
+
+def demo_model_config(vocab_size: int, family: str = "owl1"):
+    return DEMO[family].model_config(vocab_size)
 
 
 class Steps:
@@ -95,17 +193,18 @@ def _bar(total: int, desc: str):
 # 1-3: data, tokenizer, initial checkpoint
 
 
-def write_text_corpus(p: dict, n: int) -> list[str]:
-    """The warm-up corpus: official-format text-only conversations (jsonl), and plain lines
-    "red circle gray. a red circle on a gray background" plus the same conversations as one
-    string each (a text-only webdataset shard: `.txt` members, no image, read by the
-    pipeline's `text` task). Returns all the text written."""
+def write_text_corpus(p: dict, n: int, family: str, fmt: str) -> list[str]:
+    """The warm-up corpus: text-only conversations in the family's instruction format (`fmt`),
+    and plain lines "red circle gray. a red circle on a gray background" plus the same
+    conversations as one string each (a text-only webdataset shard: `.txt` members, no image,
+    read by the pipeline's `text` task), both rendered for the family. Returns all the text
+    written, as the model reads it."""
     import random
+    demo = DEMO[family]
     os.makedirs(p["text_shards"], exist_ok=True)
-    convs = shapes.text_corpus(TEXT_SEED, n)
-    with open(p["text_jsonl"], "w") as f:
-        for text in convs:
-            f.write(json.dumps({"text": text, "task_type": "quora_chat_sft"}) + "\n")
+    turns = shapes.text_turns(TEXT_SEED, n)
+    shapes.write_text_conversations(p["text_conversations"], turns, fmt)
+    convs = [demo.render(t, with_image=False) for t in turns]
     rng = random.Random(f"keywords/{TEXT_SEED}")
     lines = []
     for _ in range(n):
@@ -116,13 +215,9 @@ def write_text_corpus(p: dict, n: int) -> list[str]:
         # shape accuracy after stage 1 over a fixed order.
         words = [c, s, b]
         rng.shuffle(words)
-        lines.append(f"{' '.join(words)}. {shapes.caption_for(c, s, b, rng.randrange(5))}")
-    # The conversations again as the model reads them at inference. Training encodes "AI: " as
-    # a chunk of its own ("▁AI", ":", "▁"), the official processor encodes the prompt's last
-    # chunk whole ("?\n", "AI", ":", "▁"); a line with "AI:  " (two spaces) encodes like that,
-    # answer included. A pretrained 7B LLM knows both; ours, trained from scratch, had never seen
-    # "AI" without its "▁" and answered "." to up to half the shape questions.
-    lines += [t.replace("\nAI: ", "\nAI:  ") for t in convs]
+        lines.append(demo.keyword_line(" ".join(words),
+                                       shapes.caption_for(c, s, b, rng.randrange(5))))
+    lines += [demo.inference_text(t) for t in turns]
     with tarfile.open(os.path.join(p["text_shards"], "00000.tar"), "w") as tar:
         for i, line in enumerate(lines):
             data = line.encode()
@@ -132,7 +227,7 @@ def write_text_corpus(p: dict, n: int) -> list[str]:
     return convs + lines
 
 
-def tokenizer_corpus(text: list[str], n_captions: int = 2000) -> list[str]:
+def tokenizer_corpus(text: list[str], family: str, n_captions: int = 2000) -> list[str]:
     """Everything the model will read or write, so the small vocabulary covers it well."""
     import random
     rng = random.Random("tokenizer")
@@ -140,29 +235,27 @@ def tokenizer_corpus(text: list[str], n_captions: int = 2000) -> list[str]:
     for i in range(n_captions):  # conversations as stage 2 sees them (no pixels needed)
         c, sh, b = (rng.choice(sorted(shapes.COLOURS)), rng.choice(shapes.SHAPES),
                     rng.choice(sorted(shapes.BACKGROUNDS)))
-        out.append(shapes.owl_text(shapes.conversation(
+        out.append(DEMO[family].render(shapes.conversation(
             shapes.ShapeSample(i, c, sh, b, shapes.caption_for(c, sh, b, i), None), rng)))
     return out
 
 
-def init_checkpoint(p: dict, vocab_size: int, seed: int = 0) -> None:
-    """A random tiny Owl saved as a checkpoint directory (what `init_from` reads).
+def init_checkpoint(p: dict, vocab_size: int, family: str, seed: int = 0) -> None:
+    """A random tiny model of the family saved as a checkpoint directory (what `init_from`
+    reads): `family.model(cfg).init(key, *family.dummy_inputs(cfg))`.
 
     Dense and conv kernels get LeCun-normal scales (std 1/sqrt(fan_in)) instead of the 7B
     model's fixed 0.02: at width 96-128, 0.02 starts every residual branch ~5x too small and
     the ViT learns shapes about twice as slowly (measured)."""
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
     from owl_jax import checkpoint as ckpt
-    from owl_jax.families.owl1.model import Owl
+    from owl_jax import families
 
-    cfg = demo_model_config(vocab_size)
-    s = cfg.vision.image_size
-    ids = jnp.concatenate([jnp.full((1, cfg.image_tokens), -1, jnp.int32),
-                           jnp.ones((1, 1), jnp.int32)], axis=1)
-    params = nn.unbox(Owl(cfg).init(jax.random.key(seed), ids, jnp.zeros((1, s, s, 3))))["params"]
+    cfg = demo_model_config(vocab_size, family)
+    fam = families.of_config(cfg)
+    params = nn.unbox(fam.model(cfg).init(jax.random.key(seed), *fam.dummy_inputs(cfg)))["params"]
 
     def rescale(path, x):
         name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -174,21 +267,37 @@ def init_checkpoint(p: dict, vocab_size: int, seed: int = 0) -> None:
     ckpt.save_checkpoint(p["init"], jax.device_get(params), cfg, tokenizer_dir=p["tokenizer"],
                          overwrite=True)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"  {n / 1e6:.2f}M parameters: ViT {cfg.vision.num_hidden_layers}x"
-          f"{cfg.vision.hidden_size} at {s}px/{cfg.vision.patch_size}px patches, abstractor "
-          f"{cfg.num_query_tokens} queries, LLM {cfg.text.num_hidden_layers}x"
-          f"{cfg.text.hidden_size}, vocab {vocab_size}", flush=True)
+    v = cfg.vision
+    print(f"  {n / 1e6:.2f}M parameters: ViT {v.num_hidden_layers}x{v.hidden_size} at "
+          f"{v.image_size}px/{v.patch_size}px patches, {_connector(cfg)}, LLM "
+          f"{cfg.text.num_hidden_layers}x{cfg.text.hidden_size}, vocab {cfg.text.vocab_size}",
+          flush=True)
+
+
+def _connector(cfg) -> str:
+    """The image path between the ViT and the LLM, in words (the init step's summary)."""
+    if hasattr(cfg, "abstractor"):
+        return f"abstractor {cfg.num_query_tokens} queries -> {cfg.image_tokens} visual tokens"
+    return (f"{cfg.projector} projector on layer {cfg.vision_feature_layer} -> "
+            f"{cfg.image_tokens} visual tokens")
 
 
 # --------------------------------------------------------------------------------------------
 # 4-6: training
 
 
-def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = False):
+def stage_arg(family: str, stage: str, out: str, steps: int | None = None,
+              fast: bool = False) -> str:
+    """The configs/demo_shapes.py ARGS of one stage (the Owl demo's as before: no family=)."""
+    return (f"family={family}," if family != "owl1" else "") + f"stage={stage},out={out}" + \
+        (f",steps={steps}" if steps else "") + (",fast" if fast else "")
+
+
+def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = False,
+                family: str = "owl1"):
     from owl_jax.configs import demo_shapes
     from owl_jax.train.loop import train
-    arg = f"stage={stage},out={out}" + (f",steps={steps}" if steps else "") + \
-        (",fast" if fast else "")
+    arg = stage_arg(family, stage, out, steps, fast)
     config = demo_shapes.get_config(arg)
     workdir = p[f"run_{stage}"]
     shutil.rmtree(workdir, ignore_errors=True)  # a demo run always starts from scratch
@@ -201,28 +310,48 @@ def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = F
     return result
 
 
-def check_frozen(p: dict) -> None:
-    """Each stage changed exactly what it trains: reads the three exports back and compares
-    them leaf by leaf (a frozen parameter must come out bit-identical)."""
+# Top-level param names in words (check_frozen's report).
+PART_NAMES = {"language_model": "LLM", "vision_model": "ViT", "vision_tower": "ViT",
+              "query_tokens": "queries", "abstractor": "abstractor",
+              "multi_modal_projector": "projector"}
+
+
+def _parts(keys) -> str:
+    names = []
+    for k in sorted(keys):
+        name = "LoRA" if k.endswith(("/lora_a", "/lora_b")) else \
+            PART_NAMES.get(k.split("/")[0], k.split("/")[0])
+        if name not in names:
+            names.append(name)
+    return "/".join(names)
+
+
+def check_frozen(p: dict, family: str = "owl1") -> None:
+    """Each stage changed exactly what its recipe trains: reads the three exports back and
+    compares them leaf by leaf. A parameter outside the stage's `trainable` must come out
+    bit-identical, and every `trainable` pattern must have changed something."""
     from owl_jax import checkpoint as ckpt
+    from owl_jax.configs import demo_shapes
     from owl_jax.train import trainable as tr
     flat = {s: tr.flatten(ckpt.load_checkpoint(f"{p[f'run_{s}']}/export", check=False)[1])
-            for s in ("warmup", "stage1", "stage2")}
-
-    def changed(a, b):
-        return {k for k in flat[b] if k not in flat[a] or
-                not np.array_equal(np.asarray(flat[a][k]), np.asarray(flat[b][k]))}
-    c1, c2 = changed("warmup", "stage1"), changed("stage1", "stage2")
-    n = lambda keys, src: sum(int(np.prod(np.shape(flat[src][k]))) for k in keys)  # noqa: E731
-    bad1 = sorted(k for k in c1 if k.startswith("language_model/"))
-    bad2 = sorted(k for k in c2 if not re.search(r"/lora_[ab]$", k))
-    if bad1 or bad2 or not c1 or not c2:
-        raise SystemExit(f"a stage changed what it should have frozen: stage 1 {bad1[:3]}, "
-                         f"stage 2 {bad2[:3]} (changed: {len(c1)}, {len(c2)})")
-    frozen_llm = n([k for k in flat["stage1"] if k.startswith("language_model/")], "stage1")
-    print(f"  checked: stage 1 changed {n(c1, 'stage1'):,} ViT/abstractor params and left the "
-          f"{frozen_llm:,} LLM params bit-identical; stage 2 changed only the "
-          f"{n(c2, 'stage2'):,} LoRA params", flush=True)
+            for s in STAGES}
+    size = lambda keys, src: sum(int(np.prod(np.shape(flat[src][k]))) for k in keys)  # noqa: E731
+    report = []
+    for before, stage in zip(STAGES, STAGES[1:]):
+        trainable = demo_shapes.get_config(stage_arg(family, stage, p["out"])).trainable
+        a, b = flat[before], flat[stage]
+        changed = {k for k in b if k not in a or not np.array_equal(np.asarray(a[k]),
+                                                                    np.asarray(b[k]))}
+        frozen = [k for k in b if not tr.is_trainable(k, trainable)]
+        bad = sorted(k for k in changed if k in frozen)
+        idle = [pat for pat in trainable if not any(tr.is_trainable(k, (pat,)) for k in changed)]
+        if bad or idle:
+            raise SystemExit(f"{stage} changed what it should have frozen ({bad[:3]}) or left "
+                             f"a trainable part unchanged ({idle}); changed: {len(changed)}")
+        n = stage.replace("stage", "stage ")
+        report.append(f"{n} changed {size(changed, stage):,} {_parts(changed)} params and left "
+                      f"the {size(frozen, stage):,} {_parts(frozen)} params bit-identical")
+    print("  checked: " + "; ".join(report), flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,6 +376,8 @@ def _fresh_output_dir(out: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m owl_jax.demo", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(DEMO), default="owl1",
+                    help="the model family to train (default owl1, mPLUG-Owl)")
     ap.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     ap.add_argument("--quick", action="store_true",
                     help="a seconds-long run of the same code path (tests use it; accuracy "
@@ -261,6 +392,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    family, demo = args.family, DEMO[args.family]
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.eval_images:
         size["heldout"] = args.eval_images
@@ -272,30 +404,31 @@ def main(argv=None) -> int:
         0.0 if args.quick else 0.9)
 
     from owl_jax.configs import demo_shapes
-    p = demo_shapes.paths(args.out)
+    p = demo_shapes.paths(args.out, family)
+    fmt = demo_shapes.FORMATS[family]
     _fresh_output_dir(p["out"])
-    st = Steps(["data", "tokenizer", "init", "warmup", "stage1", "stage2", "evaluate",
-                "round trip"])
-    print(f"owl-jax demo -> {p['out']} ({'quick' if args.quick else 'full'} run)", flush=True)
+    st = Steps(["data", "tokenizer", "init", *STAGES, "evaluate", "round trip"])
+    print(f"owl-jax demo -> {p['out']} ({'quick' if args.quick else 'full'} run, "
+          f"{demo.title})", flush=True)
 
     # 1. data ---------------------------------------------------------------------------------
-    st("synthetic shapes as img2dataset webdataset shards, an official instruction jsonl, "
-       "and a text corpus")
+    st(f"synthetic shapes as img2dataset webdataset shards, an instruction set in "
+       f"{demo.title}'s format, and a text corpus")
     with _bar(size["train"], "  train shards") as bar:
         shards = shapes.write_webdataset(p["train_shards"], TRAIN_SEED, size["train"],
                                          per_shard=2000, size=IMAGE_PX, progress=bar.update)
-    held_dir = os.path.join(p["out"], "data", "shapes_heldout")
+    held_dir = p["heldout_shards"]
     with _bar(size["heldout"], "  held-out shards") as bar:
         shapes.write_webdataset(held_dir, HELDOUT_SEED, size["heldout"], per_shard=2000,
                                 size=IMAGE_PX, progress=bar.update)
     with _bar(size["instruct"], "  instructions") as bar:
         shapes.write_instructions(p["instruct_dir"], INSTRUCT_SEED, size["instruct"],
-                                  fmt="owl", size=IMAGE_PX, progress=bar.update)
-    text = write_text_corpus(p, size["text"])
+                                  fmt=fmt, size=IMAGE_PX, progress=bar.update)
+    text = write_text_corpus(p, size["text"], family, fmt)
     print(f"  {len(shards)} train shards ({size['train']} images) in {p['train_shards']}\n"
           f"  {size['heldout']} held-out images (split seed {HELDOUT_SEED}, train seed "
           f"{TRAIN_SEED}) in {held_dir}\n"
-          f"  {size['instruct']} conversations in {p['instruct_jsonl']}\n"
+          f"  {size['instruct']} conversations in {p['instructions']}\n"
           f"  {len(text)} warm-up texts in {p['text_shards']}", flush=True)
 
     # 2. tokenizer ----------------------------------------------------------------------------
@@ -305,23 +438,22 @@ def main(argv=None) -> int:
     # 640 pieces: at 512, "Blue", "Green" and "Yellow" were spelled "▁" + letters, so the one-word
     # answers ("Blue.") hinged on LoRA learning single letters from the image, and the colour
     # answer swung between 100% and 75% with the sample order. At 640 every colour is one piece.
-    train_tiny_tokenizer(p["tokenizer"], vocab_size=640, texts=tokenizer_corpus(text))
+    train_tiny_tokenizer(p["tokenizer"], vocab_size=640, texts=tokenizer_corpus(text, family))
     tok = OwlTokenizer.from_dir(p["tokenizer"])
     print(f"  vocab {tok.vocab_size}; '{shapes.caption_for('red', 'circle', 'white')}' -> "
           f"{len(tok.encode(shapes.caption_for('red', 'circle', 'white')))} tokens", flush=True)
 
     # 3. initial checkpoint -------------------------------------------------------------------
-    st("a randomly initialised tiny mPLUG-Owl")
-    init_checkpoint(p, tok.vocab_size)
+    st(f"a randomly initialised tiny {demo.title}")
+    init_checkpoint(p, tok.vocab_size, family)
 
     # 4-6. training ---------------------------------------------------------------------------
-    st("text warm-up of the LLM (template, answer phrasing, colour and shape words)")
-    train_stage("warmup", p, args.out, steps.get("warmup"), args.quick)
-    st("stage 1: captioning, LLM frozen, ViT + abstractor trained")
-    train_stage("stage1", p, args.out, steps.get("stage1"), args.quick)
-    st("stage 2: instruction tuning, LoRA on the LLM")
-    final = train_stage("stage2", p, args.out, steps.get("stage2"), args.quick)["export_dir"]
-    check_frozen(p)
+    final = None
+    for stage in STAGES:
+        st(demo.stage_titles[stage])
+        final = train_stage(stage, p, args.out, steps.get(stage), args.quick,
+                            family)["export_dir"]
+    check_frozen(p, family)
 
     # 7. evaluate -----------------------------------------------------------------------------
     st(f"answering questions about {size['heldout']} held-out images")
@@ -331,6 +463,7 @@ def main(argv=None) -> int:
     pipe = load_pretrained(final, compiler_options=xla)
     answers = scoring.answer_all(pipe, images)
     res = scoring.score(images, answers)
+    print(f"  prompt: {pipe.family.build_prompt(shapes.COLOUR_QUESTION)!r}", flush=True)
     for i in range(min(4, len(images))):
         c, s = scoring.truth(images[i][0])
         print(f"  {c} {s}: Q: {shapes.COLOUR_QUESTION} A: {answers['colour'][i]!r} | "
@@ -340,14 +473,14 @@ def main(argv=None) -> int:
     # 8. round trip ---------------------------------------------------------------------------
     st("owl-convert jax-to-torch, then torch-to-jax, and the same questions again")
     from owl_jax.convert.cli import main as owl_convert
-    for argv_ in (["jax-to-torch", final, p["torch"]],
+    for argv_ in (["jax-to-torch", final, p["torch"], *demo.convert_args],
                   ["torch-to-jax", p["torch"], p["roundtrip"]]):
         print(f"  owl-convert {' '.join(argv_)}", flush=True)
         rc = owl_convert(argv_)
         if rc:
             raise SystemExit(f"owl-convert {argv_[0]} failed with status {rc}")
     torch_files = sorted(f for f in os.listdir(p["torch"]) if not f.startswith("."))
-    print(f"  official layout: {', '.join(torch_files)}", flush=True)
+    print(f"  PyTorch layout: {', '.join(torch_files)}", flush=True)
     again = scoring.answer_all(load_pretrained(p["roundtrip"], compiler_options=xla), images)
     same = sum(a == b for k in answers for a, b in zip(answers[k], again[k]))
     total = sum(len(v) for v in answers.values())

@@ -12,6 +12,8 @@ Writers:
   plus the `{shard:05d}.parquet` sidecar and `{shard:05d}_stats.json`, as img2dataset writes them.
 - `write_instructions`: an instruction set in mPLUG-Owl's own jsonl format (`image`, `text`,
   `task_type`) with the images saved next to it, or in LLaVA's json format.
+- `write_text_conversations`: the text-only warm-up conversations (`text_turns`) in either
+  format.
 """
 from __future__ import annotations
 
@@ -272,11 +274,12 @@ def write_instructions(out_dir: str, seed: int, n: int, fmt: str = "owl", size: 
     return path
 
 
-def text_corpus(seed: int, n: int) -> list[str]:
-    """Text-only conversations in the official template (no image): the LLM warm-up data.
+def text_turns(seed: int, n: int) -> list[list[tuple[str, str]]]:
+    """Text-only (question, answer) exchanges, one per conversation: the LLM warm-up data.
 
     The question is about a shape the human describes in words, so the LLM learns the
     template, the answer phrasing and the colour/shape vocabulary before it ever sees an image.
+    Each family renders them with its own template (`text_corpus`: mPLUG-Owl's).
     """
     rng = random.Random(f"text/{seed}")
     out = []
@@ -290,5 +293,31 @@ def text_corpus(seed: int, n: int) -> list[str]:
             q, a = f"I see {desc}. {rng.choice(SHAPE_QUESTIONS)}", shape_answer(s, rng.randrange(3))
         else:
             q, a = f"Write a caption for {c} {s} on {b}.", desc.capitalize() + "."
-        out.append(owl_text([(q, a)], with_image=False))
+        out.append([(q, a)])
     return out
+
+
+def text_corpus(seed: int, n: int) -> list[str]:
+    """`text_turns` in the official mPLUG-Owl template (no image)."""
+    return [owl_text(turns, with_image=False) for turns in text_turns(seed, n)]
+
+
+def write_text_conversations(path: str, convs: list[list[tuple[str, str]]],
+                             fmt: str = "owl") -> str:
+    """Text-only conversations (no image) as an instruction file: fmt="owl": the official jsonl
+    (`text`, `task_type` "quora_chat_sft"); fmt="llava": a LLaVA json list of records with
+    `conversations` and no `image` (as the text-only records of LLaVA-1.5's mix665k)."""
+    if fmt not in ("owl", "llava"):
+        raise ValueError(f"instruction format must be 'owl' or 'llava', got {fmt!r}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        if fmt == "owl":
+            for turns in convs:
+                f.write(json.dumps({"text": owl_text(turns, with_image=False),
+                                    "task_type": "quora_chat_sft"}) + "\n")
+        else:
+            json.dump([{"id": f"text_{i:06d}", "conversations": [
+                {"from": who, "value": v} for q, a in turns
+                for who, v in (("human", q), ("gpt", a))]} for i, turns in enumerate(convs)],
+                f, indent=1)
+    return path
