@@ -1,6 +1,7 @@
-"""owl-convert: mPLUG-Owl weights between the official PyTorch layout, HF LLaMA / CLIP and owl_jax.
+"""owl-convert: model weights between the official / HF PyTorch layouts and owl_jax.
 
-Modules: `keymap` (the key / layout table), `torch_io` (streaming .bin / safetensors, sharded),
-`official` (torch <-> jax), `hf_llama`, `hf_clip`, `from_hf` (fresh Owl from HF parts),
+Modules: `keymap` (Owl's key / layout table), `torch_io` (streaming .bin / safetensors, sharded),
+`official` (Owl torch <-> jax), `llava` (LLaVA's llava-hf and original layouts, its key maps in
+owl_jax.families.llava.keymap), `hf_llama`, `hf_clip`, `from_hf` (fresh models from HF parts),
 `lora` (PEFT keys and merging), `cli` (the `owl-convert` command).
 """

@@ -30,7 +30,8 @@ FORMAT = "owl_jax"
 VERSION = 1
 META_FILE = "owl_jax.json"
 PARAMS_DIR = "params"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json", "added_tokens.json")
 LORA_LEAVES = ("lora_a", "lora_b")
 
 

@@ -125,3 +125,14 @@ def test_tiny_recipe_trains_resumes_and_exports(name, tmp_path, tokenizer_dir):
         [ids], None, GenerationConfig(max_new_tokens=4, eos_token_id=-1))[0]
     assert got.token_ids == want.token_ids and len(got.token_ids) == 4
     assert owl.config.text.vocab_size == 384  # a fresh tiny model takes the tokenizer's
+
+
+def test_checkpoints_written_before_families_load_as_owl1(tmp_path, tokenizer_dir):
+    cfg = families.get("owl1").tiny(vocab_size=384)
+    save_checkpoint(str(tmp_path), random_params(cfg), cfg, tokenizer_dir=tokenizer_dir)
+    path = tmp_path / "owl_jax.json"
+    meta = json.loads(path.read_text())
+    del meta["family"]  # the directory format before families
+    path.write_text(json.dumps(meta))
+    assert families.name_of_checkpoint(str(tmp_path)) == "owl1"
+    assert owl_jax.load_pretrained(str(tmp_path), compiler_options=FAST).config == cfg
