@@ -187,3 +187,29 @@ def test_owl_generate_answers_with_a_llava_checkpoint(tmp_path, tokenizer_dir):
     assert main(["--ckpt", str(tmp_path / "ckpt"), "--image", str(tmp_path / "a.png"),
                  "--prompt", "What is it?", "--max_new_tokens", "5"], stdout=out) == 0
     assert out.getvalue() == want + "\n"
+
+
+def test_owl_eval_asks_a_llava_checkpoint_in_its_template(tmp_path, tokenizer_dir):
+    """owl-eval's loop with a LLaVA checkpoint: every question goes out in LLaVA's template."""
+    from owl_jax.eval import run, tfds_builders
+    from owl_jax.testing import shards
+    shards.write_coco(str(tmp_path / "coco"), n_images=8, karpathy=True, missing_images=0)
+    tfds_builders.prepare("coco_caption", str(tmp_path / "coco"), str(tmp_path / "tfds"))
+    source = tfds_builders.load("coco_caption", "test", str(tmp_path / "tfds"))
+    cfg = families.get("llava").tiny(vocab_size=384)
+    save_checkpoint(str(tmp_path / "ckpt"), random_params(cfg, seed=4), cfg,
+                    tokenizer_dir=tokenizer_dir)
+    owl = owl_jax.load_pretrained(str(tmp_path / "ckpt"), compiler_options=FAST)
+    asked = []
+
+    class Recording:
+        family = owl.family
+
+        def generate(self, prompts, images, **kw):
+            asked.extend(prompts)
+            return owl.generate(prompts, images, **kw)
+    result = run.evaluate(Recording(), "coco_caption", source, batch_size=2, max_new_tokens=3,
+                          progress=False)
+    assert len(result.rows) == 2 and asked
+    assert all(p.startswith("A chat between") and p.endswith("ASSISTANT:") for p in asked)
+    assert all(isinstance(r["caption"], str) for r in result.rows)
