@@ -213,3 +213,32 @@ def test_owl_eval_asks_a_llava_checkpoint_in_its_template(tmp_path, tokenizer_di
     assert len(result.rows) == 2 and asked
     assert all(p.startswith("A chat between") and p.endswith("ASSISTANT:") for p in asked)
     assert all(isinstance(r["caption"], str) for r in result.rows)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_init_from_a_checkpoint_of_the_family(name, tmp_path, tokenizer_dir):
+    """A recipe starts from a checkpoint of its family: the weights arrive unchanged, and with
+    res= the ViT position table is resized (any family's tower)."""
+    from owl_jax import sharding as sh
+    from owl_jax.train import optimizer as opt_lib
+    from owl_jax.train import state as state_lib
+    from owl_jax.train import trainable as tr
+    cfg = families.get(name).tiny(vocab_size=384)
+    params = random_params(cfg, seed=5)
+    save_checkpoint(str(tmp_path), params, cfg, tokenizer_dir=tokenizer_dir)
+    recipe = importlib.import_module(f"owl_jax.configs.{RECIPES[name]}")
+    for res, resized in ((None, False), (56, True)):
+        c = recipe.get_config(f"size=tiny,init={tmp_path}" + (f",res={res}" if res else ""))
+        c.model.scan_layers = False
+        mcfg = state_lib.model_config(c)
+        tx, _ = opt_lib.make_optimizer(c.optimizer, int(c.total_steps))
+        layout = state_lib.make_layout(c, state_lib.build_model(c, mcfg), mcfg, tx,
+                                       sh.make_mesh(1, 1, 1, devices=jax.devices()[:1]),
+                                       sh.rules_from_config(c.sharding_rules))
+        state, report = state_lib.init_from_export(layout, str(tmp_path), 0)
+        assert ("to model.image_size=56 px" in report["resized"]) if resized else \
+            report["resized"] == ""
+        got = tr.flatten(jax.device_get(state_lib.host_params_unrolled(state)))
+        for k, v in tr.flatten(params).items():
+            if not resized or "position_embedding" not in k:
+                np.testing.assert_array_equal(np.asarray(got[k], np.float32), v, err_msg=k)

@@ -223,7 +223,8 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
                 " or merge them first)" if meta.get("lora") else "")
         raise ValueError(f"{directory}: stored params the model does not have: "
                          f"{unexpected[:5]}{hint}")
-    pe_key = "vision_model/embeddings/position_embedding"
+    # the ViT's position table (any family's tower): resized when the resolution changes
+    pe_key = next((k for k in want if k.endswith("embeddings/position_embedding")), None)
     bad = [f"{k}: stored {list(s)}, model {list(want[k])}" for k, s in stored.items()
            if s != want[k] and k != pe_key]
     if bad:
@@ -263,7 +264,7 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
     fresh_keys = sorted(set(want) - set(stored))
     report = {"loaded": len(stored), "initialised": fresh_keys,
               "resized": ""}
-    if stored.get(pe_key) not in (None, want[pe_key]):
+    if pe_key and stored.get(pe_key) not in (None, want[pe_key]):
         grid = lambda n: int(round((n - 1) ** 0.5)) * layout.cfg.vision.patch_size  # noqa: E731
         report["resized"] = (f"ViT position embeddings resized from the checkpoint's "
                              f"{grid(stored[pe_key][1])} px to model.image_size="
