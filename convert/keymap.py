@@ -1,8 +1,10 @@
-"""The one table between official mPLUG-Owl state_dict keys and owl_jax param paths.
+"""The machinery of key tables between PyTorch state_dict keys and owl_jax param paths, and
+the LLaMA table every family's decoder shares (a family's own table: its `keymap.py`, e.g.
+owl_jax.families.owl1.keymap).
 
-Each `Entry` names an official PyTorch key, the matching leaf of our unrolled param tree, how the
-tensor is transformed between the two, and the PyTorch shape the config implies. Every size comes
-from the `OwlConfig`, so a checkpoint is checked against its own config.json, never against 7B
+Each `Entry` names a PyTorch key, the matching leaf of our unrolled param tree, how the tensor
+is transformed between the two, and the PyTorch shape the config implies. Every size comes from
+the model config, so a checkpoint is checked against its own config.json, never against 7B
 defaults.
 
 Transforms (PyTorch -> JAX; the inverse is applied on export):
@@ -18,7 +20,6 @@ import dataclasses
 
 import numpy as np
 
-from owl_jax.families.owl1.config import OwlConfig
 from owl_jax.decoder.llama import TextConfig
 
 LINEAR, CONV, PLAIN, BUFFER = "linear", "conv", "plain", "buffer"
@@ -97,7 +98,7 @@ def rope_inv_freq(text: TextConfig) -> np.ndarray:
 # The table
 
 
-class _Table:
+class Table:
     def __init__(self):
         self.entries: list[Entry] = []
 
@@ -115,48 +116,7 @@ class _Table:
             self.add(key + ".bias", path + "/bias", PLAIN, (d,))
 
 
-def _vision(t: _Table, cfg: OwlConfig):
-    v = cfg.vision
-    d, k = v.hidden_size, "vision_model."
-    t.add(k + "embeddings.cls_token", "vision_model/embeddings/cls_token", PLAIN, (1, 1, d))
-    t.add(k + "embeddings.position_embedding", "vision_model/embeddings/position_embedding",
-          PLAIN, (1, v.num_positions, d))
-    t.add(k + "embeddings.patch_embed.weight", "vision_model/embeddings/patch_embed/kernel", CONV,
-          (d, v.num_channels, v.patch_size, v.patch_size))
-    t.norm(k + "embeddings.pre_layernorm", "vision_model/embeddings/pre_layernorm", d)
-    for i in range(v.num_hidden_layers):
-        tk, tp = f"{k}encoder.layers.{i}.", f"vision_model/layers_{i}/"
-        t.norm(tk + "input_layernorm", tp + "input_layernorm", d)
-        # Fused QKV, rows interleaved per head ([heads, 3, head_dim]); kept fused as is.
-        t.linear(tk + "self_attn.query_key_value", tp + "self_attn/query_key_value", 3 * d, d)
-        t.linear(tk + "self_attn.dense", tp + "self_attn/dense", d, d)
-        t.norm(tk + "post_attention_layernorm", tp + "post_attention_layernorm", d)
-        t.linear(tk + "mlp.fc1", tp + "mlp/fc1", v.intermediate_size, d)
-        t.linear(tk + "mlp.fc2", tp + "mlp/fc2", d, v.intermediate_size)
-    t.norm(k + "post_layernorm", "vision_model/post_layernorm", d)
-
-
-def _abstractor(t: _Table, cfg: OwlConfig):
-    a, dt = cfg.abstractor, cfg.text.hidden_size
-    d, dk, f = a.hidden_size, a.encoder_hidden_size, a.intermediate_size
-    for i in range(a.num_hidden_layers):
-        tk, tp = f"abstractor.encoder.layers.{i}.crossattention.", f"abstractor/layers_{i}/"
-        t.norm(tk + "norm1", tp + "norm1", d)
-        t.norm(tk + "normk", tp + "normk", dk)
-        t.linear(tk + "attention.query", tp + "query", d, d)
-        t.linear(tk + "attention.key", tp + "key", d, dk)
-        t.linear(tk + "attention.value", tp + "value", d, dk)
-        t.linear(tk + "output.out_proj", tp + "out_proj", d, d)
-        t.norm(tk + "output.norm2", tp + "norm2", d)
-        t.linear(tk + "output.mlp.w1", tp + "w1", f, d)
-        t.linear(tk + "output.mlp.w3", tp + "w3", f, d)
-        t.norm(tk + "output.mlp.ffn_ln", tp + "ffn_ln", f)
-        t.linear(tk + "output.mlp.w2", tp + "w2", d, f)
-    t.linear("abstractor.visual_fc", "abstractor/visual_fc", dt, d)
-    t.add("abstractor.vit_eos", "abstractor/vit_eos", PLAIN, (1, 1, dt))
-
-
-def llama_table(t: _Table, text: TextConfig, key_prefix: str = "language_model.",
+def llama_table(t: Table, text: TextConfig, key_prefix: str = "language_model.",
                 with_buffers: bool = True):
     """HF LlamaForCausalLM keys (4.28.1 names) under `key_prefix` -> `language_model/...`."""
     d, f, hd = text.hidden_size, text.intermediate_size, text.head_dim
@@ -181,33 +141,12 @@ def llama_table(t: _Table, text: TextConfig, key_prefix: str = "language_model."
     t.linear(k + "lm_head", "language_model/lm_head", text.vocab_size, d, bias=False)
 
 
-def official_entries(cfg: OwlConfig) -> list[Entry]:
-    """Every key of `MplugOwlForConditionalGeneration.state_dict()` for `cfg`, in state_dict
-    order (the top-level `query_tokens` Parameter first, then the children)."""
-    if cfg.abstractor.encoder_hidden_size != cfg.vision.hidden_size:
-        raise ValueError(f"visual_abstractor_config.encoder_hidden_size "
-                         f"({cfg.abstractor.encoder_hidden_size}) != vision_config.hidden_size "
-                         f"({cfg.vision.hidden_size})")
-    t = _Table()
-    t.add("query_tokens", "query_tokens", PLAIN,
-          (1, cfg.num_query_tokens, cfg.abstractor.hidden_size))
-    _vision(t, cfg)
-    _abstractor(t, cfg)
-    llama_table(t, cfg.text)
-    return t.entries
-
-
 def hf_llama_entries(text: TextConfig) -> list[Entry]:
     """Keys of a plain HF `LlamaForCausalLM` checkpoint (no buffers; newer transformers never
     save `inv_freq`)."""
-    t = _Table()
+    t = Table()
     llama_table(t, text, key_prefix="", with_buffers=False)
     return t.entries
-
-
-def param_entries(cfg: OwlConfig) -> list[Entry]:
-    """The entries that hold learned weights (everything but buffers)."""
-    return [e for e in official_entries(cfg) if e.kind != BUFFER]
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from owl_jax.convert import keymap, lora as lora_lib
+from owl_jax.families.owl1 import keymap as owl_keymap
 from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
                               return_freed_memory_promptly)
 from owl_jax import checkpoint as ckpt
@@ -85,7 +86,7 @@ def torch_to_jax(src: str, dst: str, dtype: str | None = None, lora_alpha: float
         raise FileExistsError(f"{dst} already holds a checkpoint (pass --overwrite)")
     return_freed_memory_promptly()
     cfg = load_official(src)
-    entries = keymap.official_entries(cfg)
+    entries = owl_keymap.official_entries(cfg)
     reader = CheckpointReader(src)
     infos = reader.index()
     keys = lora_lib.classify_keys(infos)
@@ -218,7 +219,7 @@ def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
             kernel = keymap.get_path(params, module + ("kernel",))
             keymap.set_path(params, module + ("kernel",),
                             lora_lib.merge_kernel(kernel, a, b, scale))
-    entries = keymap.official_entries(cfg)
+    entries = owl_keymap.official_entries(cfg)
     leftover = sorted(set("/".join(p) for p in keymap.flatten(params))
                       - {e.path_str for e in entries})
     if leftover:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from owl_jax.convert import keymap
+from owl_jax.families.owl1 import keymap as owl_keymap
 from owl_jax.convert.cli import main
 from owl_jax.convert.official import jax_to_torch, torch_to_jax
 from owl_jax.convert.torch_io import CheckpointError, CheckpointReader, numpy_to_torch
@@ -47,7 +48,7 @@ def _bits(x):
 
 def test_keymap_matches_reference_and_model():
     cfg = _cfg()
-    entries = keymap.official_entries(cfg)
+    entries = owl_keymap.official_entries(cfg)
     torch_shapes = {e.torch_key: e.torch_shape for e in entries if e.kind != keymap.BUFFER}
     assert torch_shapes == official_layout.official_shapes(cfg)
     assert {e.path_str: e.jax_shape for e in entries if e.kind != keymap.BUFFER} == \
@@ -56,7 +57,7 @@ def test_keymap_matches_reference_and_model():
     assert bufs == [f"language_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"
                     for i in range(cfg.text.num_hidden_layers)]
     # The released 7B model: 7,123,070,976 elements including the 32 inv_freq buffers.
-    big = keymap.official_entries(OwlConfig())
+    big = owl_keymap.official_entries(OwlConfig())
     assert sum(int(np.prod(e.torch_shape)) for e in big) == 7_123_070_976
     assert sum(e.kind == keymap.BUFFER for e in big) == 32
 

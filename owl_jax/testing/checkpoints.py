@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 
 from owl_jax.convert import keymap
+from owl_jax.families.owl1 import keymap as owl_keymap
 from owl_jax.convert.official import set_torch_dtype
 from owl_jax.convert.torch_io import ShardedWriter, np_dtype, numpy_to_torch, torch_to_numpy
 from owl_jax.families.owl1.config import OwlConfig, save_official
@@ -64,7 +65,7 @@ def write_official_checkpoint(directory: str, cfg: OwlConfig, dtype: str = "floa
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
     rng = np.random.default_rng(seed)
-    entries = keymap.official_entries(cfg)
+    entries = owl_keymap.official_entries(cfg)
     itemsize = np.dtype(np_dtype(dtype)).itemsize
     total = sum(int(np.prod(e.torch_shape)) * itemsize for e in entries)
     sharded = layout.startswith("sharded")
