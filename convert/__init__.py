@@ -1,6 +1,6 @@
 """owl-convert: model weights between the official / HF PyTorch layouts and owl_jax.
 
-Modules: `keymap` (Owl's key / layout table), `torch_io` (streaming .bin / safetensors, sharded),
+Modules: `keymap` (key-table machinery, the LLaMA table), `torch_io` (streaming .bin / safetensors, sharded),
 `official` (Owl torch <-> jax), `llava` (LLaVA's llava-hf and original layouts, its key maps in
 owl_jax.families.llava.keymap), `hf_llama`, `hf_clip`, `from_hf` (fresh models from HF parts),
 `lora` (PEFT keys and merging), `cli` (the `owl-convert` command).
