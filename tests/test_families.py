@@ -242,3 +242,37 @@ def test_init_from_a_checkpoint_of_the_family(name, tmp_path, tokenizer_dir):
         for k, v in tr.flatten(params).items():
             if not resized or "position_embedding" not in k:
                 np.testing.assert_array_equal(np.asarray(got[k], np.float32), v, err_msg=k)
+
+
+@pytest.mark.slow
+def test_llava_trains_the_same_on_a_2x2x2_mesh(tmp_path):
+    """The LLaVA tiny recipe (dropout on, synthetic data) through the real CLI on one device and
+    on 8 CPU devices as mesh data 2 x fsdp 2 x tensor 2: the same loss at every step (Owl's
+    runs, with several processes and restores: tests/test_train_distributed.py)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for name, mesh, devices in (("one", (1, 1, 1), 1), ("mesh", (2, 2, 2), 8)):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        cmd = [sys.executable, "-m", "owl_jax.cli.train", "--config",
+               f"{root}/configs/llava/stage1.py:size=tiny,steps=3",
+               f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}",
+               f"--config.mesh.tensor={mesh[2]}", "--config.eval_data.kind=none",
+               "--config.eval_every=0", "--config.num_samples=0",
+               "--config.export_at_end=false", "--workdir", str(tmp_path / name)]
+        runs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+    loss, logs = {}, {}
+    for name, p in runs.items():
+        out = logs[name] = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            loss[name] = {d["step"]: d["loss"] for d in map(json.loads, f)
+                          if d["split"] == "train"}
+    assert "holding 8/8 devices" in logs["mesh"]
+    assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in logs["mesh"]
+    assert sorted(loss["one"]) == [1, 2, 3]
+    for step, value in loss["one"].items():
+        assert loss["mesh"][step] == pytest.approx(value, rel=1e-5), step
