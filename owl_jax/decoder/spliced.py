@@ -18,6 +18,15 @@ from owl_jax.layers.masks import segment_mask, segment_positions
 from owl_jax.layers.splice import splice_images
 
 
+def dummy_inputs(cfg):
+    """One image's slots then one token, and one image: inputs that create every parameter of
+    a splice family's model (`Family.dummy_inputs`)."""
+    ids = jnp.concatenate([jnp.full((1, cfg.image_tokens), -1, jnp.int32),
+                           jnp.ones((1, 1), jnp.int32)], axis=1)
+    s = cfg.vision.image_size
+    return ids, jnp.zeros((1, 1, s, s, cfg.vision.num_channels), jnp.float32)
+
+
 class SplicedVLM(nn.Module):
     cfg: Any                      # the family's config (.text, .image_tokens)
     dtype: jnp.dtype = jnp.float32

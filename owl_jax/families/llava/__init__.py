@@ -2,21 +2,12 @@
 projector, LLaMA; one LLM position per image patch."""
 import dataclasses
 
-import jax.numpy as jnp
-
+from owl_jax.decoder.spliced import dummy_inputs
 from owl_jax.families import Family
 from owl_jax.families.llava import config, samples
 from owl_jax.families.llava.model import Llava
 from owl_jax.families.llava.processor import LlavaProcessor
 from owl_jax.families.llava.templates import build_prompt
-
-
-def dummy_inputs(cfg: config.LlavaConfig):
-    """One image's slots then one token, and one image: creates every parameter."""
-    ids = jnp.concatenate([jnp.full((1, cfg.image_tokens), -1, jnp.int32),
-                           jnp.ones((1, 1), jnp.int32)], axis=1)
-    s = cfg.image_size
-    return ids, jnp.zeros((1, 1, s, s, cfg.vision.num_channels), jnp.float32)
 
 
 def image_flops(cfg: config.LlavaConfig):
