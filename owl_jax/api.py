@@ -18,6 +18,7 @@ import numpy as np
 
 from owl_jax import checkpoint as ckpt_lib
 from owl_jax import families
+from owl_jax.families.batching import encode_rows
 from owl_jax.generate import Generation, GenerationConfig, Generator
 from owl_jax.tokenizer import OwlTokenizer
 
@@ -140,19 +141,8 @@ class OwlPipeline:
         if single:
             prompts, images = [prompts], [_image_list(images)]
         prompts = list(prompts)
-        if images is None:
-            images = [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
-        rows, pixels = [], []
-        for i, (p, imgs) in enumerate(zip(prompts, images)):
-            imgs = _image_list(imgs)
-            n = p.count("<image>")
-            if n != len(imgs):
-                raise ValueError(f"prompt {i} has {n} <image> but {len(imgs)} images were "
-                                 f"given: {p!r}")
-            rows.append(self.processor.encode(p))
-            pixels.extend(self.processor.image(im) for im in imgs)
+        rows, pixels = encode_rows(prompts, images, self.processor.encode, self.processor.image,
+                                   _image_list)
         px = np.stack(pixels) if pixels else None
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -21,7 +21,6 @@ tokenizer's pad id (unk, 0: LLaVA's pad, always inside the vocabulary; llava-hf 
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -29,8 +28,8 @@ from PIL import Image
 
 from owl_jax.data import fast_resize
 from owl_jax.data.images import normalize_pixels
+from owl_jax.families.batching import BatchProcessor
 from owl_jax.families.llava import masks
-from owl_jax.families.llava.templates import IMAGE_TOKEN
 from owl_jax.families.owl1.processor import ImageLike, open_image
 
 
@@ -65,8 +64,9 @@ def clip_resize_crop(img: Image.Image, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
-class LlavaProcessor:
-    """prompts + images -> model inputs, as LLaVA's own code builds them."""
+class LlavaProcessor(BatchProcessor):
+    """prompts + images -> model inputs, as LLaVA's own code builds them (rows right-padded
+    with the tokenizer's pad id: unk, LLaVA's pad)."""
 
     def __init__(self, tokenizer, cfg):
         if cfg.image_aspect_ratio not in ("square", "pad"):
@@ -78,6 +78,10 @@ class LlavaProcessor:
     @property
     def image_size(self) -> int:
         return self.cfg.image_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
 
     def pixels(self, img: ImageLike) -> np.ndarray:
         """uint8 [S, S, 3]: RGB, (pad,) resize, crop; not normalized."""
@@ -106,35 +110,3 @@ class LlavaProcessor:
             else:
                 out.append(i)
         return out
-
-    def __call__(self, prompts: Sequence[str] | str,
-                 images: Sequence[Sequence[ImageLike]] | None = None) -> dict:
-        """Returns {'input_ids' [B, L] int32 (image slots -1, right-padded with the
-        tokenizer's pad id: unk, LLaVA's pad),
-        'attention_mask' [B, L] int32, 'pixel_values' [N, S, S, 3] float32 (all images of the
-        batch in order of appearance; N may be 0)}."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if images is None:
-            images = [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
-        rows, pixels = [], []
-        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
-            if isinstance(imgs, (Image.Image, np.ndarray, str, bytes, os.PathLike)):
-                imgs = [imgs]
-            n = prompt.count(IMAGE_TOKEN)
-            if n != len(imgs):
-                raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} but {len(imgs)} images "
-                                 f"were given: {prompt!r}")
-            rows.append(self.encode(prompt))
-            pixels.extend(self.image(img) for img in imgs)
-        length = max(len(r) for r in rows)
-        ids = np.full((len(rows), length), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
-            mask[b, :len(r)] = 1
-        s = self.image_size
-        pv = np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.float32)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}

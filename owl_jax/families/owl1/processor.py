@@ -17,8 +17,9 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image
 
+from owl_jax.families.batching import BatchProcessor
 from owl_jax.families.owl1.config import OwlConfig
-from owl_jax.tokenizer import IMAGE_TOKEN, OwlTokenizer
+from owl_jax.tokenizer import OwlTokenizer
 
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
 
@@ -64,8 +65,9 @@ def preprocess_image(img: ImageLike, size: int, mean: Sequence[float],
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-class Processor:
-    """prompts + images -> model inputs, as the official processor builds them."""
+class Processor(BatchProcessor):
+    """prompts + images -> model inputs, as the official processor builds them (rows
+    right-padded with EOS)."""
 
     def __init__(self, tokenizer: OwlTokenizer, cfg: OwlConfig):
         self.tokenizer = tokenizer
@@ -75,40 +77,13 @@ class Processor:
     def image_size(self) -> int:
         return self.cfg.vision.image_size
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.eos_id
+
     def image(self, img: ImageLike) -> np.ndarray:
         return preprocess_image(img, self.image_size, self.cfg.image_mean, self.cfg.image_std)
 
     def encode(self, prompt: str) -> list[int]:
         """One prompt's ids: BOS, the text, -1 at each image's slots."""
         return self.tokenizer.encode_prompt(prompt, self.cfg.image_tokens)
-
-    def __call__(self, prompts: Sequence[str] | str,
-                 images: Sequence[Sequence[ImageLike]] | None = None) -> dict:
-        """Returns {'input_ids' [B, L] int32 (image slots -1, right-padded with EOS),
-        'attention_mask' [B, L] int32, 'pixel_values' [N, H, W, 3] float32 (all images of the
-        batch in order of appearance; N may be 0)}."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if images is None:
-            images = [[] for _ in prompts]
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
-        rows, pixels = [], []
-        for i, (prompt, imgs) in enumerate(zip(prompts, images)):
-            if isinstance(imgs, (Image.Image, np.ndarray, str, bytes, os.PathLike)):
-                imgs = [imgs]
-            n = prompt.count(IMAGE_TOKEN)
-            if n != len(imgs):
-                raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} but {len(imgs)} images "
-                                 f"were given: {prompt!r}")
-            rows.append(self.encode(prompt))
-            pixels.extend(self.image(img) for img in imgs)
-        length = max(len(r) for r in rows)
-        ids = np.full((len(rows), length), self.tokenizer.eos_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
-            mask[b, :len(r)] = 1
-        s = self.image_size
-        pv = np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.float32)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}

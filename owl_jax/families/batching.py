@@ -1,0 +1,61 @@
+"""What every splice family's processor does with a batch of prompts: check that each prompt
+has one `<image>` per image, encode it (the family's `encode`), transform its images (the
+family's `image`), and right-pad the rows."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_TOKEN = "<image>"
+
+
+def encode_rows(prompts: Sequence[str], images, encode: Callable, image: Callable,
+                as_list: Callable = lambda imgs: imgs):
+    """(ids per prompt, transformed images in order of appearance). images: one entry per
+    prompt (None: no images anywhere), made a list of images by `as_list`."""
+    if images is None:
+        images = [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+    rows, pixels = [], []
+    for i, (prompt, imgs) in enumerate(zip(prompts, images)):
+        imgs = as_list(imgs)
+        n = prompt.count(IMAGE_TOKEN)
+        if n != len(imgs):
+            raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} but {len(imgs)} images "
+                             f"were given: {prompt!r}")
+        rows.append(encode(prompt))
+        pixels.extend(image(img) for img in imgs)
+    return rows, pixels
+
+
+def _one_image_or_list(imgs):
+    """A single image (PIL, array, path or bytes) stands for a list of one."""
+    if isinstance(imgs, (Image.Image, np.ndarray, str, bytes, os.PathLike)):
+        return [imgs]
+    return imgs
+
+
+class BatchProcessor:
+    """`__call__(prompts, images)` for a processor with `encode(prompt)`, `image(img)`,
+    `image_size` and `pad_id` (what right-pads the rows)."""
+
+    def __call__(self, prompts: Sequence[str] | str, images=None) -> dict:
+        """Returns {'input_ids' [B, L] int32 (image slots -1, right-padded with `pad_id`),
+        'attention_mask' [B, L] int32, 'pixel_values' [N, S, S, 3] float32 (all images of the
+        batch in order of appearance; N may be 0)}."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        rows, pixels = encode_rows(prompts, images, self.encode, self.image, _one_image_or_list)
+        length = max(len(r) for r in rows)
+        ids = np.full((len(rows), length), self.pad_id, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = r
+            mask[b, :len(r)] = 1
+        s = self.image_size
+        pv = np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.float32)
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
