@@ -17,6 +17,7 @@ from owl_jax.families import llava
 from owl_jax.families.llava import config as llava_config, keymap
 from owl_jax.families.llava.model import Llava
 from owl_jax.layers.scan import scan_params
+from owl_jax.testing.models import random_params
 
 pytestmark = pytest.mark.xdist_group("llava_model")
 
@@ -156,25 +157,6 @@ def test_family_seam():
     assert names == ["vision", "projector"]
 
 
-def _random_params(cfg, seed):
-    ids, px = llava.dummy_inputs(cfg)
-    shapes = nn.unbox(jax.eval_shape(lambda: Llava(cfg).init(jax.random.key(0), ids, px)))
-    rng = np.random.default_rng(seed)
-
-    def make(path, a):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            x = 1 + 0.2 * rng.standard_normal(a.shape)
-        elif "bias" in name:
-            x = 0.05 * rng.standard_normal(a.shape)
-        elif "kernel" in name:
-            x = rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]))
-        else:
-            x = rng.standard_normal(a.shape)
-        return x.astype(np.float32)
-    return jax.tree_util.tree_map_with_path(make, shapes["params"])
-
-
 def _torch_module(module, entries, params, heads):
     sd = {e.torch_key: torch.from_numpy(keymap.to_torch(e, np.asarray(get_path(params, e.path)),
                                                         heads)) for e in entries}
@@ -185,7 +167,7 @@ def _torch_module(module, entries, params, heads):
 def test_v1_linear_projector_matches_hand_composed_reference():
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
     cfg = CFG.replace(projector="linear", image_aspect_ratio="square")
-    params = _random_params(cfg, seed=9)
+    params = random_params(cfg, seed=9)
     heads = cfg.vision.num_attention_heads
     clip = _torch_module(CLIPVisionModel(CLIPVisionConfig(**llava_config.vision_to_dict(
         cfg.vision))), keymap.clip_entries(cfg, prefix=""), params, heads)
