@@ -73,6 +73,17 @@ def of_config(cfg) -> Family:
     raise TypeError(f"{type(cfg).__name__} is not the config of a known family ({NAMES})")
 
 
+def read_json(path: str) -> dict:
+    """A config file's JSON, with errors that name the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def name_of_checkpoint(directory: str) -> str:
     """The family an owl_jax checkpoint directory records (owl1 when it names none)."""
     path = os.path.join(directory, "owl_jax.json")

@@ -21,6 +21,7 @@ import json
 import os
 
 from owl_jax.connectors.projector import KINDS as PROJECTORS
+from owl_jax.families import read_json
 from owl_jax.decoder.llama import TextConfig
 from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD, VisionConfig
 
@@ -344,16 +345,6 @@ def clip_dicts(cfg: LlavaConfig) -> tuple[dict, dict]:
 
 # --------------------------------------------------------------------------------------------
 # Directories
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def _optional_json(path: str) -> dict | None:

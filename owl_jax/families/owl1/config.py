@@ -14,6 +14,7 @@ from typing import Any
 
 from owl_jax.connectors.abstractor import AbstractorConfig
 from owl_jax.decoder.llama import TextConfig
+from owl_jax.families import read_json
 from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD, VisionConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -173,21 +174,11 @@ def preprocessor_dict(cfg: OwlConfig) -> dict:
             "image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std)}
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
 def load_official(directory: str) -> OwlConfig:
     """Reads `config.json` and (if present) `preprocessor_config.json` from a directory."""
     pre_path = os.path.join(directory, "preprocessor_config.json")
-    pre = _read_json(pre_path) if os.path.exists(pre_path) else None
-    return from_official_dict(_read_json(os.path.join(directory, "config.json")), pre)
+    pre = read_json(pre_path) if os.path.exists(pre_path) else None
+    return from_official_dict(read_json(os.path.join(directory, "config.json")), pre)
 
 
 def save_official(cfg: OwlConfig, directory: str) -> None:
