@@ -57,8 +57,13 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 500
     apply_common_args(c, a, arg)
     if a.size == "tiny":
-        c.init_from = a.init
-        c.model.frozen_dtype = ""
-        c.batch.seq_len = a.seq if "seq" in given(arg) else 64
+        llava_tiny(c, a, arg)
     return c
+
+
+def llava_tiny(c, a, arg) -> None:
+    """size=tiny for both stages: a fresh tiny model unless init= is given, rows of 64."""
+    c.init_from = a.init
+    c.model.frozen_dtype = ""
+    c.batch.seq_len = a.seq if "seq" in given(arg) else 64
 

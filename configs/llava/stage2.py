@@ -23,8 +23,8 @@ The recipe follows LLaVA-1.5's `scripts/v1_5/finetune.sh` (and `finetune_lora.sh
 epoch, 2048 tokens, one conversation per row. LLaVA's LoRA run gives the projector its own lr
 (2e-5); here one lr serves all trained parameters.
 """
-from owl_jax.configs.common import COMMON_ARGS, apply_common_args, base_config, given, parse_arg
-from owl_jax.configs.llava.stage1 import llava_common
+from owl_jax.configs.common import COMMON_ARGS, apply_common_args, base_config, parse_arg
+from owl_jax.configs.llava.stage1 import llava_common, llava_tiny
 
 MIX_665K = 665_298
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -54,9 +54,7 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 500
     apply_common_args(c, a, arg)
     if a.size == "tiny":
-        c.init_from = a.init
-        c.model.frozen_dtype = ""
-        c.batch.seq_len = a.seq if "seq" in given(arg) else 64
+        llava_tiny(c, a, arg)
         if a.lora:
             c.lora.rank, c.lora.alpha = 4, 8.0
     return c
