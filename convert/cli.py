@@ -155,15 +155,20 @@ def run(args: argparse.Namespace):
         from owl_jax.convert.official import jax_to_torch
         return {"files": jax_to_torch(args.src, args.dst, _dtype(args.dtype),
                                       args.format or "bin", args.shard_size, progress)}
-    if args.family == "llava":
-        _refuse_flags(args, OWL_FROM_HF, "llava")
-        from owl_jax.convert import llava
-        return llava.from_hf(args.dst, args.llama, args.clip, args.projector or "mlp2x_gelu",
-                             args.seed, bool(args.image_token), args.image_aspect_ratio,
-                             -2 if args.vision_feature_layer is None
-                             else args.vision_feature_layer,
-                             args.vision_feature_select_strategy or "default",
-                             _dtype(args.dtype), args.overwrite, progress)
+    return FROM_HF[args.family](args, progress)
+
+
+def _llava_from_hf(args, progress):
+    _refuse_flags(args, OWL_FROM_HF, "llava")
+    from owl_jax.convert import llava
+    return llava.from_hf(args.dst, args.llama, args.clip, args.projector or "mlp2x_gelu",
+                         args.seed, bool(args.image_token), args.image_aspect_ratio,
+                         -2 if args.vision_feature_layer is None else args.vision_feature_layer,
+                         args.vision_feature_select_strategy or "default",
+                         _dtype(args.dtype), args.overwrite, progress)
+
+
+def _owl1_from_hf(args, progress):
     _refuse_flags(args, LLAVA_FROM_HF, "owl1")
     from owl_jax.convert.from_hf import from_hf
     base = args.base_config
@@ -176,6 +181,10 @@ def run(args: argparse.Namespace):
                    abstractor_heads=args.abstractor_heads,
                    abstractor_intermediate=args.abstractor_intermediate,
                    num_query_tokens=args.num_query_tokens)
+
+
+# `from-hf --family NAME`: what builds a fresh model of each family from HF parts.
+FROM_HF = {"owl1": _owl1_from_hf, "llava": _llava_from_hf}
 
 
 def _llava_converter():
