@@ -67,9 +67,18 @@ class SplicedVLM(nn.Module):
                                      deterministic=deterministic, return_hidden=return_hidden)
         return out
 
-    def decode(self, embeds, positions, mask, cache, cache_index, return_hidden=False):
+    def visual_context(self, input_ids, image_embeds, positions):
+        """What every decode step needs of the images, per row (a pytree whose leaves lead
+        with the batch, or None). A splice family has written them into the sequence already:
+        None. A family whose images stay outside the sequence (cross-attention) returns their
+        keys / values here, computed once per request; the engine hands it to every `decode`."""
+        return None
+
+    def decode(self, embeds, positions, mask, cache, cache_index, return_hidden=False,
+               visual=None):
         """One cached LLM pass over a chunk of embeddings (prefill or generated tokens):
-        (logits, or with return_hidden the final-normed hidden states; the new cache)."""
+        (logits, or with return_hidden the final-normed hidden states; the new cache).
+        `visual`: what `visual_context` returned (unused here)."""
         return self.language_model(embeds, positions, mask, cache, cache_index, True,
                                    return_hidden)
 

@@ -15,8 +15,9 @@ Length: the official path calls HF generate with `inputs_embeds`, so the sequenc
 number of generated tokens including that EOS (transformers >= 4.36 counts the same way for any
 prompt). Running beams added at max length T have length 1 + T (4.28; newer versions use T).
 
-State layout: the model-side arrays (cache, kv_valid, pos0, seen, hist, last) have B * num_beams
-rows (prompt-major); the beam bookkeeping is [B, num_beams, ...].
+State layout: the model-side arrays (cache, kv_valid, pos0, seen, hist, visual, last) have
+B * num_beams rows (prompt-major; a prompt's beams share one visual context, so reordering beams
+leaves it as it is); the beam bookkeeping is [B, num_beams, ...].
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 from owl_jax.generate import sampling
 from owl_jax.decoder.llama import select_cache_rows
 
-_ROW_KEYS = ("kv_valid", "pos0", "seen", "hist")  # and the cache (`select_cache_rows`)
+_ROW_KEYS = ("kv_valid", "pos0", "seen", "hist", "visual")  # and the cache (`select_cache_rows`)
 RESULT_KEYS = ("step", "scores", "tokens", "fin_tokens", "fin_scores", "fin_len", "done")
 
 

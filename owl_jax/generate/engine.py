@@ -11,8 +11,9 @@ Layout of a batch (every row ends at the same cache slot, so one scalar slot ind
 - Prompt lengths are bucketed (`bucket_length`), as are the token capacity Tc, the batch size
   and the image count, so a new prompt length rarely means a new compile.
 - Prefill runs the LLM over the whole prompt (images spliced in, the model's `embed`), computes
-  the
-  head on the last position only and picks the first token. The decode loop is one
+  the head on the last position only and picks the first token. The model's `visual_context`
+  (None for splice families; a cross-attention family's image keys / values) is computed there
+  once and handed to every later `decode` call as `state["visual"]`, one entry per row. The decode loop is one
   `jax.lax.while_loop` inside one jitted function: feed the last token, write its K/V into the
   preallocated cache in place, pick the next token, stop a row at EOS or at its budget, stop the
   loop when every row is done. The state is donated so the cache is never copied.
@@ -155,10 +156,10 @@ class Generator(speculative.SpeculativeDecoding):
     # ---------------------------------------------------------------------------------------
     # Model pieces (traced)
 
-    def _lm(self, params, x, positions, mask, cache, index, hidden=False):
+    def _lm(self, params, x, positions, mask, cache, index, hidden=False, visual=None):
         with decode_kernels.enabled(self.decode_kernels):
             return self.model.apply({"params": params}, x, positions, mask, cache, index, hidden,
-                                    method="decode")
+                                    visual, method="decode")
 
     def _head(self, params, h):
         with decode_kernels.enabled(self.decode_kernels):
@@ -188,7 +189,8 @@ class Generator(speculative.SpeculativeDecoding):
         first = self._prompt_slots(state) + t - 1
         pos = (state["pos0"] + t - 1)[:, None] + jnp.arange(m)[None, :]
         mask = cache_mask(state["kv_valid"], first + jnp.arange(m))
-        out, cache = self._lm(params, x, pos, mask, state["cache"], first, hidden)
+        out, cache = self._lm(params, x, pos, mask, state["cache"], first, hidden,
+                              state.get("visual"))
         return out.astype(jnp.float32), self._constrain_cache(cache)
 
     def _step_logits(self, params, state, hidden=False):
@@ -212,11 +214,13 @@ class Generator(speculative.SpeculativeDecoding):
                                             method="encode_images")
         x = self.model.apply({"params": params}, ids, image_embeds, method="embed")
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+        visual = self.model.apply({"params": params}, ids, image_embeds, positions,
+                                  method="visual_context")
         kv_valid = jnp.concatenate([valid.astype(bool), jnp.ones((b, slots - lb), bool)], 1)
         cache = llama_lib.init_cache(self.cfg.text, b, slots, self.dtype)
         cache = self._constrain_cache(cache)
         mask = cache_mask(kv_valid, jnp.arange(lb))
-        hidden, cache = self._lm(params, x, positions, mask, cache, 0, hidden=True)
+        hidden, cache = self._lm(params, x, positions, mask, cache, 0, True, visual)
         logits = self._head(params, hidden[:, -1]).astype(jnp.float32)
         tc = slots - lb
         state = {
@@ -224,6 +228,8 @@ class Generator(speculative.SpeculativeDecoding):
             "tokens": jnp.zeros((b, tc), jnp.int32), "step": jnp.zeros((), jnp.int32),
             "key": jax.random.key(knobs["seed"]),
         }
+        if visual is not None:  # the images' per-row context, read by every decode step
+            state["visual"] = visual
         # The token history the repetition penalty and n-gram ban look at: the prompt, or
         # (penalize_prompt=False, as the official generate whose HF call sees only
         # [BOS] + new tokens) just a BOS in the prompt's last slot.
