@@ -1,4 +1,4 @@
-"""LLaMA SentencePiece tokenizer, the official prompt template, and chunk-wise prompt encoding.
+"""LLaMA SentencePiece tokenizer and chunk-wise prompt encoding.
 
 The official code (transformers 4.28, `MplugOwlTokenizer(LlamaTokenizer)`, the slow
 sentencepiece tokenizer) encodes text with `sp.encode(piece)` after splitting out the special
@@ -17,11 +17,6 @@ from typing import Sequence
 import sentencepiece as spm
 
 IMAGE_TOKEN = "<image>"
-SYSTEM_PROMPT = ("The following is a conversation between a curious human and AI assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's "
-                 "questions.")
-HUMAN = "Human: "
-AI = "AI: "
 
 _IMAGE_SPLIT = re.compile(f"({re.escape(IMAGE_TOKEN)})")
 
@@ -127,31 +122,3 @@ def clean_up_spaces(text: str) -> str:
                  (" 're", "'re")):
         text = text.replace(a, b)
     return text
-
-
-# -------------------------------------------------------------------------------------------
-# The official prompt template
-
-
-def build_prompt(question_or_turns: str | Sequence[str], n_images: int = 1,
-                 system: str = SYSTEM_PROMPT) -> str:
-    """The official instruction template.
-
-    `question_or_turns` is one question, or the turns of a chat alternating Human, AI,
-    Human, ... (starting with Human). `n_images` lines `Human: <image>` follow the system line.
-    When the last turn is Human's, the prompt ends with "\\nAI: " (one trailing space), ready
-    for generation; when it is AI's, the result is a full training conversation.
-
-    build_prompt("What is this?") ends with
-    "questions.\\nHuman: <image>\\nHuman: What is this?\\nAI: "
-    """
-    turns = [question_or_turns] if isinstance(question_or_turns, str) else list(question_or_turns)
-    if not turns:
-        raise ValueError("build_prompt needs at least one Human turn")
-    lines = [system] + [HUMAN + IMAGE_TOKEN] * n_images
-    for i, text in enumerate(turns):
-        lines.append((HUMAN if i % 2 == 0 else AI) + text)
-    out = "\n".join(lines)
-    if len(turns) % 2 == 1:
-        out += "\n" + AI
-    return out

@@ -12,7 +12,7 @@ from PIL import Image
 import owl_jax
 from owl_jax.cli import eval as eval_cli
 from owl_jax.eval import metrics, run, tfds_builders as tb
-from owl_jax.tokenizer import build_prompt
+from owl_jax.families.owl1.template import build_prompt
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 40), "blue": (30, 30, 230), "white": (250, 250, 250)}
 

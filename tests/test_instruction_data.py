@@ -6,7 +6,7 @@ import pytest
 from owl_jax.data.conversation import (BadRecord, InstructionReader, detect_format, parse_alpaca,
                                        parse_baize, parse_llava, parse_owl, parse_sharegpt,
                                        read_records, write_official_jsonl)
-from owl_jax.tokenizer import SYSTEM_PROMPT
+from owl_jax.data.conversation import SYSTEM_PROMPT
 
 SYS = SYSTEM_PROMPT
 

@@ -52,7 +52,7 @@ def test_inference_notebook_runs(tiny_ckpt, monkeypatch):
 
     # the answer printed by the notebook is what the API gives for the same question
     import owl_jax
-    from owl_jax.tokenizer import build_prompt
+    from owl_jax.families.owl1.template import build_prompt
     owl = owl_jax.load_pretrained(ckpt, compiler_options={"xla_backend_optimization_level": 0})
     want = owl.generate(build_prompt("What is in the image?", 1), [image], max_new_tokens=6)
     answer_cell = next(c for c in nb.cells if c.cell_type == "code"

@@ -10,7 +10,8 @@ from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD
 from owl_jax.families.owl1.config import tiny
 from owl_jax.families.owl1.processor import Processor, load_image, open_image, preprocess_image
 from owl_jax.testing.spm import train_tiny_tokenizer
-from owl_jax.tokenizer import OwlTokenizer, build_prompt
+from owl_jax.families.owl1.template import build_prompt
+from owl_jax.tokenizer import OwlTokenizer
 
 S = 28
 

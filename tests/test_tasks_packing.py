@@ -6,8 +6,8 @@ import pytest
 from owl_jax.data.conversation import parse_llava
 from owl_jax.data.packing import (PackIterDataset, Packer, fits, pack, pad_to_length,
                                   stack_rows)
-from owl_jax.data.tasks import (CaptionTask, InstructionTask, TextTask, caption_sample,
-                                text_sample, tokenize_conversation)
+from owl_jax.data.tasks import text_sample
+from owl_jax.families.owl1.samples import caption_sample, tokenize_conversation
 from owl_jax.testing.spm import train_tiny_tokenizer
 from owl_jax.tokenizer import OwlTokenizer
 
@@ -64,8 +64,6 @@ def test_all_responses_truncated_is_dropped(max_length):
     # 5: the image does not fit (the sample stops there); 10: cut inside "Q\n"; 12: in "AI: ".
     s, reason = tokenize_conversation(PieceTok(), TEXT, max_length=max_length, image_tokens=T)
     assert s is None and reason == "no_trained_tokens"
-    task = InstructionTask(PieceTok(), max_length, T)
-    assert task({"text": TEXT}) is None and task.dropped == {"no_trained_tokens": 1}
 
 
 def test_empty_answer_follows_upstreams_two_code_paths():
@@ -93,21 +91,6 @@ def test_caption_and_text_samples_hand_computed():
     assert ids_mask(s) == ([1, 30, 2], [1, 1, 0])
 
 
-def test_tasks_keep_only_images_whose_slots_survive():
-    two = "S\nHuman: <image>\nHuman: <image>\nHuman: Q\nAI: ab"
-    imgs = np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)
-    task = InstructionTask(PieceTok(), 100, T)
-    s = task({"text": two, "images": imgs})
-    assert s["num_images"] == 2 and np.array_equal(s["images"], imgs)
-    assert task({"text": two, "images": imgs[:1]}) is None
-    assert task.dropped == {"image_count_mismatch": 1}
-    cap = CaptionTask(PieceTok(), 10, T)({"text": "ab", "images": imgs[:1]})
-    assert cap["images"].shape == (1, 2, 2, 3)
-    text = TextTask(PieceTok(), 10)
-    assert text({"text": "c"})["input_ids"].tolist() == [1, 32, 2]
-    assert text({"nothing": 1}) is None and text.dropped == {"empty_text": 1}
-
-
 def test_real_tokenizer_trains_exactly_the_answers(tmp_path):
     train_tiny_tokenizer(str(tmp_path))
     tok = OwlTokenizer.from_dir(str(tmp_path))
@@ -115,7 +98,7 @@ def test_real_tokenizer_trains_exactly_the_answers(tmp_path):
         {"from": "human", "value": "<image>\nWhat is in the image?"},
         {"from": "gpt", "value": "A red bus."}, {"from": "human", "value": "Where is it?"},
         {"from": "gpt", "value": "On the street."}]})
-    s = InstructionTask(tok, 512, 65)({"text": conv.text()})
+    s, _ = tokenize_conversation(tok, conv.text(), 512, 65)
     ids, m = s["input_ids"], s["loss_mask"]
     assert ids[1:][m[:-1] == 1].tolist() == (tok.encode("A red bus.") + [2]
                                              + tok.encode("On the street.") + [2])

@@ -8,7 +8,9 @@ import pytest
 import sentencepiece as spm
 
 from owl_jax.testing.spm import train_tiny_tokenizer
-from owl_jax.tokenizer import SYSTEM_PROMPT, OwlTokenizer, build_prompt
+from owl_jax.data.conversation import SYSTEM_PROMPT
+from owl_jax.families.owl1.template import build_prompt
+from owl_jax.tokenizer import OwlTokenizer
 
 T = 5  # image slots per image in these tests (the real model uses 65)
 

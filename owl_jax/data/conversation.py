@@ -17,7 +17,14 @@ import os
 import re
 from typing import Any, Iterable, Iterator
 
-from owl_jax.tokenizer import AI, HUMAN, IMAGE_TOKEN, SYSTEM_PROMPT
+from owl_jax.tokenizer import IMAGE_TOKEN
+
+# The official mPLUG-Owl text form every format is read into (`Conversation.text`).
+SYSTEM_PROMPT = ("The following is a conversation between a curious human and AI assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
+                 "questions.")
+HUMAN = "Human: "
+AI = "AI: "
 
 log = logging.getLogger(__name__)
 

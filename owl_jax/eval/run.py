@@ -8,7 +8,7 @@
 `generator` is anything with `.generate(prompts: list[str], images: list[list[PIL.Image]],
 max_new_tokens=, temperature=, num_beams=) -> list of results with .text` (the object
 `owl_jax.load_pretrained` returns). Every question becomes the official prompt of the
-generator's family (its `build_prompt`; Owl's template for a generator without a family).
+generator's family (its `build_prompt`; the default family's for a generator without one).
 OwlEval follow-up questions (category multi_turn only, same image as the question before) are
 asked in the same conversation, after the model's own earlier answers, so a batch runs turn by
 turn.
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from owl_jax.data.images import BadImage, open_image
 from owl_jax.eval import metrics as M
-from owl_jax.tokenizer import build_prompt
+from owl_jax import families
 
 
 @dataclasses.dataclass
@@ -259,7 +259,8 @@ def answer_batch(generator, task: Task, convs: list[Conversation], prompt: str,
     for t in range(max(len(c.turns) for c in convs)):
         active = [i for i, c in enumerate(convs) if t < len(c.turns)]
         asked = [prompt.format(question=convs[i].turns[t]["question"]) for i in active]
-        template = getattr(getattr(generator, "family", None), "build_prompt", build_prompt)
+        family = getattr(generator, "family", None) or families.get(families.DEFAULT)
+        template = family.build_prompt
         prompts = [template(history[i] + [q], len(convs[i].images)) for i, q in zip(active, asked)]
         images = [convs[i].images for i in active]
         pad = max(0, pad_to - len(prompts))

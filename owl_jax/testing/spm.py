@@ -13,7 +13,7 @@ import random
 
 import sentencepiece as spm
 
-from owl_jax.tokenizer import SYSTEM_PROMPT
+from owl_jax.data.conversation import SYSTEM_PROMPT
 
 _WORDS = (
     "the a an of to in on at with and or but is are was were be been it this that these those "

@@ -4,7 +4,7 @@ from owl_jax.families import Family
 from owl_jax.families.owl1 import config, samples
 from owl_jax.families.owl1.model import Owl
 from owl_jax.families.owl1.processor import Processor
-from owl_jax.tokenizer import build_prompt
+from owl_jax.families.owl1.template import build_prompt
 
 
 def image_flops(cfg: config.OwlConfig):
