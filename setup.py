@@ -30,7 +30,8 @@ setup(
     # convert/ and configs/ stay top-level folders in the repository but install as
     # owl_jax.convert and owl_jax.configs (top-level names like `configs` collide across projects).
     packages=find_packages(include=["owl_jax", "owl_jax.*"])
-    + ["owl_jax.convert", "owl_jax.configs", "owl_jax.configs.llava"],
+    + ["owl_jax.convert", "owl_jax.configs"]
+    + ["owl_jax.configs." + p for p in find_packages("configs")],  # one folder per family
     package_dir={"owl_jax.convert": "convert", "owl_jax.configs": "configs"},
     # compiled on first use (owl_jax.native)
     package_data={"owl_jax": ["csrc/*.cc"], "owl_jax.generate.cpu": ["*.cc"]},

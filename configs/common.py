@@ -1,7 +1,7 @@
 """Shared defaults for every training recipe, and the `:ARGS` string parser.
 
 A recipe is `get_config(arg)`: `arg` is what comes after the colon in
-`--config configs/owl_7b_stage1.py:size=tiny,mesh=1x8x1,batch=512`. Only things people sweep and
+`--config configs/owl1/owl_7b_stage1.py:size=tiny,mesh=1x8x1,batch=512`. Only things people sweep and
 that change several fields at once belong in `arg` (big_vision's rule); any single field is set
 with `--config.FIELD=VALUE` instead.
 

@@ -3,7 +3,7 @@
 # process data shards, global arrays, checkpoints) without a cluster.
 #
 #   launch/local.sh N [owl-train args...]
-#   launch/local.sh 2 --config configs/tiny_stage1.py --workdir /tmp/run
+#   launch/local.sh 2 --config configs/owl1/tiny_stage1.py --workdir /tmp/run
 #
 # Starts N processes of owl-train on localhost with process ids 0..N-1 and a shared
 # coordinator, each with TOTAL/N CPU devices (TOTAL = OWL_LOCAL_DEVICES, default 8) and gloo

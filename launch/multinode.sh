@@ -3,7 +3,7 @@
 # or one per GPU, wired together by jax.distributed through the OWL_* environment.
 #
 # From one machine, over ssh (passwordless; same checkout path and shared filesystem on all):
-#   launch/multinode.sh --hosts node0,node1 [options] -- --config configs/owl_7b_stage1.py --workdir /shared/run
+#   launch/multinode.sh --hosts node0,node1 [options] -- --config configs/owl1/owl_7b_stage1.py --workdir /shared/run
 # Or on every node yourself (pdsh, Kubernetes, cloud VMs ...), the same line with its rank:
 #   launch/multinode.sh --node-rank R --nnodes N --coordinator node0:12355 [options] -- ARGS...
 #

@@ -3,7 +3,7 @@
 # worker, install, run the same owl-train command on all workers, collect logs, delete it.
 #
 #   launch/tpu_pod.sh --name owl-s1 --zone us-east5-a --accelerator v5p-64 \
-#       -- --config configs/owl_7b_stage1.py --workdir gs://my-bucket/owl/s1
+#       -- --config configs/owl1/owl_7b_stage1.py --workdir gs://my-bucket/owl/s1
 #
 # Options:
 #   --name NAME            TPU (and queued resource) name (required)

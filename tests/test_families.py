@@ -25,7 +25,7 @@ from owl_jax.testing.models import FAST, VOCAB, random_params
 from owl_jax.testing.spm import train_tiny_tokenizer
 
 FAMILIES = ["owl1", "llava"]
-RECIPES = {"owl1": "tiny_stage1", "llava": "llava.stage1"}
+RECIPES = {"owl1": "owl1.tiny_stage1", "llava": "llava.stage1"}
 
 
 def tiny_cfg(name):

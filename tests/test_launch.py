@@ -185,7 +185,7 @@ def _slurm_env(tmp_path, **kw):
 
 
 def test_slurm_dry_run_exports_contract_and_gpu_flags(tmp_path):
-    r = _bash("gpu_slurm.sbatch", "--config", "configs/owl_7b_stage1.py", "--workdir", "/runs/x",
+    r = _bash("gpu_slurm.sbatch", "--config", "configs/owl1/owl_7b_stage1.py", "--workdir", "/runs/x",
               DRY_RUN=1, **_slurm_env(tmp_path, SLURM_NTASKS_PER_NODE=8))
     assert r.returncode == 0, r.stderr
     *exports, srun = r.stdout.strip().splitlines()
@@ -196,7 +196,7 @@ def test_slurm_dry_run_exports_contract_and_gpu_flags(tmp_path):
     assert env["NCCL_DEBUG"] == "WARN"
     words = shlex.split(srun)
     assert words[:4] == ["srun", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=8"]
-    assert words[-5:] == ["owl-train", "--config", "configs/owl_7b_stage1.py", "--workdir", "/runs/x"]
+    assert words[-5:] == ["owl-train", "--config", "configs/owl1/owl_7b_stage1.py", "--workdir", "/runs/x"]
 
 
 def test_slurm_tasks_get_their_process_ids(tmp_path):
@@ -237,7 +237,7 @@ def _tpu(*args):
 
 
 def test_tpu_pod_dry_run_lifecycle():
-    train_args = ["--config", "configs/owl_7b_stage1.py:batch=256", "--workdir", "gs://b/s1",
+    train_args = ["--config", "configs/owl1/owl_7b_stage1.py:batch=256", "--workdir", "gs://b/s1",
                   "--config.note=two words"]
     cmds, _ = _tpu("--accelerator", "v5p-64", "--spot", "--log-dir", "L", "--", *train_args)
     where = ["--zone=us-east5-a"]

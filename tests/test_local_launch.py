@@ -32,7 +32,7 @@ def _recipe(tmp, spec: str) -> str:
     path = tmp / "recipe.py"
     path.write_text(
         "import ml_collections\n"
-        "from owl_jax.configs import tiny_stage1\n"
+        "from owl_jax.configs.owl1 import tiny_stage1\n"
         "def get_config(arg=None):\n"
         "    c = tiny_stage1.get_config(arg)\n"
         "    c.data = ml_collections.ConfigDict(dict(kind='pipeline', sources=[dict(\n"

@@ -26,7 +26,7 @@ SEVEN_B = {"owl_7b_stage1": VIT + ABSTRACTOR + QUERIES, "owl_7b_stage2_lora": LO
 
 @pytest.mark.parametrize("name", sorted(SEVEN_B))
 def test_7b_recipe_abstract_layout(name):
-    c = importlib.import_module(f"owl_jax.configs.{name}").get_config()
+    c = importlib.import_module(f"owl_jax.configs.owl1.{name}").get_config()
     c.init_from = ""  # shapes from model.size (the data root does not exist here)
     cfg = state_lib.model_config(c)
     model = state_lib.build_model(c, cfg)
@@ -41,12 +41,12 @@ def test_7b_recipe_abstract_layout(name):
 
 
 def test_recipe_args_and_typos():
-    s1 = importlib.import_module("owl_jax.configs.owl_7b_stage1")
+    s1 = importlib.import_module("owl_jax.configs.owl1.owl_7b_stage1")
     c = s1.get_config("mesh=2x4x1,batch=512,res=448,micro=8,seq=1024")
     assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == (2, 4, 1)
     assert (c.batch.global_size, c.batch.micro_batches, c.batch.seq_len) == (512, 8, 1024)
     assert c.model.image_size == 448
-    s2 = importlib.import_module("owl_jax.configs.owl_7b_stage2_lora")
+    s2 = importlib.import_module("owl_jax.configs.owl1.owl_7b_stage2_lora")
     c = s2.get_config("abstractor,decay=cosine")
     assert c.trainable == (".*/lora_[ab]", "abstractor/.*") and c.optimizer.decay == "cosine"
     assert s2.get_config().total_steps == 361_481 * 3 // 256 == 4236
@@ -60,7 +60,7 @@ def test_data_eval_tokenizer_args_name_the_sources():
     """`data=` / `eval=` / `tokenizer=` (every recipe): the sources replace the recipe's, keep
     its pipeline settings, weights with @W, tasks from the spec kind; a bad spec or an unknown
     arg fails when the config is built; size=tiny honours root= instead of ignoring it."""
-    s1 = importlib.import_module("owl_jax.configs.tiny_stage1")
+    s1 = importlib.import_module("owl_jax.configs.owl1.tiny_stage1")
     c = s1.get_config("data=webdataset:/d/a/{00000..00009}.tar@3+coco:/d/c.json?images=/d/i,"
                       "eval=arrayrecord:/d/held,tokenizer=/t")
     assert c.data.kind == c.eval_data.kind == "pipeline" and c.tokenizer_dir == "/t"
@@ -74,11 +74,11 @@ def test_data_eval_tokenizer_args_name_the_sources():
     assert s1.get_config().data.kind == "synthetic"
     c = s1.get_config("root=/r")
     assert c.data.kind == "pipeline" and c.data.sources[0]["spec"].startswith("webdataset:/r/")
-    full = importlib.import_module("owl_jax.configs.owl_7b_stage1")
+    full = importlib.import_module("owl_jax.configs.owl1.owl_7b_stage1")
     assert full.get_config("data=webdataset:/d/a.tar").eval_data.kind == "none"
     assert full.get_config("data=webdataset:/d/a.tar,root=/r").eval_data.sources[0]["spec"] == (
         "coco:/r/coco/annotations/captions_val2017.json?images=/r/coco/val2017")
-    s2 = importlib.import_module("owl_jax.configs.owl_7b_stage2_lora")
+    s2 = importlib.import_module("owl_jax.configs.owl1.owl_7b_stage2_lora")
     c = s2.get_config("data=instruct:/d/chat.json?images=/d/i,eval=instruct:/d/held.json")
     assert [s["spec"] for s in c.data.sources] == ["instruct:/d/chat.json?images=/d/i"]
     assert c.data.packing is False and c.eval_data.packing is False  # the recipe's setting
@@ -96,10 +96,10 @@ def test_init_from_keeps_its_image_size_unless_res_says_otherwise(tmp_path):
     from owl_jax.families.owl1.config import tiny
     cfg = tiny()
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, image_size=42))
-    c = importlib.import_module("owl_jax.configs.tiny_stage1").get_config()
+    c = importlib.import_module("owl_jax.configs.owl1.tiny_stage1").get_config()
     state = state_lib.init_fresh(_layout(c, cfg), 0)
     save_checkpoint(str(tmp_path), jax.device_get(state_lib.host_params_unrolled(state)), cfg)
-    s2 = importlib.import_module("owl_jax.configs.tiny_stage2_lora")
+    s2 = importlib.import_module("owl_jax.configs.owl1.tiny_stage2_lora")
     assert state_lib.model_config(s2.get_config(f"init={tmp_path}")).vision.image_size == 42
     c = s2.get_config(f"init={tmp_path},res=56")
     assert state_lib.model_config(c).vision.image_size == 56
@@ -124,13 +124,13 @@ def test_owl_train_help_and_bad_command_lines(capsys):
     for flag in ("--help", "-h"):
         assert main([flag]) == 0
         out = capsys.readouterr().out
-        assert "--workdir" in out and "--dry_run" in out and "configs/*.py" in out
-    assert main(["--config", f"{root}/configs/tiny_stage1.py", "--help"]) == 0
+        assert "--workdir" in out and "--dry_run" in out and "configs/FAMILY/*.py" in out
+    assert main(["--config", f"{root}/configs/owl1/tiny_stage1.py", "--help"]) == 0
     out = capsys.readouterr().out
     assert "seq=L" in out and "root=DIR" in out and "data=SPEC[+SPEC]" in out
     for argv, want in [
-            ([f"--config={root}/configs/tiny_stage1.py:bogus=1"], "config arg 'bogus' unknown"),
-            ([f"--config={root}/configs/tiny_stage1.py", "--config.bogus=1"],
+            ([f"--config={root}/configs/owl1/tiny_stage1.py:bogus=1"], "config arg 'bogus' unknown"),
+            ([f"--config={root}/configs/owl1/tiny_stage1.py", "--config.bogus=1"],
              "names a field the recipe does not have"),
             (["--config", f"{root}/configs/nope.py"], "no recipe file"),
             (["--bogus"], "Unknown command line flag 'bogus'")]:
@@ -143,14 +143,14 @@ def test_config_overrides_come_from_the_given_args(tmp_path):
     """`main(argv)` (not only the console script's sys.argv) applies --config.FIELD=VALUE."""
     from owl_jax.cli.train import _flags
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fv = _flags(["--config", f"{root}/configs/tiny_stage1.py", "--config.optimizer.lr=0.25",
+    fv = _flags(["--config", f"{root}/configs/owl1/tiny_stage1.py", "--config.optimizer.lr=0.25",
                  "--workdir", str(tmp_path)])
     assert fv.config.optimizer.lr == 0.25
 
 
 @pytest.mark.parametrize("name", ["tiny_stage1", "tiny_stage2_lora", "tiny_stage2_ft"])
 def test_tiny_recipe_trains_one_step(name, tmp_path):
-    c = importlib.import_module(f"owl_jax.configs.{name}").get_config("steps=1")
+    c = importlib.import_module(f"owl_jax.configs.owl1.{name}").get_config("steps=1")
     evaluate = name == "tiny_stage2_lora"  # held-out loss + greedy samples (adapters merged)
     if not evaluate:
         c.eval_data.kind = "none"
@@ -173,7 +173,7 @@ def test_resume_with_no_steps_left_says_so(tmp_path, capsys):
     console shows plain step lines when stderr is not a terminal."""
     from owl_jax.cli.train import main
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    argv = ["--config", f"{root}/configs/tiny_stage1.py:steps=2", "--workdir", str(tmp_path),
+    argv = ["--config", f"{root}/configs/owl1/tiny_stage1.py:steps=2", "--workdir", str(tmp_path),
             "--config.eval_data.kind=none", "--config.export_at_end=false"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -189,7 +189,7 @@ def test_dry_run_tiny_reports_memory_and_flops(capsys):
     the unrolled HLO count covers the analytic model FLOPs (plus elementwise work), while the
     compiled count (scanned layers counted once) is below it."""
     from owl_jax.train.dry_run import dry_run
-    c = importlib.import_module("owl_jax.configs.tiny_stage1").get_config("mesh=1x1x1,micro=2")
+    c = importlib.import_module("owl_jax.configs.owl1.tiny_stage1").get_config("mesh=1x1x1,micro=2")
     out = dry_run(c, peak_tflops=100.0, step_time=2.0, target_mfu=0.5,
                   devices=jax.devices()[:1])
     text = capsys.readouterr().out
@@ -206,7 +206,7 @@ def test_dry_run_tiny_reports_memory_and_flops(capsys):
 def test_topology_dry_run_is_skipped_without_libtpu(capsys):
     from owl_jax.cli.train import main
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    assert main(["--config", f"{root}/configs/tiny_stage1.py", "--dry_run",
+    assert main(["--config", f"{root}/configs/owl1/tiny_stage1.py", "--dry_run",
                  "--topology", "v5p:2x2x2"]) == 0
     assert "skipping the topology dry run" in capsys.readouterr().err
 
@@ -222,7 +222,7 @@ def test_start_up_lines_print_before_the_first_batch(tmp_path, capsys, monkeypat
             print("(reading)")
             raise PipelineStalled("the input pipeline dropped 1000 samples in a row")
     monkeypatch.setattr(loop, "make_iterator", lambda data_cfg, *a, **k: Stalled())
-    c = importlib.import_module("owl_jax.configs.tiny_stage1").get_config()
+    c = importlib.import_module("owl_jax.configs.owl1.tiny_stage1").get_config()
     with pytest.raises(PipelineStalled, match="1000 samples in a row"):
         train(c, str(tmp_path))
     out = capsys.readouterr().out

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-ARGS = ["--config", f"{ROOT}/configs/tiny_stage1.py:steps={STEPS}",
+ARGS = ["--config", f"{ROOT}/configs/owl1/tiny_stage1.py:steps={STEPS}",
         "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
         "--config.log_every=1", "--config.export_at_end=false", "--config.num_samples=0",
         "--config.eval_every=0", "--config.eval_data.kind=none"]

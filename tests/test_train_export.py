@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from owl_jax.configs import tiny_stage1, tiny_stage2_lora  # noqa: E402
+from owl_jax.configs.owl1 import tiny_stage1, tiny_stage2_lora  # noqa: E402
 from owl_jax import checkpoint as ckpt  # noqa: E402
 from owl_jax import sharding as sh  # noqa: E402
 from owl_jax.families.owl1.model import Owl

@@ -36,7 +36,7 @@ def resume_setup(tmp_path_factory):
     assert len(wds["samples"]) == SAMPLES
     tok_dir = str(tmp / "tok")
     train_tiny_tokenizer(tok_dir, vocab_size=512)
-    args = ["--config", f"{ROOT}/configs/tiny_stage1.py:steps={STEPS},batch={BATCH}",
+    args = ["--config", f"{ROOT}/configs/owl1/tiny_stage1.py:steps={STEPS},batch={BATCH}",
             "--config.data.kind=pipeline",  # replaced below by a full data block
             "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
             "--config.log_every=1", "--config.export_at_end=false", "--config.num_samples=0",
@@ -53,7 +53,7 @@ def start(setup, name, sleep=0.0):
     tmp = setup["tmp"]
     recipe = tmp / "recipe.py"
     recipe.write_text(
-        "from owl_jax.configs import tiny_stage1\n"
+        "from owl_jax.configs.owl1 import tiny_stage1\n"
         "import ml_collections\n"
         "def get_config(arg=None):\n"
         "    c = tiny_stage1.get_config(arg)\n"
@@ -61,8 +61,8 @@ def start(setup, name, sleep=0.0):
         f"        spec={setup['spec']!r}, task='caption')], packing=False, augment=True,\n"
         "        workers=0, threads=1, seed=5))\n"
         "    return c\n")
-    args = [a if not a.startswith(f"{ROOT}/configs/tiny_stage1.py")
-            else a.replace(f"{ROOT}/configs/tiny_stage1.py", str(recipe))
+    args = [a if not a.startswith(f"{ROOT}/configs/owl1/tiny_stage1.py")
+            else a.replace(f"{ROOT}/configs/owl1/tiny_stage1.py", str(recipe))
             for a in setup["args"] if a != "--config.data.kind=pipeline"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                JAX_COMPILATION_CACHE_DIR=setup["cache"],

@@ -22,7 +22,7 @@ import optax
 import pytest
 import torch
 
-from owl_jax.configs import tiny_stage1  # noqa: E402
+from owl_jax.configs.owl1 import tiny_stage1  # noqa: E402
 from owl_jax import sharding as sh  # noqa: E402
 from owl_jax.train import flops as flops_lib  # noqa: E402
 from owl_jax.train import loss as loss_lib  # noqa: E402

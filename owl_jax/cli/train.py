@@ -1,7 +1,7 @@
 """owl-train: train mPLUG-Owl from a config recipe, or dry-run its compiled step.
 
     owl-train --config configs/NAME.py[:ARGS] --workdir DIR [--config.KEY=VALUE ...]
-    owl-train --config configs/owl_7b_stage1.py --dry_run [--devices 8]
+    owl-train --config configs/owl1/owl_7b_stage1.py --dry_run [--devices 8]
               [--config.mesh.data=1 --config.mesh.fsdp=8 --config.mesh.tensor=1]
               [--peak_tflops 989 (--step_time S | --target_mfu 0.4)] [--topology v5p:2x2x2]
 
@@ -96,8 +96,8 @@ def usage(argv: list[str]) -> str:
             fv.get_help(prefix="  ", include_special_flags=False))
     path = _recipe_path(argv)
     return text + ("\n" + _recipe_help(path) if path else
-                   "\n\nRecipes: configs/*.py (owl-train --config configs/NAME.py --help lists one's "
-                   "ARGS).")
+                   "\n\nRecipes: configs/FAMILY/*.py (owl-train --config configs/FAMILY/NAME.py "
+                   "--help lists one's ARGS).")
 
 
 def _reason(e: Exception) -> str:
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         return 0
     recipe = _recipe_path(argv)
     if recipe and not os.path.isfile(recipe):
-        print(f"owl-train: no recipe file {recipe} (the recipes are configs/*.py)",
+        print(f"owl-train: no recipe file {recipe} (the recipes are configs/FAMILY/*.py)",
               file=sys.stderr)
         return 2
     from absl import flags

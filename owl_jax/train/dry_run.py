@@ -1,6 +1,6 @@
 """Compile the real train step from abstract shapes for a mesh, without weights or data.
 
-    owl-train --config configs/owl_7b_stage1.py --dry_run [--config.mesh.fsdp=8 ...]
+    owl-train --config configs/owl1/owl_7b_stage1.py --dry_run [--config.mesh.fsdp=8 ...]
               [--peak_tflops 989 --step_time 12.5 | --target_mfu 0.4] [--topology v5p:2x2x2]
 
 By default the mesh's devices are CPU devices standing in for accelerators (the CLI sets the

@@ -1,6 +1,6 @@
 """mPLUG-Owl stage 2 (instruction tuning) with LoRA on the frozen LLaMA-7B.
 
-    owl-train --config configs/owl_7b_stage2_lora.py:ARGS --workdir DIR [--config.FIELD=VALUE]
+    owl-train --config configs/owl1/owl_7b_stage2_lora.py:ARGS --workdir DIR [--config.FIELD=VALUE]
 
 ARGS (comma-separated name=value; what people sweep):
   size=7b|tiny      model size (tiny = tiny_stage2_lora.py)

@@ -1,6 +1,6 @@
 """mPLUG-Owl stage 1 (pre-training): ViT + visual abstractor trained, LLaMA-7B frozen.
 
-    owl-train --config configs/owl_7b_stage1.py:ARGS --workdir DIR [--config.FIELD=VALUE ...]
+    owl-train --config configs/owl1/owl_7b_stage1.py:ARGS --workdir DIR [--config.FIELD=VALUE ...]
 
 ARGS (comma-separated name=value; what people sweep):
   size=7b|tiny      model size (tiny: seconds per step on CPU, synthetic data unless data= or

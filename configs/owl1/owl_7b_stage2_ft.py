@@ -1,8 +1,8 @@
 """mPLUG-Owl stage 2 (instruction tuning) with the whole LLaMA-7B trained (no LoRA).
 
-    owl-train --config configs/owl_7b_stage2_ft.py:ARGS --workdir DIR [--config.FIELD=VALUE]
+    owl-train --config configs/owl1/owl_7b_stage2_ft.py:ARGS --workdir DIR [--config.FIELD=VALUE]
 
-ARGS: as configs/owl_7b_stage2_lora.py (size, mesh, batch, micro, res, seq, decay, epochs, root,
+ARGS: as configs/owl1/owl_7b_stage2_lora.py (size, mesh, batch, micro, res, seq, decay, epochs, root,
 init, pack, data, eval, tokenizer), without the LoRA ones; micro defaults to 32 (1 row per device per slice on
 8 devices; the official script runs micro 1 x gradient accumulation 4 on 64 GPUs).
 
@@ -15,7 +15,7 @@ Memory: fp32 master weights + Adam moments of 6.7B parameters are ~81 GB before 
 so this needs FSDP over several devices (e.g. mesh=1x8x1); `owl-train --dry_run` prints the
 per-device figure for a mesh.
 """
-from owl_jax.configs import owl_7b_stage2_lora as lora_recipe
+from owl_jax.configs.owl1 import owl_7b_stage2_lora as lora_recipe
 from owl_jax.configs.common import apply_common_args, base_config, parse_arg
 
 
