@@ -33,7 +33,8 @@ Fields (all recipes share them; `docs/training.md` explains each):
   tokenizer_dir         for the data pipeline, eval samples and the export ('' = init_from,
                         if it holds tokenizer.model)
   optimizer.*           AdamW: lr, b1, b2, eps, weight_decay, clip_norm, warmup_steps,
-                        decay ('cosine' | 'linear' | 'constant'), end_lr_ratio, no_decay (regexes)
+                        decay ('cosine' | 'linear' | 'constant'), end_lr_ratio, no_decay (regexes),
+                        lr_scale ((regex, factor) pairs: lr * factor for those parameters)
   total_steps           optimizer steps of the run
   batch.global_size     rows per optimizer step (all processes together)
   batch.micro_batches   gradient accumulation: the step scans over this many slices
@@ -115,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=0, decay="cosine", end_lr_ratio=0.0,
         # HF Trainer's rule: no weight decay on biases and norm weights.
         no_decay=("(^|/)bias$", "(^|/)scale$"),
+        lr_scale=(),  # (regex, factor) pairs: those parameters train at lr * factor
     ))
     c.total_steps = 1000
 

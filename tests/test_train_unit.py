@@ -40,26 +40,31 @@ def opt_config(**kw):
     return ml_collections.ConfigDict({**base, **kw})
 
 
-def test_adamw_clip_decay_schedule_match_torch_and_hf():
+@pytest.mark.parametrize("lr_scale", [(), (("^dense/", 0.1),)])
+def test_adamw_clip_decay_schedule_match_torch_and_hf(lr_scale):
+    """AdamW + clipping + the warm-up / linear schedule as torch + HF compute them; lr_scale
+    as a torch param group with its own lr (LLaVA's projector lr)."""
     from transformers import get_linear_schedule_with_warmup
     rng = np.random.default_rng(0)
     params = {"dense": {"kernel": rng.normal(size=(4, 3)).astype(np.float32),
                         "bias": rng.normal(size=(3,)).astype(np.float32)},
               "norm": {"scale": rng.normal(size=(3,)).astype(np.float32)}}
     total = 6
-    tx, schedule = opt_lib.make_optimizer(opt_config(), total)
+    tx, schedule = opt_lib.make_optimizer(opt_config(lr_scale=lr_scale), total)
     p = jax.tree.map(jnp.asarray, params)
     state = tx.init(p)
 
     tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in tr.flatten(params).items()}
-    groups = [{"params": [tp["dense/kernel"]], "weight_decay": 0.1},
-              {"params": [tp["dense/bias"], tp["norm/scale"]], "weight_decay": 0.0}]
+    dense_lr = 1e-2 * (0.1 if lr_scale else 1.0)
+    groups = [{"params": [tp["dense/kernel"]], "weight_decay": 0.1, "lr": dense_lr},
+              {"params": [tp["dense/bias"]], "weight_decay": 0.0, "lr": dense_lr},
+              {"params": [tp["norm/scale"]], "weight_decay": 0.0}]
     topt = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.98), eps=1e-8)
     sched = get_linear_schedule_with_warmup(topt, 2, total)
     for s in range(total):
         g = {k: rng.normal(size=v.shape).astype(np.float32) * (3 if s == 1 else 1)
              for k, v in tr.flatten(params).items()}
-        assert float(schedule(s)) == pytest.approx(sched.get_last_lr()[0], rel=1e-6, abs=1e-12)
+        assert float(schedule(s)) == pytest.approx(sched.get_last_lr()[2], rel=1e-6, abs=1e-12)
         updates, state = tx.update(jax.tree.map(jnp.asarray, tr.unflatten(g)), state, p)
         p = optax.apply_updates(p, updates)
         for k, t in tp.items():

@@ -20,8 +20,8 @@ The recipe follows LLaVA-1.5's `scripts/v1_5/finetune.sh` (and `finetune_lora.sh
 `vicuna_v1` template with LLaVA's loss mask (only the assistant turns and their `</s>` train),
 `llava_v1_5_mix665k.json`, pad-to-square images (from the checkpoint's config), AdamW lr 2e-5
 (betas 0.9 / 0.999), weight decay 0, cosine decay after a 3% warm-up, global batch 128, one
-epoch, 2048 tokens, one conversation per row. LLaVA's LoRA run gives the projector its own lr
-(2e-5); here one lr serves all trained parameters.
+epoch, 2048 tokens, one conversation per row. The LoRA run (lr 2e-4) keeps the projector at its
+own lr, 2e-5 (`--mm_projector_lr`): `optimizer.lr_scale`.
 """
 from owl_jax.configs.common import COMMON_ARGS, apply_common_args, base_config, parse_arg
 from owl_jax.configs.llava.stage1 import llava_common, llava_tiny
@@ -40,6 +40,7 @@ def get_config(arg=None):
         c.lora.targets = LORA_TARGETS
         c.trainable = (".*/lora_[ab]", "multi_modal_projector/.*")
         c.optimizer.lr = 2e-4
+        c.optimizer.lr_scale = (("^multi_modal_projector/", 0.1),)  # the projector at 2e-5
     else:
         c.trainable = ("multi_modal_projector/.*", "language_model/.*")
         c.optimizer.lr = 2e-5

@@ -43,8 +43,25 @@ def decay_mask_fn(no_decay_patterns):
     return fn
 
 
+def scale_by_path(lr_scale):
+    """Multiplies the update of each parameter whose path matches a pattern by its factor (the
+    first pattern that matches; others unchanged). After AdamW this is exactly a learning rate
+    of lr * factor for those parameters (the whole AdamW update, weight decay included, is
+    proportional to lr), e.g. LLaVA's separate projector lr."""
+    rules = [(re.compile(p), float(f)) for p, f in lr_scale]
+
+    def factor(path):
+        return next((f for p, f in rules if p.search(path)), 1.0)
+
+    def update(updates, state, params=None):
+        return tr.tree_map_with_path(lambda path, u: u * factor(path) if factor(path) != 1.0
+                                     else u, updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(opt, total_steps: int):
-    """-> (optax transformation, schedule)."""
+    """-> (optax transformation, schedule). The schedule is the base lr's (`opt.lr_scale`,
+    pairs (regex, factor), scales it per parameter)."""
     schedule = make_schedule(opt, total_steps)
     parts = []
     if opt.clip_norm and opt.clip_norm > 0:
@@ -52,4 +69,6 @@ def make_optimizer(opt, total_steps: int):
     parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
                              weight_decay=float(opt.weight_decay),
                              mask=decay_mask_fn(tuple(opt.no_decay))))
+    if opt.get("lr_scale"):
+        parts.append(scale_by_path(opt.lr_scale))
     return optax.chain(*parts), schedule
