@@ -21,6 +21,7 @@ import owl_jax
 from owl_jax import families
 from owl_jax.checkpoint import save_checkpoint
 from owl_jax.generate import GenerationConfig, Generator
+from owl_jax.layers.masks import segment_mask
 from owl_jax.testing.models import FAST, VOCAB, random_params
 from owl_jax.testing.spm import train_tiny_tokenizer
 
@@ -69,6 +70,72 @@ def test_engine_batches_and_cache_match_recompute(name):
         assert alone.token_ids == together[i].token_ids, (name, i)
     assert together[2].token_ids == full_greedy(cfg, params, rows[2], px[1:3], 6)
     assert len({tuple(g.token_ids) for g in together}) == len(rows)  # not vacuous
+
+
+def _out_of_sequence_model(cfg):
+    """A LLaVA whose images stay out of the sequence, as a cross-attention family's do: the
+    image slots embed as token 0 and each row's mean image embedding (its visual context,
+    computed once at prefill) is added to every position the LLM reads, prefill and decode."""
+    from owl_jax.families.llava.model import Llava
+
+    class OutOfSequence(Llava):
+        def embed(self, input_ids, image_embeds=None):
+            return super().embed(input_ids, None)
+
+        def visual_context(self, input_ids, image_embeds, positions):
+            if image_embeds is None:
+                return jnp.zeros((input_ids.shape[0], self.cfg.text.hidden_size))
+            # images come flat, in row order; padding images (past the last slot) belong to none
+            per_row = (input_ids < 0).sum(1) // self.cfg.image_tokens
+            row_of = jnp.searchsorted(jnp.cumsum(per_row), jnp.arange(image_embeds.shape[0]),
+                                      side="right")
+            owner = jax.nn.one_hot(row_of, input_ids.shape[0], dtype=jnp.float32).T
+            return (owner @ image_embeds.mean(1)) / jnp.maximum(per_row, 1)[:, None]
+
+        def decode(self, embeds, positions, mask, cache, cache_index, return_hidden=False,
+                   visual=None):
+            return super().decode(embeds + visual[:, None], positions, mask, cache,
+                                  cache_index, return_hidden)
+
+    return OutOfSequence(cfg)
+
+
+def test_engine_carries_the_visual_context_to_every_decode_step():
+    cfg = tiny_cfg("llava")
+    params = random_params(cfg, seed=4)
+    model = _out_of_sequence_model(cfg)
+    rng = np.random.default_rng(1)
+    rows = rows_for(cfg, rng)
+    s = cfg.vision.image_size
+    px = rng.standard_normal((3, s, s, 3)).astype(np.float32)
+    gen = Generator(cfg, params, compiler_options=FAST)
+    gen.model = model  # before the first call traces anything
+    gc = GenerationConfig(max_new_tokens=6, eos_token_id=-1)
+    together = gen.generate(rows, px, gc)
+    per_row = [None, px[:1], px[1:3]]
+    for i, row in enumerate(rows):
+        assert gen.generate([row], per_row[i], gc)[0].token_ids == together[i].token_ids, i
+    beams = gen.generate(rows, px, gc, force_beam_search=True)
+    assert [g.token_ids for g in beams] == [g.token_ids for g in together]
+
+    # Reference: the whole sequence recomputed per token, the context added to every position.
+    def full(p, ids, px):
+        emb = model.apply({"params": p}, px, method="encode_images")
+        ctx = model.apply({"params": p}, ids, emb, None, method="visual_context")
+        x = model.apply({"params": p}, ids, None, method="embed") + ctx[:, None]
+        pos = jnp.arange(ids.shape[1])[None]
+        out, _ = model.apply({"params": p}, x, pos, segment_mask(jnp.ones(ids.shape, jnp.int32)),
+                             None, None, method=lambda m, *a: m.language_model(*a))
+        return out
+    f = jax.jit(full, compiler_options=FAST)
+    seq = list(rows[2])
+    for _ in range(6):
+        ids = np.array([seq], np.int32)
+        seq.append(int(jnp.argmax(f(params, ids, px[1:3])[0, -1])))
+    assert together[2].token_ids == seq[len(rows[2]):]
+    # not vacuous: other images (the same ids) give another answer
+    other = rng.standard_normal((2, s, s, 3)).astype(np.float32)
+    assert gen.generate([rows[2]], other, gc)[0].token_ids != together[2].token_ids
 
 
 @pytest.fixture(scope="module")
