@@ -364,3 +364,57 @@ def from_hf(dst: str, llama_dir: str | None, clip_dir: str | None,
                     "random_init": ["multi_modal_projector"],
                     "projector_init": "torch.nn.Linear default: U(-1/sqrt(fan_in), "
                                       "1/sqrt(fan_in)), numpy default_rng(seed)"})
+
+
+# --------------------------------------------------------------------------------------------
+# owl-convert (convert/cli.py): LLaVA's flags and commands
+
+CLI_FLAGS = {
+    "torch-to-jax": [
+        (("--clip",), dict(default=None,
+                           help="original-layout LLaVA: the CLIP tower's HF directory (default: "
+                                "mm_vision_tower when it is a local directory, else "
+                                "SRC/vision_tower)")),
+    ],
+    "jax-to-torch": [
+        (("--layout",), dict(choices=LAYOUTS, default=None,
+                             help="llava-hf (LlavaForConditionalGeneration, safetensors) or the "
+                                  "original LlavaLlamaForCausalLM + CLIP tower in "
+                                  "DST/vision_tower (default: the layout it was converted from, "
+                                  "else hf where it can hold the model)")),
+    ],
+    "from-hf": [  # needs --llama and --clip
+        (("--projector",), dict(choices=("linear", "mlp2x_gelu"), default=None,
+                                help="linear (LLaVA v1) or mlp2x_gelu (LLaVA-1.5, the default)")),
+        (("--image_token",), dict(action="store_true", default=None,
+                                  help="add one vocabulary row for <image> (llava-hf style; "
+                                       "initialised as the mean of the existing rows); default: "
+                                       "no image row (original style)")),
+        (("--image_aspect_ratio",), dict(choices=("square", "pad"), default=None,
+                                         help="image transform (default: pad with mlp2x_gelu, "
+                                              "square with linear)")),
+        (("--vision_feature_layer",), dict(type=int, default=None,
+                                           help="the CLIP hidden state fed to the projector "
+                                                "(default -2)")),
+        (("--vision_feature_select_strategy",), dict(choices=("default", "full"), default=None,
+                                                     help="default drops the CLS token "
+                                                          "(default), full keeps it")),
+    ],
+}
+
+is_source = is_llava_source
+
+
+def cli_run(command: str, args, progress: bool):
+    from owl_jax.convert.cli import dtype_arg
+    dtype = dtype_arg(args.dtype)
+    if command == "torch-to-jax":
+        return torch_to_jax(args.src, args.dst, args.clip, dtype, args.overwrite, progress)
+    if command == "jax-to-torch":
+        return {"files": jax_to_torch(args.src, args.dst, args.layout, dtype, args.format,
+                                      args.shard_size, progress)}
+    return from_hf(args.dst, args.llama, args.clip, args.projector or "mlp2x_gelu", args.seed,
+                   bool(args.image_token), args.image_aspect_ratio,
+                   -2 if args.vision_feature_layer is None else args.vision_feature_layer,
+                   args.vision_feature_select_strategy or "default", dtype, args.overwrite,
+                   progress)

@@ -252,3 +252,58 @@ def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
         if os.path.exists(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
     return names
+
+
+# --------------------------------------------------------------------------------------------
+# owl-convert (convert/cli.py): mPLUG-Owl's flags and commands
+
+CLI_FLAGS = {
+    "torch-to-jax": [
+        (("--lora_alpha",), dict(type=float, default=None,
+                                 help="LoRA alpha when SRC has PEFT adapters but no "
+                                      "adapter_config.json")),
+        (("--lora_r",), dict(type=int, default=None, help="LoRA rank (checked vs the tensors)")),
+        (("--keep_lora",), dict(action="store_true",
+                                help="store adapters unmerged (lora_a / lora_b) instead of "
+                                     "merging them")),
+    ],
+    "from-hf": [
+        (("--base_config",), dict(default=None,
+                                  help="official config.json (or its directory) giving the sizes "
+                                       "of the parts not read from HF (abstractor, query tokens, "
+                                       "missing tower); default: the released 7B config")),
+        (("--clip_eps",), dict(action="store_true",
+                               help="keep CLIP's LayerNorm eps (1e-5) instead of Owl's ViT eps "
+                                    "(1e-6)")),
+        (("--abstractor_layers",), dict(type=int, default=None)),
+        (("--abstractor_heads",), dict(type=int, default=None)),
+        (("--abstractor_intermediate",), dict(type=int, default=None)),
+        (("--num_query_tokens",), dict(type=int, default=None)),
+    ],
+}
+
+
+def is_source(src: str) -> bool:
+    """mPLUG-Owl is the default family: torch-to-jax reads SRC as an official checkpoint when
+    no other family claims it."""
+    return True
+
+
+def cli_run(command: str, args, progress: bool):
+    from owl_jax.convert.cli import dtype_arg
+    dtype = dtype_arg(args.dtype)
+    if command == "torch-to-jax":
+        return torch_to_jax(args.src, args.dst, dtype, args.lora_alpha, args.lora_r,
+                            args.keep_lora, args.overwrite, progress)
+    if command == "jax-to-torch":
+        return {"files": jax_to_torch(args.src, args.dst, dtype, args.format or "bin",
+                                      args.shard_size, progress)}
+    from owl_jax.convert.from_hf import from_hf
+    base = args.base_config
+    if base and base.endswith(".json"):
+        base = os.path.dirname(os.path.abspath(base))
+    return from_hf(args.dst, args.llama, args.clip, args.seed, base, dtype, args.clip_eps,
+                   args.overwrite, progress, abstractor_layers=args.abstractor_layers,
+                   abstractor_heads=args.abstractor_heads,
+                   abstractor_intermediate=args.abstractor_intermediate,
+                   num_query_tokens=args.num_query_tokens)

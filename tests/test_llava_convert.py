@@ -423,7 +423,7 @@ def test_from_hf_flags_belong_to_one_family(hf_parts, tmp_path, capsys):
     llama_dir, clip_dir = hf_parts
     assert main(["from-hf", str(tmp_path / "a"), "--family", "llava", "--llama", llama_dir,
                  "--clip", clip_dir, "--abstractor_layers", "2"]) == 2
-    assert "--abstractor_layers does not apply to --family llava" in capsys.readouterr().err
+    assert "--abstractor_layers does not apply to family llava" in capsys.readouterr().err
     assert main(["from-hf", str(tmp_path / "b"), "--llama", llama_dir,
                  "--projector", "linear"]) == 2
     assert main(["from-hf", str(tmp_path / "c"), "--family", "llava", "--llama",

@@ -45,6 +45,8 @@ class Family:
                       image_tokens, prompt, template)`, `conversation(tok, Conversation,
                       seq_len, image_tokens, template)` -> (sample, drop reason) as
                       owl_jax.data.tasks; `pixels(img, cfg, augment, rng)` -> uint8 [S, S, 3]
+    converter         the module `owl-convert` runs for it (its CLI_FLAGS, is_source, cli_run:
+                      see owl_jax.convert.cli), or None
     """
     name: str
     config_type: type
@@ -57,6 +59,7 @@ class Family:
     build_prompt: Callable[..., str]
     image_flops: Callable[[Any], list]
     samples: Any
+    converter: str | None = None
 
 
 def get(name: str) -> Family:

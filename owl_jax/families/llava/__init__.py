@@ -24,4 +24,5 @@ def image_flops(cfg: config.LlavaConfig):
 FAMILY = Family(name="llava", config_type=config.LlavaConfig, load_config=config.load,
                 save_config=config.save, tiny=config.tiny, model=Llava,
                 dummy_inputs=dummy_inputs, processor=LlavaProcessor, build_prompt=build_prompt,
-                image_flops=image_flops, samples=samples)
+                image_flops=image_flops, samples=samples,
+                converter="owl_jax.convert.llava")

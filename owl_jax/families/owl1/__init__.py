@@ -16,4 +16,5 @@ def image_flops(cfg: config.OwlConfig):
 FAMILY = Family(name="owl1", config_type=config.OwlConfig, load_config=config.load_official,
                 save_config=config.save_official, tiny=config.tiny, model=Owl,
                 dummy_inputs=dummy_inputs, processor=Processor, build_prompt=build_prompt,
-                image_flops=image_flops, samples=samples)
+                image_flops=image_flops, samples=samples,
+                converter="owl_jax.convert.official")
