@@ -57,9 +57,10 @@ def test_family_table_and_recipes():
     demo's recipe spells no family (its command lines stay as they were)."""
     from owl_jax import families
     from owl_jax.configs import demo_shapes
-    assert sorted(run.DEMO) == sorted(demo_shapes.FAMILIES) == sorted(demo_shapes.FORMATS)
+    from owl_jax.demo import family as demo_family
+    assert demo_family.names() == ["owl1", "llava"]
     tokens = {"owl1": 9, "llava": 16}
-    for name in run.DEMO:
+    for name in demo_family.names():
         cfg = run.demo_model_config(640, name)
         assert families.of_config(cfg).name == name and cfg.image_tokens == tokens[name]
         assert cfg.vision.image_size == 32 and cfg.text.hidden_size == 128
@@ -74,7 +75,7 @@ def test_family_table_and_recipes():
     llava = run.demo_model_config(640, "llava")
     assert llava.image_token_index == 640 and llava.text.vocab_size == 641
     # LLaVA's text warm-up is its vicuna_v1 template, ending where the text task adds EOS
-    text = run.DEMO["llava"].inference_text([("What is red?", "A red circle.")])
+    text = demo_family.get("llava").inference_text([("What is red?", "A red circle.")])
     assert text.endswith(" USER: What is red? ASSISTANT: A red circle.")
 
 

@@ -16,24 +16,23 @@
                same answers
 The last line printed is `demo accuracy: X% on N held-out images`.
 
-What differs per family is in one table, `DEMO` (below), and in the family's recipes in
-configs/demo_shapes.py; the scoring rule is in `owl_jax/demo/scoring.py`.
+What differs per family is its `DemoFamily` (`owl_jax/families/<name>/demo.py`: model, template,
+stage recipes; see owl_jax/demo/family.py); the scoring rule is in `owl_jax/demo/scoring.py`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import os
 import shutil
 import sys
 import tarfile
 import time
-from typing import Any, Callable
+
 
 import numpy as np
 
-from owl_jax.demo import scoring, shapes
+from owl_jax.demo import family as demo_family, scoring, shapes
 
 # Sample counts (full demo, --quick)
 SIZES = dict(
@@ -46,117 +45,8 @@ IMAGE_PX = 64  # stored JPEG size; the model resizes to its own resolution (32) 
 STAGES = ("warmup", "stage1", "stage2")
 
 
-# --------------------------------------------------------------------------------------------
-# What differs per model family
-
-Turns = list  # [(question, answer), ...]
-
-
-def owl1_model_config(vocab_size: int):
-    """The Owl demo's model: ~0.9M parameters, 32 px images, 9 visual tokens per image."""
-    from owl_jax.connectors.abstractor import AbstractorConfig
-    from owl_jax.families.owl1.config import OwlConfig
-    return OwlConfig(
-        vision=_vision(num_hidden_layers=2),
-        abstractor=AbstractorConfig(hidden_size=96, num_hidden_layers=1, num_attention_heads=4,
-                                    intermediate_size=288, encoder_hidden_size=96,
-                                    attention_probs_dropout_prob=0.0),
-        text=_text(vocab_size),
-        num_query_tokens=8,
-    )
-
-
-def llava_model_config(vocab_size: int):
-    """The LLaVA demo's model: the Owl demo's ViT (CLIP layer norm eps 1e-5) with one more layer
-    that LLaVA's penultimate-layer tap never runs (vision_feature_layer -2: 2 layers run, as in
-    the Owl demo), 16 patch tokens per image, the `mlp2x_gelu` projector of LLaVA-1.5, the same
-    LLM; one vocabulary row more than the tokenizer for `<image>` (llava-hf style)."""
-    from owl_jax.families.llava.config import LlavaConfig
-    return LlavaConfig(vision=_vision(num_hidden_layers=3, layer_norm_eps=1e-5),
-                       text=_text(vocab_size + 1), projector="mlp2x_gelu",
-                       vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       image_token_index=vocab_size, image_aspect_ratio="pad")
-
-
-def _vision(**kw):
-    from owl_jax.encoders.vit import VisionConfig
-    return VisionConfig(hidden_size=96, intermediate_size=384, num_attention_heads=4,
-                        image_size=32, patch_size=8, **kw)
-
-
-def _text(vocab_size: int):
-    from owl_jax.decoder.llama import TextConfig
-    return TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
-                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256)
-
-
-def owl1_inference_text(turns: Turns) -> str:
-    """A text-only conversation as mPLUG-Owl reads it at inference. Training encodes "AI: " as a
-    chunk of its own ("▁AI", ":", "▁"), the official processor encodes the prompt's last chunk
-    whole ("?\\n", "AI", ":", "▁"); a line with "AI:  " (two spaces) encodes like that, answer
-    included. A pretrained 7B LLM knows both; ours, trained from scratch, had never seen "AI"
-    without its "▁" and answered "." to up to half the shape questions."""
-    return shapes.owl_text(turns, with_image=False).replace("\nAI: ", "\nAI:  ")
-
-
-def llava_render(turns: Turns, with_image: bool = True) -> str:
-    """A conversation in LLaVA's `vicuna_v1` template (an image as the first user turn's
-    "<image>\\n" line)."""
-    from owl_jax.families.llava.templates import render
-    msgs = [m for qa in turns for m in qa]
-    if with_image:
-        msgs[0] = "<image>\n" + msgs[0]
-    return render(msgs, "vicuna_v1")
-
-
-def llava_inference_text(turns: Turns) -> str:
-    """A text-only conversation as LLaVA reads it: `vicuna_v1` as one string (LLaVA encodes a
-    text-only conversation, and the chunk after an image, whole, as its prompts at inference),
-    without the final "</s>" (the text task appends EOS)."""
-    text = llava_render(turns, with_image=False)
-    return text[:-len("</s>")] if text.endswith("</s>") else text
-
-
-@dataclasses.dataclass(frozen=True)
-class DemoFamily:
-    """What the demo does differently for one model family. The stage recipes (what trains,
-    learning rates, templates) are the family's functions in configs/demo_shapes.py."""
-    title: str
-    model_config: Callable[[int], Any]        # tokenizer vocabulary size -> model config
-    render: Callable[..., str]                # (turns, with_image) -> training text
-    inference_text: Callable[[Turns], str]    # a warm-up conversation as read at inference
-    keyword_line: Callable[[str, str], str]   # (keywords, caption) -> a warm-up text line
-    stage_titles: dict
-    convert_args: tuple = ()                  # extra `owl-convert jax-to-torch` flags
-
-
-DEMO = {
-    "owl1": DemoFamily(
-        title="mPLUG-Owl", model_config=owl1_model_config, render=shapes.owl_text,
-        inference_text=owl1_inference_text,
-        keyword_line=lambda kw, caption: f"{kw}. {caption}",
-        stage_titles=dict(
-            warmup="text warm-up of the LLM (template, answer phrasing, colour and shape words)",
-            stage1="stage 1: captioning, LLM frozen, ViT + abstractor trained",
-            stage2="stage 2: instruction tuning, LoRA on the LLM")),
-    "llava": DemoFamily(
-        title="LLaVA", model_config=llava_model_config, render=llava_render,
-        inference_text=llava_inference_text,
-        # the keywords stand where stage 1's image stands, the caption follows as in `plain`
-        keyword_line=lambda kw, caption: f"{kw}. {caption}\n",
-        stage_titles=dict(
-            warmup="text warm-up of the LLM (vicuna_v1 template, answer phrasing, colour and "
-                   "shape words)",
-            stage1="stage 1: feature alignment on captions (plain template), LLM frozen, "
-                   "ViT + projector trained",
-            stage2="stage 2: visual instruction tuning (vicuna_v1), projector + LLM trained, "
-                   "ViT frozen"),
-        convert_args=("--layout", "hf")),
-}
-
-
 def demo_model_config(vocab_size: int, family: str = "owl1"):
-    return DEMO[family].model_config(vocab_size)
+    return demo_family.get(family).model_config(vocab_size)
 
 
 class Steps:
@@ -200,7 +90,7 @@ def write_text_corpus(p: dict, n: int, family: str, fmt: str) -> list[str]:
     read by the pipeline's `text` task), both rendered for the family. Returns all the text
     written, as the model reads it."""
     import random
-    demo = DEMO[family]
+    demo = demo_family.get(family)
     os.makedirs(p["text_shards"], exist_ok=True)
     turns = shapes.text_turns(TEXT_SEED, n)
     shapes.write_text_conversations(p["text_conversations"], turns, fmt)
@@ -235,7 +125,7 @@ def tokenizer_corpus(text: list[str], family: str, n_captions: int = 2000) -> li
     for i in range(n_captions):  # conversations as stage 2 sees them (no pixels needed)
         c, sh, b = (rng.choice(sorted(shapes.COLOURS)), rng.choice(shapes.SHAPES),
                     rng.choice(sorted(shapes.BACKGROUNDS)))
-        out.append(DEMO[family].render(shapes.conversation(
+        out.append(demo_family.get(family).render(shapes.conversation(
             shapes.ShapeSample(i, c, sh, b, shapes.caption_for(c, sh, b, i), None), rng)))
     return out
 
@@ -288,8 +178,10 @@ def _connector(cfg) -> str:
 
 def stage_arg(family: str, stage: str, out: str, steps: int | None = None,
               fast: bool = False) -> str:
-    """The configs/demo_shapes.py ARGS of one stage (the Owl demo's as before: no family=)."""
-    return (f"family={family}," if family != "owl1" else "") + f"stage={stage},out={out}" + \
+    """The configs/demo_shapes.py ARGS of one stage (the default family's spell no family=)."""
+    from owl_jax.configs import demo_shapes
+    default = family == demo_shapes.ARGS["family"]
+    return ("" if default else f"family={family},") + f"stage={stage},out={out}" + \
         (f",steps={steps}" if steps else "") + (",fast" if fast else "")
 
 
@@ -310,17 +202,12 @@ def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = F
     return result
 
 
-# Top-level param names in words (check_frozen's report).
-PART_NAMES = {"language_model": "LLM", "vision_model": "ViT", "vision_tower": "ViT",
-              "query_tokens": "queries", "abstractor": "abstractor",
-              "multi_modal_projector": "projector"}
-
-
-def _parts(keys) -> str:
+def _parts(keys, part_names: dict) -> str:
+    """Param paths -> their parts in words ("LLM/LoRA")."""
     names = []
     for k in sorted(keys):
         name = "LoRA" if k.endswith(("/lora_a", "/lora_b")) else \
-            PART_NAMES.get(k.split("/")[0], k.split("/")[0])
+            part_names.get(k.split("/")[0], k.split("/")[0])
         if name not in names:
             names.append(name)
     return "/".join(names)
@@ -349,8 +236,10 @@ def check_frozen(p: dict, family: str = "owl1") -> None:
             raise SystemExit(f"{stage} changed what it should have frozen ({bad[:3]}) or left "
                              f"a trainable part unchanged ({idle}); changed: {len(changed)}")
         n = stage.replace("stage", "stage ")
-        report.append(f"{n} changed {size(changed, stage):,} {_parts(changed)} params and left "
-                      f"the {size(frozen, stage):,} {_parts(frozen)} params bit-identical")
+        part_names = demo_family.get(family).part_names
+        report.append(f"{n} changed {size(changed, stage):,} {_parts(changed, part_names)} "
+                      f"params and left the {size(frozen, stage):,} "
+                      f"{_parts(frozen, part_names)} params bit-identical")
     print("  checked: " + "; ".join(report), flush=True)
 
 
@@ -376,7 +265,7 @@ def _fresh_output_dir(out: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m owl_jax.demo", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", choices=sorted(DEMO), default="owl1",
+    ap.add_argument("--family", choices=demo_family.names(), default="owl1",
                     help="the model family to train (default owl1, mPLUG-Owl)")
     ap.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
     ap.add_argument("--quick", action="store_true",
@@ -392,7 +281,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    family, demo = args.family, DEMO[args.family]
+    family, demo = args.family, demo_family.get(args.family)
     size = dict(SIZES["quick" if args.quick else "full"])
     if args.eval_images:
         size["heldout"] = args.eval_images
@@ -404,8 +293,8 @@ def main(argv=None) -> int:
         0.0 if args.quick else 0.9)
 
     from owl_jax.configs import demo_shapes
-    p = demo_shapes.paths(args.out, family)
-    fmt = demo_shapes.FORMATS[family]
+    fmt = demo.instruction_format
+    p = demo_shapes.paths(args.out, fmt)
     _fresh_output_dir(p["out"])
     st = Steps(["data", "tokenizer", "init", *STAGES, "evaluate", "round trip"])
     print(f"owl-jax demo -> {p['out']} ({'quick' if args.quick else 'full'} run, "

@@ -45,6 +45,7 @@ class Family:
                       image_tokens, prompt, template)`, `conversation(tok, Conversation,
                       seq_len, image_tokens, template)` -> (sample, drop reason) as
                       owl_jax.data.tasks; `pixels(img, cfg, augment, rng)` -> uint8 [S, S, 3]
+    demo              the module holding its `DEMO` (owl_jax.demo.family.DemoFamily), or None
     converter         the module `owl-convert` runs for it (its CLI_FLAGS, is_source, cli_run:
                       see owl_jax.convert.cli), or None
     """
@@ -59,6 +60,7 @@ class Family:
     build_prompt: Callable[..., str]
     image_flops: Callable[[Any], list]
     samples: Any
+    demo: str | None = None
     converter: str | None = None
 
 

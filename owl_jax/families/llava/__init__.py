@@ -25,4 +25,5 @@ FAMILY = Family(name="llava", config_type=config.LlavaConfig, load_config=config
                 save_config=config.save, tiny=config.tiny, model=Llava,
                 dummy_inputs=dummy_inputs, processor=LlavaProcessor, build_prompt=build_prompt,
                 image_flops=image_flops, samples=samples,
+                demo="owl_jax.families.llava.demo",
                 converter="owl_jax.convert.llava")

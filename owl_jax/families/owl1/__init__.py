@@ -17,4 +17,5 @@ FAMILY = Family(name="owl1", config_type=config.OwlConfig, load_config=config.lo
                 save_config=config.save_official, tiny=config.tiny, model=Owl,
                 dummy_inputs=dummy_inputs, processor=Processor, build_prompt=build_prompt,
                 image_flops=image_flops, samples=samples,
+                demo="owl_jax.families.owl1.demo",
                 converter="owl_jax.convert.official")
