@@ -1,6 +1,7 @@
 """owl-train on device meshes and across processes give the same training run.
 
-Each run is the real CLI in a subprocess (tiny stage-1 recipe, synthetic data, dropout on):
+Each run is the real CLI in a subprocess (a tiny stage-1 recipe of each family, synthetic data,
+dropout on):
   A  1 process x 1 device,  mesh 1x1x1
   B  1 process x 8 devices, mesh data 2 x fsdp 2 x tensor 2
   C  2 processes x 4 devices (jax.distributed on localhost, gloo), mesh 2x2x2
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.slow  # starts subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-ARGS = ["--config", f"{ROOT}/configs/owl1/tiny_stage1.py:steps={STEPS}",
-        "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
+RECIPES = {"owl1": f"{ROOT}/configs/owl1/tiny_stage1.py:steps={STEPS}",
+           "llava": f"{ROOT}/configs/llava/stage1.py:size=tiny,steps={STEPS}"}
+ARGS = ["--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
         "--config.log_every=1", "--config.export_at_end=false", "--config.num_samples=0",
         "--config.eval_every=0", "--config.eval_data.kind=none"]
 
@@ -39,8 +41,9 @@ def env(devices: int, cache: str) -> dict:
     return e
 
 
-def launch(workdir, mesh, devices, cache, extra=(), log_name=None):
-    cmd = [sys.executable, "-m", "owl_jax.cli.train", *ARGS, f"--config.mesh.data={mesh[0]}",
+def launch(recipe, workdir, mesh, devices, cache, extra=(), log_name=None):
+    cmd = [sys.executable, "-m", "owl_jax.cli.train", "--config", recipe, *ARGS,
+           f"--config.mesh.data={mesh[0]}",
            f"--config.mesh.fsdp={mesh[1]}", f"--config.mesh.tensor={mesh[2]}",
            "--workdir", str(workdir), *extra]
     log_path = log_name or f"{workdir}.log"
@@ -75,17 +78,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mesh_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mesh")
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def mesh_runs(request, tmp_path_factory):
+    recipe = RECIPES[request.param]
+    tmp = tmp_path_factory.mktemp(f"mesh_{request.param}")
     cache = str(tmp / "jax_cache")
     a, b, c, d = (tmp / n for n in "abcd")
     port = free_port()
-    multi = [launch(c, (2, 2, 2), 4, cache,
+    multi = [launch(recipe, c, (2, 2, 2), 4, cache,
                     ["--coordinator_address", f"localhost:{port}", "--num_processes", "2",
                      "--process_id", str(i)], log_name=f"{c}.{i}.log") for i in range(2)]
-    first = launch(a, (1, 1, 1), 1, cache)
-    finish([launch(b, (2, 2, 2), 8, cache)])
+    first = launch(recipe, a, (1, 1, 1), 1, cache)
+    finish([launch(recipe, b, (2, 2, 2), 8, cache)])
     # D: B's run restarted from its step-2 checkpoint on another mesh (one device).
     shutil.copytree(b, d)
     for step in os.listdir(d / "checkpoints"):
@@ -93,7 +97,7 @@ def mesh_runs(tmp_path_factory):
             shutil.rmtree(d / "checkpoints" / step)
     os.remove(d / "metrics.jsonl")
     finish([first])  # A has compiled (and cached) the 1-device step by now
-    finish([launch(d, (1, 1, 1), 1, cache), *multi])
+    finish([launch(recipe, d, (1, 1, 1), 1, cache), *multi])
     return {k: str(v) for k, v in dict(a=a, b=b, c=c, d=d).items()}
 
 
