@@ -34,3 +34,9 @@ def test_decode_benchmark_runs_on_a_local_checkpoint(tmp_path):
     for line in ("batch 1: owl-jax", "batch 2: owl-jax", "bandwidth limit", "weight matmuls",
                  "one pass per token (self_draft_tokens=0)"):
         assert line in text, line
+    # benchmarks/decode_ab.py reads these lines (both revisions' runs)
+    sys.path.insert(0, ROOT)
+    from benchmarks.decode_ab import parse_ratios
+    ratios = parse_ratios(text)
+    assert sorted(ratios) == ["batch 1 default", "batch 1 one pass", "batch 2 default"]
+    assert all(r > 0 for r in ratios.values())
