@@ -1,0 +1,102 @@
+"""MiniGPT-4's training samples, laid out as `MiniGPT4.forward` builds them:
+
+  [BOS] + before + image + after + text,   text = caption + end_sym, tokenized without BOS
+                                            (its own sentencepiece call) and cut to max_txt_len
+
+Only the text trains (BOS, prompt and image are -100; MiniGPT-4 pads with EOS and masks pad
+ids, and its text never holds an EOS, so every text id trains). Two layouts, by template:
+
+  "" / "minigpt4_stage1"  stage 1 (LAION / CC / SBU pairs): no prompt, end_sym "\\n",
+                          max_txt_len 32; captions go through BLIP's `blip_caption` cleaning
+                          (lowercase, `.!"()*#:;~` to spaces, whitespace collapsed, <= 50 words)
+  "minigpt4_align"        stage 2 (cc_sbu_align): "###Human: {} ###Assistant: " around one of
+                          the four alignment instructions, chosen by the caption (MiniGPT-4
+                          draws one at random per sample), end_sym "###", max_txt_len 160, the
+                          raw caption
+
+Conversations (instruction records with a human question and an answer) use the stage-2 layout
+with the record's own question after the image and its first answer as the text.
+
+Samples use the convention of `owl_jax.data.tasks`: input_ids with `image_tokens` ids of -1
+per image, loss_mask aligned to targets (loss_mask[i] = 1 iff input_ids[i + 1] trains),
+num_images; at most seq_len + 1 ids. A sample whose text does not fit is cut; one whose prompt
+and image do not fit is dropped.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+
+from owl_jax.data import tasks
+from owl_jax.families.minigpt4 import templates
+from owl_jax.families.minigpt4.processor import MiniGPT4Processor
+
+STAGE1 = dict(end_sym="\n", max_txt_len=32)
+ALIGN = dict(end_sym="###", max_txt_len=160)
+TEMPLATES = ("", "minigpt4_stage1", "minigpt4_align")
+_PUNCT = re.compile(r"([.!\"()*#:;~])")
+
+
+def blip_caption(caption: str, max_words: int = 50) -> str:
+    """BLIP's caption cleaning (`BlipCaptionProcessor.pre_caption`)."""
+    caption = _PUNCT.sub(" ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    return " ".join(caption.split(" ")[:max_words])
+
+
+def layout(tok, before: str, after: str, text: str, seq_len: int, image_tokens: int,
+           end_sym: str, max_txt_len: int):
+    """(sample, "") or (None, reason) for one image between `before` and `after`."""
+    head = [tok.bos_id] + (tok.encode(before) if before else []) + [-1] * image_tokens + \
+        (tok.encode(after) if after else [])
+    room = seq_len + 1 - len(head)
+    if room < 1:
+        return None, "prompt_too_long"
+    ids = tok.encode(text + end_sym)[:max_txt_len][:room]
+    if not ids:
+        return None, "empty_text"
+    return tasks._sample(head + ids, [0] * len(head) + [1] * len(ids), image_tokens), ""
+
+
+def _split(prompt: str) -> tuple[str, str]:
+    before, _, after = prompt.partition(templates.IMAGE_HERE)
+    return before, after
+
+
+def caption(tok, text: str, seq_len: int, image_tokens: int, prompt: str = "",
+            template: str = ""):
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown MiniGPT-4 caption template {template!r}; known: "
+                         f"{', '.join(repr(t) for t in TEMPLATES)}")
+    text = text.strip() if isinstance(text, str) else ""
+    if template == "minigpt4_align":
+        if not text:
+            return None, "empty_text"
+        pick = zlib.crc32(text.encode("utf-8"))
+        before, after = _split(prompt and templates.ALIGN_PROMPT.format(prompt)
+                               or templates.instruction(pick))
+        return layout(tok, before, after, text, seq_len, image_tokens, **ALIGN)
+    if prompt:
+        raise ValueError("MiniGPT-4's stage-1 captions take no prompt")
+    text = blip_caption(text)
+    if not text:
+        return None, "empty_text"
+    return layout(tok, "", "", text, seq_len, image_tokens, **STAGE1)
+
+
+def conversation(tok, conv, seq_len: int, image_tokens: int, template: str = ""):
+    """An instruction record (`owl_jax.data.conversation.Conversation`) with one image: its first
+    question and answer in the stage-2 layout."""
+    if len(conv.images) != 1:
+        return None, "image_count_mismatch"
+    humans = [t for r, t in conv.turns if r == "human" and t != "<image>"]
+    answers = [t for r, t in conv.turns if r == "ai"]
+    if not humans or not answers or not answers[0].strip():
+        return None, "empty_text"
+    before, after = _split(templates.ALIGN_PROMPT.format(templates.IMAGE + " " + humans[0]))
+    return layout(tok, before, after, answers[0].strip(), seq_len, image_tokens, **ALIGN)
+
+
+def pixels(img, cfg, augment: bool, rng=None):
+    proc = MiniGPT4Processor(None, cfg)
+    return proc.train_pixels(img, rng) if augment else proc.pixels(img)
