@@ -1,17 +1,21 @@
-"""`owl-convert`: move mPLUG-Owl and LLaVA weights between their PyTorch layouts, HF LLaMA / CLIP
+"""`owl-convert`: move mPLUG-Owl, LLaVA and MiniGPT-4 weights between their PyTorch layouts, HF LLaMA / CLIP
 checkpoints and owl_jax checkpoint directories. See docs/convert.md.
 
   owl-convert torch-to-jax SRC DST [--dtype keep|float32|bfloat16|float16] [--keep_lora]
                                    [--clip HF_CLIP_DIR]   (original-layout LLaVA)
+                                   [--llama HF_LLAMA_DIR] [--vit_heads N] [--qformer_heads N]
+                                   (MiniGPT-4's LAVIS .pth files)
   owl-convert jax-to-torch SRC DST [--dtype ...] [--format bin|safetensors] [--shard_size 10GB]
-                                   [--layout hf|original]   (LLaVA)
+                                   [--layout hf|original|lavis]   (LLaVA, MiniGPT-4)
   owl-convert from-hf DST [--family owl1|llava] [--llama HF_LLAMA_DIR] [--clip HF_CLIP_DIR]
                           [--seed 0] [--projector linear|mlp2x_gelu] [--image_token]
   owl-convert from-hf-llama HF_LLAMA_DIR DST [--clip HF_CLIP_DIR]
   owl-convert from-hf-clip HF_CLIP_DIR DST [--llama HF_LLAMA_DIR]
 
 torch-to-jax tells the model from SRC/config.json (LLaVA: model_type "llava" or
-LlavaLlamaForCausalLM); jax-to-torch from the family SRC/owl_jax.json records.
+LlavaLlamaForCausalLM; MiniGPT-4: model_type "blip-2") or, for MiniGPT-4's release, from SRC's
+.pth files (eva_vit_g.pth, blip2_pretrained*.pth, *minigpt4*.pth; without the last, llama_proj
+is drawn fresh: stage 1's start); jax-to-torch from the family SRC/owl_jax.json records.
 """
 from __future__ import annotations
 
@@ -79,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None,
                    help="original-layout LLaVA: the CLIP tower's HF directory (default: "
                         "mm_vision_tower when it is a local directory, else SRC/vision_tower)")
+    g = p.add_argument_group("MiniGPT-4 LAVIS layout (.pth files in SRC)")
+    g.add_argument("--llama", default=None,
+                   help="the Vicuna / LLaMA HF directory (default SRC/vicuna)")
+    g.add_argument("--vit_heads", type=int, default=None,
+                   help="EVA ViT heads (default: width / 88, or SRC/owl_jax_minigpt4.json)")
+    g.add_argument("--qformer_heads", type=int, default=None,
+                   help="Q-Former heads (default: width / 64, or SRC/owl_jax_minigpt4.json)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of a fresh llama_proj (SRC without a MiniGPT-4 .pth)")
     p.add_argument("--lora_alpha", type=float, default=None,
                    help="LoRA alpha when SRC has PEFT adapters but no adapter_config.json")
     p.add_argument("--lora_r", type=int, default=None, help="LoRA rank (checked vs the tensors)")
@@ -91,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jax-to-torch", help="owl_jax checkpoint -> its PyTorch layout")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--layout", choices=("hf", "original"), default=None,
+    p.add_argument("--layout", choices=("hf", "original", "lavis"), default=None,
                    help="LLaVA: llava-hf (LlavaForConditionalGeneration) or the original "
-                        "LlavaLlamaForCausalLM + CLIP tower in DST/vision_tower (default: the "
-                        "layout it was converted from, else hf where it can hold the model)")
+                        "LlavaLlamaForCausalLM + CLIP tower in DST/vision_tower; MiniGPT-4: hf "
+                        "(Blip2ForConditionalGeneration) or lavis (MiniGPT-4's .pth files + "
+                        "DST/vicuna) (default: the layout it was converted from, else hf where "
+                        "it can hold the model)")
     p.add_argument("--format", choices=("bin", "safetensors"), default=None,
                    help="default: safetensors for llava-hf, bin otherwise")
     p.add_argument("--shard_size", default="10GB", help="max bytes per shard (10GB, 500MB, ...)")
@@ -130,7 +145,18 @@ def _refuse_flags(args, flags, family):
 def run(args: argparse.Namespace):
     progress = not args.quiet
     if args.command == "torch-to-jax":
-        from owl_jax.convert import llava
+        from owl_jax.convert import llava, minigpt4
+        mg_flags = args.llama or args.vit_heads or args.qformer_heads or args.seed
+        if minigpt4.is_minigpt4_source(args.src):
+            if args.keep_lora or args.lora_alpha is not None or args.lora_r is not None \
+                    or args.clip:
+                raise ValueError("LoRA flags and --clip do not apply to MiniGPT-4 checkpoints")
+            return minigpt4.torch_to_jax(args.src, args.dst, args.llama, args.vit_heads,
+                                         args.qformer_heads, _dtype(args.dtype), args.overwrite,
+                                         progress, args.seed)
+        if mg_flags:
+            raise ValueError(f"--llama / --vit_heads / --qformer_heads / --seed apply to "
+                             f"MiniGPT-4's .pth files; {args.src} holds none")
         if llava.is_llava_source(args.src):
             if args.keep_lora or args.lora_alpha is not None or args.lora_r is not None:
                 raise ValueError("LoRA flags apply to mPLUG-Owl checkpoints only")
@@ -150,8 +176,8 @@ def run(args: argparse.Namespace):
                                                       _dtype(args.dtype), args.format,
                                                       args.shard_size, progress)}
         if args.layout:
-            raise ValueError("--layout applies to LLaVA checkpoints (mPLUG-Owl has one "
-                             "layout, the official one)")
+            raise ValueError("--layout applies to LLaVA and MiniGPT-4 checkpoints (mPLUG-Owl "
+                             "has one layout, the official one)")
         from owl_jax.convert.official import jax_to_torch
         return {"files": jax_to_torch(args.src, args.dst, _dtype(args.dtype),
                                       args.format or "bin", args.shard_size, progress)}
@@ -192,9 +218,14 @@ def _llava_converter():
     return llava
 
 
+def _minigpt4_converter():
+    from owl_jax.convert import minigpt4
+    return minigpt4
+
+
 # Families whose checkpoints have converters besides mPLUG-Owl's official one (by the family
 # name owl_jax.json records).
-CONVERTERS = {"llava": _llava_converter}
+CONVERTERS = {"llava": _llava_converter, "minigpt4": _minigpt4_converter}
 
 
 def main(argv=None) -> int:

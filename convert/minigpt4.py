@@ -11,7 +11,9 @@ Layouts (key tables in owl_jax.families.minigpt4.keymap):
                                       optimizer / config / scaler / epoch, which are skipped)
   and the Vicuna / LLaMA as a HF LlamaForCausalLM directory (`llama`, default DIR/vicuna).
   MiniGPT-4 loads the files in that order with strict=False, so a key in a later file wins
-  (a MiniGPT-4 .pth holding a trained Q-Former overrides BLIP-2's). No file holds the head
+  (a MiniGPT-4 .pth holding a trained Q-Former overrides BLIP-2's). Without a MiniGPT-4 .pth
+  the directory is stage 1's starting point: llama_proj is drawn fresh (seeded, as
+  torch.nn.Linear initialises it) and the checkpoint records that. No file holds the head
   counts: they come from EVA's and BERT's head widths (88, 64) unless given, or from
   owl_jax_minigpt4.json, which the exporter writes beside the files (with the ViT depth, as
   the exported EVA file holds only the blocks in use).
@@ -59,8 +61,9 @@ _BLOCK = re.compile(r"^visual_encoder\.blocks\.(\d+)\.")
 
 
 def lavis_files(directory: str) -> dict[str, str] | None:
-    """{"eva", "blip2", "minigpt4"} -> the .pth files of a LAVIS-layout directory; None when it
-    holds none of them. More than one candidate for a role is an error naming them."""
+    """{"eva", "blip2", "minigpt4"} -> the .pth files of a LAVIS-layout directory ("minigpt4"
+    None where there is none); None when it holds none of them. More than one candidate for a
+    role is an error naming them."""
     if not os.path.isdir(directory):
         return None
     pths = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.pth")))
@@ -73,6 +76,9 @@ def lavis_files(directory: str) -> dict[str, str] | None:
     for role, names in roles.items():
         if len(names) > 1:
             raise CheckpointError(f"{directory}: several {role} checkpoints ({names}); keep one")
+        if not names and role == "minigpt4":
+            out[role] = None
+            continue
         if not names:
             want = {"eva": EVA_FILE, "blip2": "blip2_pretrained*.pth",
                     "minigpt4": "*minigpt4*.pth"}[role]
@@ -116,6 +122,8 @@ def lavis_state(files: dict[str, str]) -> tuple[dict[str, np.ndarray], dict[str,
     MiniGPT-4's order (EVA, BLIP-2, MiniGPT-4; later wins). Unused BLIP-2 keys are left out."""
     state, origin = {}, {}
     for role in ("eva", "blip2", "minigpt4"):
+        if files.get(role) is None:
+            continue
         for k, x in read_pth(files[role]).items():
             key = "visual_encoder." + k if role == "eva" else k
             if keymap.ignored(key) or (role != "eva" and keymap.lavis_unused(key)):
@@ -182,17 +190,20 @@ def config_from_state(state: dict, text, where: str, vit_heads: int | None = Non
         raise CheckpointError(f"{where}: the Q-Former's cross-attention layers {sorted(cross)} "
                               f"of {n} are not every k-th layer from layer 0")
     qd = qt[2]
-    qformer = QFormerConfig(
-        hidden_size=qd, num_hidden_layers=n, cross_attention_frequency=freq,
-        num_attention_heads=_heads(qd, mg_config.BERT_HEAD_DIM,
-                                   qformer_heads or s.get("qformer_heads"), "the Q-Former",
-                                   "--qformer_heads"),
-        intermediate_size=_shape(state, "Qformer.bert.encoder.layer.0.intermediate_query.dense."
-                                        "weight", where)[0],
-        layer_norm_eps=float(s.get("qformer_eps", 1e-12)), encoder_hidden_size=d,
-        num_query_tokens=qt[1])
-    return MiniGPT4Config(vision=vision, qformer=qformer, text=text,
-                          ln_vision_eps=float(s.get("ln_vision_eps", mg_config.LN_VISION_EPS)))
+    try:
+        qformer = QFormerConfig(
+            hidden_size=qd, num_hidden_layers=n, cross_attention_frequency=freq,
+            num_attention_heads=_heads(qd, mg_config.BERT_HEAD_DIM,
+                                       qformer_heads or s.get("qformer_heads"), "the Q-Former",
+                                       "--qformer_heads"),
+            intermediate_size=_shape(
+                state, "Qformer.bert.encoder.layer.0.intermediate_query.dense.weight", where)[0],
+            layer_norm_eps=float(s.get("qformer_eps", 1e-12)), encoder_hidden_size=d,
+            num_query_tokens=qt[1])
+        ln_eps = float(s.get("ln_vision_eps", mg_config.LN_VISION_EPS))
+        return MiniGPT4Config(vision=vision, qformer=qformer, text=text, ln_vision_eps=ln_eps)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: inconsistent sizes: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,9 +281,10 @@ def params_from_state_dict(state_dict: dict, cfg: MiniGPT4Config, layout: str = 
 
 def read_lavis(src: str, llama_dir: str | None = None, vit_heads: int | None = None,
                qformer_heads: int | None = None, vit_depth: int | None = None,
-               dtype: str | None = None, progress: bool = True
+               dtype: str | None = None, progress: bool = True, seed: int = 0
                ) -> tuple[MiniGPT4Config, dict, dict]:
-    """A LAVIS-layout directory (+ the HF LLaMA directory) -> (cfg, params, report)."""
+    """A LAVIS-layout directory (+ the HF LLaMA directory) -> (cfg, params, report). Without a
+    MiniGPT-4 .pth, llama_proj is drawn fresh from `seed` (see `init_proj`)."""
     files = lavis_files(src)
     if files is None:
         raise CheckpointError(f"{src}: no MiniGPT-4 .pth files ({EVA_FILE}, "
@@ -286,13 +298,36 @@ def read_lavis(src: str, llama_dir: str | None = None, vit_heads: int | None = N
     dropped = sorted({int(m.group(1)) for k in state if (m := _BLOCK.match(k))
                       and int(m.group(1)) >= depth})
     entries = keymap.entries(cfg, "lavis", parts=("vision", "qformer"))
+    fresh = files["minigpt4"] is None and not any(k.startswith("llama_proj.") for k in state)
+    if fresh:
+        entries = [e for e in entries if not e.torch_key.startswith("llama_proj.")]
     unused = lambda k: bool((m := _BLOCK.match(k)) and int(m.group(1)) >= depth)  # noqa: E731
     roles = check_keys(_infos(state, origin), entries, lambda k: k, src, skip=unused)
     params = convert_tensors(state.items(), roles, entries, cfg, dtype)
     del state
+    if fresh:
+        params["llama_proj"] = init_proj(cfg, seed, dtype)
     params.update(hf_llama.read_llama_params(llama_dir, text, dtype, progress))
-    return cfg, params, {"llama": os.path.abspath(llama_dir), "dropped_vit_blocks": dropped,
-                         "files": {r: os.path.basename(p) for r, p in files.items()}}
+    report = {"llama": os.path.abspath(llama_dir), "dropped_vit_blocks": dropped,
+              "files": {r: os.path.basename(p) for r, p in files.items() if p}}
+    if fresh:
+        report.update(random_init=["llama_proj"], seed=seed,
+                      proj_init="torch.nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), "
+                                "numpy default_rng(seed), weight then bias")
+    return cfg, params, report
+
+
+def init_proj(cfg: MiniGPT4Config, seed: int, dtype=None) -> dict:
+    """llama_proj as torch.nn.Linear initialises it (MiniGPT-4's stage-1 start): weight and
+    bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from numpy.random.default_rng(seed)."""
+    rng = np.random.default_rng(seed)
+    fan_in, d = cfg.qformer.hidden_size, cfg.text.hidden_size
+    bound = 1.0 / np.sqrt(fan_in)
+    target = np_dtype(dtype) if dtype else np.dtype(np.float32)
+    w = rng.uniform(-bound, bound, (d, fan_in)).astype(np.float32)
+    b = rng.uniform(-bound, bound, (d,)).astype(np.float32)
+    return {"kernel": ckpt.host_array(np.ascontiguousarray(w.T).astype(target)),
+            "bias": ckpt.host_array(b.astype(target))}
 
 
 def read_hf(src: str, dtype: str | None = None, progress: bool = True
@@ -310,7 +345,7 @@ def read_hf(src: str, dtype: str | None = None, progress: bool = True
 
 def torch_to_jax(src: str, dst: str, llama_dir: str | None = None, vit_heads: int | None = None,
                  qformer_heads: int | None = None, dtype: str | None = None,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, progress: bool = True, seed: int = 0) -> dict:
     """A Blip2 or LAVIS-layout MiniGPT-4 directory -> an owl_jax checkpoint directory."""
     if os.path.exists(os.path.join(dst, ckpt.PARAMS_DIR)) and not overwrite:
         raise FileExistsError(f"{dst} already holds a checkpoint (pass --overwrite)")
@@ -323,7 +358,7 @@ def torch_to_jax(src: str, dst: str, llama_dir: str | None = None, vit_heads: in
         extra, tok_dir = {"source": os.path.abspath(src), "source_layout": "hf"}, src
     else:
         cfg, params, report = read_lavis(src, llama_dir, vit_heads, qformer_heads, None, dtype,
-                                         progress)
+                                         progress, seed)
         extra = {"source": os.path.abspath(src), "source_layout": "lavis", **report}
         tok_dir = report["llama"]
     meta = ckpt.save_checkpoint(dst, params, cfg, tokenizer_dir=tok_dir, overwrite=overwrite,

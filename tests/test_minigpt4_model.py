@@ -17,83 +17,11 @@ from owl_jax.families.minigpt4 import config as mg_config
 from owl_jax.families.minigpt4.model import MiniGPT4
 from owl_jax.layers.scan import scan_params
 
+from minigpt4_reference import CFG, VOCAB, Reference  # tests/ is on sys.path
+
 pytestmark = pytest.mark.xdist_group("minigpt4_model")
 
-VOCAB = 120
-CFG = mg_config.tiny(vocab_size=VOCAB, num_key_value_heads=2)
 T = CFG.image_tokens
-
-
-def _randomize(module: torch.nn.Module, seed: int):
-    """Norm scales away from 1, non-zero biases (the ViT's k bias part too: it must not
-    matter), unit-ish activations."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if ("norm" in name.lower()) and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            elif p.ndim >= 2 and "query_tokens" not in name and "embedding" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(np.prod(p.shape[1:])))
-            else:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-
-
-class Reference(torch.nn.Module):
-    """MiniGPT-4's forward over transformers' parts."""
-
-    def __init__(self, cfg, seed=0):
-        super().__init__()
-        from transformers import (Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig,
-                                  Blip2VisionModel, LlamaConfig, LlamaForCausalLM)
-        d = mg_config.to_hf_dict(cfg)
-        kw = dict(attn_implementation="eager")
-        self.vision_model = Blip2VisionModel._from_config(
-            Blip2VisionConfig.from_dict(d["vision_config"]), **kw)
-        self.qformer = Blip2QFormerModel._from_config(
-            Blip2QFormerConfig.from_dict(d["qformer_config"]), **kw)
-        self.query_tokens = torch.nn.Parameter(torch.zeros(1, T, cfg.qformer.hidden_size))
-        self.language_projection = torch.nn.Linear(cfg.qformer.hidden_size,
-                                                   cfg.text.hidden_size)
-        self.language_model = LlamaForCausalLM._from_config(
-            LlamaConfig.from_dict(d["text_config"]), **kw)
-        self.eps = cfg.ln_vision_eps
-        self.eval()
-        _randomize(self, seed)
-
-    def encode_img(self, px):
-        hs = self.vision_model(pixel_values=px, output_hidden_states=True).hidden_states[-1]
-        ln = self.vision_model.post_layernorm
-        emb = torch.nn.functional.layer_norm(hs, ln.normalized_shape, ln.weight, ln.bias,
-                                             self.eps)
-        q = self.qformer(query_embeds=self.query_tokens.expand(px.shape[0], -1, -1),
-                         encoder_hidden_states=emb,
-                         encoder_attention_mask=torch.ones(emb.shape[:2], dtype=torch.long))
-        return self.language_projection(q.last_hidden_state)
-
-    def logits(self, rows, px):
-        """rows: id lists with T ids of -1 per image (in order of px)."""
-        img = self.encode_img(px) if px is not None else None
-        embed = self.language_model.get_input_embeddings()
-        out, k = [], 0
-        for row in rows:
-            parts, i = [], 0
-            while i < len(row):
-                if row[i] < 0:
-                    parts.append(img[k])
-                    k, i = k + 1, i + T
-                else:
-                    j = i
-                    while j < len(row) and row[j] >= 0:
-                        j += 1
-                    parts.append(embed(torch.tensor(row[i:j])))
-                    i = j
-            out.append(torch.cat(parts))
-        return self.language_model(inputs_embeds=torch.stack(out)).logits
-
-    def state_dict_hf(self):
-        return {k: v for k, v in self.state_dict().items()}
 
 
 @functools.lru_cache(maxsize=8)
