@@ -1,4 +1,4 @@
-"""What generic code promises every family (owl1, llava), checked on each:
+"""What generic code promises every family (owl1, llava, minigpt4), checked on each:
 
 - the generation engine: a batch of prompts with 0, 1 and 2 images gives each row what the
   prompt gives alone, and KV-cached greedy decoding equals recomputing the whole sequence with
@@ -24,8 +24,8 @@ from owl_jax.generate import GenerationConfig, Generator
 from owl_jax.testing.models import FAST, VOCAB, random_params
 from owl_jax.testing.spm import train_tiny_tokenizer
 
-FAMILIES = ["owl1", "llava"]
-RECIPES = {"owl1": "tiny_stage1", "llava": "llava.stage1"}
+FAMILIES = ["owl1", "llava", "minigpt4"]
+RECIPES = {"owl1": "tiny_stage1", "llava": "llava.stage1", "minigpt4": "minigpt4.stage1"}
 
 
 def tiny_cfg(name):
