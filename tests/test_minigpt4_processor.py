@@ -173,11 +173,38 @@ def test_stage2_alignment_layout(tok, hf):
     assert len(picked) >= 3
 
 
+@pytest.mark.parametrize("n_img", [0, 1, 2])
+def test_conversations_train_the_answers_of_the_inference_prompt(tok, hf, n_img):
+    """A conversation's prompt part is what the processor makes of `build_prompt` (the ids a
+    question is asked with at inference); each answer follows as its own encoding + "###"."""
+    from owl_jax.data.conversation import Conversation
+    turns = (("human", "What is it?"), ("ai", "A red bus."), ("human", "Where?"),
+             ("ai", "On the road."))
+    conv = Conversation(turns=(("human", "<image>"),) * n_img + turns,
+                        images=tuple(f"{i}.jpg" for i in range(n_img)))
+    s, reason = samples.conversation(tok, conv, 400, T)
+    assert reason == ""
+    proc = MiniGPT4Processor(tok, CFG)
+    ids = s["input_ids"].tolist()
+    first = proc.encode(templates.build_prompt("What is it?", n_img))
+    assert ids[:len(first)] == first == ref_context_ids(hf, templates.build_prompt(
+        "What is it?", n_img))
+    a1 = hf("A red bus.###", add_special_tokens=False).input_ids
+    assert ids[len(first):len(first) + len(a1)] == a1
+    second = hf("Human: Where?###Assistant:", add_special_tokens=False).input_ids
+    a2 = hf("On the road.###", add_special_tokens=False).input_ids
+    assert ids[len(first) + len(a1):] == second + a2
+    trained = [i + 1 for i, m in enumerate(s["loss_mask"]) if m]
+    want = list(range(len(first), len(first) + len(a1))) + \
+        list(range(len(ids) - len(a2), len(ids)))
+    assert trained == want and s["num_images"] == n_img
+
+
 def test_conversation_and_edge_cases(tok, hf):
     from owl_jax.data.conversation import Conversation
     conv = Conversation(turns=(("human", "<image>"), ("human", "What is it?"),
                                ("ai", "A bus.")), images=("a.jpg",))
-    s, _ = samples.conversation(tok, conv, 300, T)
+    s, _ = samples.conversation(tok, conv, 300, T, "minigpt4_align")
     before, _, after = templates.ALIGN_PROMPT.format(
         "<Img><ImageHere></Img> What is it?").partition("<ImageHere>")
     _check(s, *_ref_forward_layout(hf, before, after, "A bus.", "###", 160))
@@ -185,5 +212,11 @@ def test_conversation_and_edge_cases(tok, hf):
     assert samples.caption(tok, "a cat", T - 1, T) == (None, "prompt_too_long")
     with pytest.raises(ValueError, match="take no prompt"):
         samples.caption(tok, "a cat", 100, T, prompt="Describe")
+    # the image does not fit: the sample ends before it, with nothing left to train
+    assert samples.conversation(tok, conv, 6, T) == (None, "no_trained_tokens")
+    bad = Conversation(turns=(("human", "<image>"), ("ai", "A bus.")), images=("a.jpg",))
+    assert samples.conversation(tok, bad, 300, T) == (None, "bad_turn_order")
+    two = Conversation(turns=conv.turns, images=("a.jpg", "b.jpg"))
+    assert samples.conversation(tok, two, 300, T) == (None, "image_count_mismatch")
     with pytest.raises(ValueError, match="unknown MiniGPT-4 caption template"):
         samples.caption(tok, "a cat", 100, T, template="plain")

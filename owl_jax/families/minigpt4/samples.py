@@ -14,8 +14,13 @@ ids, and its text never holds an EOS, so every text id trains). Two layouts, by 
                           draws one at random per sample), end_sym "###", max_txt_len 160, the
                           raw caption
 
-Conversations (instruction records with a human question and an answer) use the stage-2 layout
-with the record's own question after the image and its first answer as the text.
+Conversations (instruction records; MiniGPT-4 v1 itself trains on none) are laid out in the
+chat template they are asked in at inference (`templates.build_prompt`: the system text, one
+"<Img><ImageHere></Img>" user message per image, the first question joined to the last of
+them): every prompt chunk is encoded as `get_context_emb` encodes the prompt (split at the
+images, BOS first), each answer with its "###" on its own (as generation appends it after
+"Assistant:"); only the answers and their "###" train. template "minigpt4_align" lays out the
+first exchange in the stage-2 caption layout instead.
 
 Samples use the convention of `owl_jax.data.tasks`: input_ids with `image_tokens` ids of -1
 per image, loss_mask aligned to targets (loss_mask[i] = 1 iff input_ids[i + 1] trains),
@@ -84,17 +89,67 @@ def caption(tok, text: str, seq_len: int, image_tokens: int, prompt: str = "",
     return layout(tok, "", "", text, seq_len, image_tokens, **STAGE1)
 
 
+def _exchanges(conv) -> tuple[list[str], int] | None:
+    """(turns alternating question, answer; images) of a Conversation, None if malformed."""
+    n_img = sum(1 for r, t in conv.turns if r == "human" and t == "<image>")
+    turns: list[str] = []
+    for role, text in conv.turns:
+        if role == "human" and text == "<image>":
+            continue
+        want = "human" if len(turns) % 2 == 0 else "ai"
+        if role != want:
+            return None
+        turns.append(text.strip())
+    if len(turns) % 2:
+        turns = turns[:-1]   # a last question without its answer trains nothing
+    return turns, n_img
+
+
 def conversation(tok, conv, seq_len: int, image_tokens: int, template: str = ""):
-    """An instruction record (`owl_jax.data.conversation.Conversation`) with one image: its first
-    question and answer in the stage-2 layout."""
-    if len(conv.images) != 1:
+    """An instruction record (`owl_jax.data.conversation.Conversation`) in the chat template
+    (or, with "minigpt4_align", its first exchange in the stage-2 layout)."""
+    got = _exchanges(conv)
+    if got is None:
+        return None, "bad_turn_order"
+    turns, n_img = got
+    if n_img != len(conv.images):
         return None, "image_count_mismatch"
-    humans = [t for r, t in conv.turns if r == "human" and t != "<image>"]
-    answers = [t for r, t in conv.turns if r == "ai"]
-    if not humans or not answers or not answers[0].strip():
+    if not turns or not all(turns[1::2]):
         return None, "empty_text"
-    before, after = _split(templates.ALIGN_PROMPT.format(templates.IMAGE + " " + humans[0]))
-    return layout(tok, before, after, answers[0].strip(), seq_len, image_tokens, **ALIGN)
+    if template == "minigpt4_align":
+        if n_img != 1:
+            return None, "image_count_mismatch"
+        before, after = _split(templates.ALIGN_PROMPT.format(templates.IMAGE + " " + turns[0]))
+        return layout(tok, before, after, turns[1], seq_len, image_tokens, **ALIGN)
+    pieces = templates.render_pieces(templates.chat_messages(turns, n_img),
+                                     template or templates.DEFAULT)
+    ids, labels, limit = [tok.bos_id], [0], seq_len + 1
+    merged: list[tuple[str, bool]] = []
+    for text, trained in pieces:   # neighbouring prompt pieces are one chunk of the prompt
+        if merged and not trained and not merged[-1][1]:
+            merged[-1] = (merged[-1][0] + text, False)
+        else:
+            merged.append((text, trained))
+    full = False
+    for text, trained in merged:
+        if full or len(ids) >= limit:
+            break
+        if trained:
+            new = tok.encode(text)[:limit - len(ids)]
+            ids, labels = ids + new, labels + [1] * len(new)
+            continue
+        for i, chunk in enumerate(text.split(templates.IMAGE_HERE)):
+            if i:
+                if len(ids) + image_tokens > limit:
+                    full = True   # an image is never cut: it ends the sample
+                    break
+                ids, labels = ids + [-1] * image_tokens, labels + [0] * image_tokens
+            new = tok.encode(chunk)[:limit - len(ids)] if chunk else []
+            ids, labels = ids + new, labels + [0] * len(new)
+    sample = tasks._sample(ids, labels, image_tokens)
+    if not sample["loss_mask"].any():
+        return None, "no_trained_tokens"
+    return sample, ""
 
 
 def pixels(img, cfg, augment: bool, rng=None):

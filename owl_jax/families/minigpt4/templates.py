@@ -78,6 +78,24 @@ def render(messages: Sequence[tuple[int, Optional[str]]], template: str | Templa
     return out
 
 
+def render_pieces(messages: Sequence[tuple[int, Optional[str]]],
+                  template: str | Template = DEFAULT) -> list[tuple[str, bool]]:
+    """`render` as (text, is an answer) pieces for training: each assistant message with its
+    "###" is one answer piece, preceded by the role as an open turn renders it ("Assistant:",
+    the end of the inference prompt); the user messages and the system text are the others.
+    Encoded one by one, an answer gets the "▁" that its leading space becomes in `render`."""
+    t = get(template)
+    out = [(t.system + SEP, False)]
+    for role, msg in messages:
+        if not msg:
+            out.append((t.open_roles[role], False))
+        elif role == 1:
+            out += [(t.open_roles[1], False), (msg + SEP, True)]
+        else:
+            out.append((t.roles[0] + msg + SEP, False))
+    return out
+
+
 def chat_messages(turns: Sequence[str], n_images: int) -> list[tuple[int, Optional[str]]]:
     """Turns alternating user, assistant, ... with `n_images` images uploaded before the first
     question -> the messages the reference's Chat holds (open assistant turn last when the last
