@@ -8,8 +8,8 @@ LLaMA / CLIP checkpoints and owl_jax checkpoint directories. See docs/convert.md
   owl-convert from-hf-clip HF_CLIP_DIR DST [--llama HF_LLAMA_DIR]     (= from-hf --clip ...)
 
 Each family's converter (the module its `Family.converter` names) brings its own flags and its
-code: `CLI_FLAGS = {command: [(flag names, argparse kwargs), ...]}`, `is_source(src)` (does
-torch-to-jax SRC belong to it) and `cli_run(command, args, progress)`. torch-to-jax tells the
+code: `CLI_FLAGS = {command: [(flag names, argparse kwargs), ...]}` for the commands it has,
+`is_source(src)` (does torch-to-jax SRC belong to it) and `cli_run(command, args, progress)`. torch-to-jax tells the
 family from SRC (the default family when no other claims it), jax-to-torch from the family
 SRC/owl_jax.json records, from-hf from --family. A flag of another family is an error.
 """
@@ -45,18 +45,25 @@ def _add_common(p: argparse.ArgumentParser, dtype_help: str, overwrite: bool = T
 
 
 def _add_family_flags(p: argparse.ArgumentParser, command: str, convs: dict) -> dict:
-    """Adds every family's flags of `command` (one group per family); returns {dest: the
-    families that read it}."""
-    owners: dict[str, set] = {}
+    """Adds every family's flags of `command`; returns {dest: the families that read it}. A flag
+    several families take is added once, with their choices joined (e.g. --layout)."""
+    flags: dict[str, tuple] = {}
+    owners: dict[str, list] = {}
     for name, conv in convs.items():
-        specs = getattr(conv, "CLI_FLAGS", {}).get(command, ())
-        group = p.add_argument_group(f"family {name}") if specs else None
-        for flags, kwargs in specs:
-            dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
-            if dest not in owners:
-                group.add_argument(*flags, **kwargs)
-            owners.setdefault(dest, set()).add(name)
-    return owners
+        for names, kwargs in conv.CLI_FLAGS.get(command, ()):
+            dest = kwargs.get("dest") or names[0].lstrip("-").replace("-", "_")
+            owners.setdefault(dest, []).append(name)
+            if dest not in flags:
+                flags[dest] = (names, dict(kwargs))
+            elif "choices" in kwargs:
+                merged = flags[dest][1]
+                merged["choices"] = tuple(dict.fromkeys((*merged["choices"], *kwargs["choices"])))
+                merged["help"] = f"{merged.get('help', '')}; {name}: {kwargs.get('help', '')}"
+    for dest, (names, kwargs) in flags.items():
+        if "help" in kwargs and len(owners[dest]) == 1:
+            kwargs["help"] = f"({owners[dest][0]}) {kwargs['help']}"
+        p.add_argument(*names, **kwargs)
+    return {dest: set(names) for dest, names in owners.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         if positional:
             p.add_argument(positional)
         p.add_argument("dst")
-        p.add_argument("--family", choices=sorted(convs), default=families.DEFAULT,
+        builders = [n for n, conv in convs.items() if "from-hf" in conv.CLI_FLAGS]
+        p.add_argument("--family", choices=builders, default=families.DEFAULT,
                        help=f"the model to build (default {families.DEFAULT})")
         if positional != "llama":
             p.add_argument("--llama", default=None, help="HF LlamaForCausalLM directory")

@@ -267,6 +267,7 @@ CLI_FLAGS = {
                                 help="store adapters unmerged (lora_a / lora_b) instead of "
                                      "merging them")),
     ],
+    "jax-to-torch": [],
     "from-hf": [
         (("--base_config",), dict(default=None,
                                   help="official config.json (or its directory) giving the sizes "

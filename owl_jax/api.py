@@ -18,7 +18,7 @@ import numpy as np
 
 from owl_jax import checkpoint as ckpt_lib
 from owl_jax import families
-from owl_jax.families.batching import encode_rows
+from owl_jax.families.batching import IMAGE_TOKEN, encode_rows
 from owl_jax.generate import Generation, GenerationConfig, Generator
 from owl_jax.tokenizer import OwlTokenizer
 
@@ -142,7 +142,8 @@ class OwlPipeline:
             prompts, images = [prompts], [_image_list(images)]
         prompts = list(prompts)
         rows, pixels = encode_rows(prompts, images, self.processor.encode, self.processor.image,
-                                   _image_list)
+                                   _image_list, getattr(self.processor, "image_marker",
+                                                        IMAGE_TOKEN))
         px = np.stack(pixels) if pixels else None
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

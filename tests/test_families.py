@@ -1,4 +1,4 @@
-"""What generic code promises every family (owl1, llava), checked on each:
+"""What generic code promises every family (owl1, llava, minigpt4), checked on each:
 
 - the generation engine: a batch of prompts with 0, 1 and 2 images gives each row what the
   prompt gives alone, and KV-cached greedy decoding equals recomputing the whole sequence with
@@ -25,8 +25,8 @@ from owl_jax.layers.masks import segment_mask
 from owl_jax.testing.models import FAST, VOCAB, random_params
 from owl_jax.testing.spm import train_tiny_tokenizer
 
-FAMILIES = ["owl1", "llava"]
-RECIPES = {"owl1": "owl1.tiny_stage1", "llava": "llava.stage1"}
+FAMILIES = ["owl1", "llava", "minigpt4"]
+RECIPES = {"owl1": "owl1.tiny_stage1", "llava": "llava.stage1", "minigpt4": "minigpt4.stage1"}
 
 
 def tiny_cfg(name):
@@ -239,11 +239,49 @@ def test_pipeline_lays_out_llava_samples_as_llava(tmp_path, tokenizer_dir):
     assert len(with_image) == 3 and all(b["pixel_values"][0, 0].any() for b in with_image)
 
 
-def test_owl_generate_answers_with_a_llava_checkpoint(tmp_path, tokenizer_dir):
+def test_pipeline_lays_out_minigpt4_stage2_as_minigpt4(tmp_path, tokenizer_dir):
+    """MiniGPT-4's stage-2 data (cc_sbu_align's filter_cap.json, images {image_id}.jpg) through
+    the data pipeline with its recipe's template: each row is `samples.caption` of its pair,
+    and its image is the train transform of the file."""
+    from PIL import Image
+    from owl_jax.data.pipeline import make_train_iterator
+    from owl_jax.families.minigpt4 import samples
+    from owl_jax.tokenizer import OwlTokenizer
+    os.makedirs(tmp_path / "image")
+    caps = {2: "A red square on a white background.", 5: "Two blue circles.",
+            7: "A green triangle next to a yellow star."}
+    for i in caps:
+        Image.new("RGB", (40 + i, 36), (30 * i, 200, 90)).save(tmp_path / "image" / f"{i}.jpg")
+    (tmp_path / "filter_cap.json").write_text(json.dumps(
+        {"annotations": [{"image_id": str(i), "caption": c} for i, c in caps.items()]}))
+    cfg = families.get("minigpt4").tiny(vocab_size=384)
+    tok = OwlTokenizer.from_dir(tokenizer_dir)
+    spec = f"coco:{tmp_path}/filter_cap.json?images={tmp_path}/image"
+    it = make_train_iterator(dict(sources=[dict(spec=spec, task="caption")], seq_len=120,
+                                  batch_size=1, packing=False, max_images_per_row=1, workers=0,
+                                  threads=1, num_epochs=1, seed=0, augment=True,
+                                  template="minigpt4_align"), tok, cfg, 0, 1)
+    rows = list(it)
+    want = {tuple(samples.caption(tok, c, 120, cfg.image_tokens,
+                                  template="minigpt4_align")[0]["input_ids"][:-1]): c
+            for c in caps.values()}
+    assert len(rows) == 3
+    seen = set()
+    for b in rows:
+        n = int(b["segment_ids"][0].sum())
+        key = tuple(b["input_ids"][0, :n].tolist())
+        assert key in want
+        seen.add(want[key])
+        assert b["loss_mask"][0, :n].sum() > 0 and b["pixel_values"][0, 0].any()
+    assert seen == set(caps.values())
+
+
+@pytest.mark.parametrize("name", ["llava", "minigpt4"])
+def test_owl_generate_answers_with_a_checkpoint_of_the_family(name, tmp_path, tokenizer_dir):
     import io
     from owl_jax.cli.generate import main
     from PIL import Image
-    cfg = families.get("llava").tiny(vocab_size=384)
+    cfg = families.get(name).tiny(vocab_size=384)
     save_checkpoint(str(tmp_path / "ckpt"), random_params(cfg, seed=2), cfg,
                     tokenizer_dir=tokenizer_dir)
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "a.png")
@@ -256,14 +294,22 @@ def test_owl_generate_answers_with_a_llava_checkpoint(tmp_path, tokenizer_dir):
     assert out.getvalue() == want + "\n"
 
 
-def test_owl_eval_asks_a_llava_checkpoint_in_its_template(tmp_path, tokenizer_dir):
-    """owl-eval's loop with a LLaVA checkpoint: every question goes out in LLaVA's template."""
+# How each family's chat prompt starts and ends.
+PROMPT_ENDS = {"llava": ("A chat between", "ASSISTANT:"),
+               "minigpt4": ("Give the following image: <Img>ImageContent</Img>.",
+                            "###Assistant:")}
+
+
+@pytest.mark.parametrize("name", ["llava", "minigpt4"])
+def test_owl_eval_asks_in_the_family_template(name, tmp_path, tokenizer_dir):
+    """owl-eval's loop with a LLaVA / MiniGPT-4 checkpoint: every question goes out in the
+    family's template."""
     from owl_jax.eval import run, tfds_builders
     from owl_jax.testing import shards
     shards.write_coco(str(tmp_path / "coco"), n_images=8, karpathy=True, missing_images=0)
     tfds_builders.prepare("coco_caption", str(tmp_path / "coco"), str(tmp_path / "tfds"))
     source = tfds_builders.load("coco_caption", "test", str(tmp_path / "tfds"))
-    cfg = families.get("llava").tiny(vocab_size=384)
+    cfg = families.get(name).tiny(vocab_size=384)
     save_checkpoint(str(tmp_path / "ckpt"), random_params(cfg, seed=4), cfg,
                     tokenizer_dir=tokenizer_dir)
     owl = owl_jax.load_pretrained(str(tmp_path / "ckpt"), compiler_options=FAST)
@@ -278,7 +324,8 @@ def test_owl_eval_asks_a_llava_checkpoint_in_its_template(tmp_path, tokenizer_di
     result = run.evaluate(Recording(), "coco_caption", source, batch_size=2, max_new_tokens=3,
                           progress=False)
     assert len(result.rows) == 2 and asked
-    assert all(p.startswith("A chat between") and p.endswith("ASSISTANT:") for p in asked)
+    start, end = PROMPT_ENDS[name]
+    assert all(p.startswith(start) and p.endswith(end) for p in asked)
     assert all(isinstance(r["caption"], str) for r in result.rows)
 
 

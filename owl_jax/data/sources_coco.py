@@ -3,6 +3,8 @@
 Two annotation formats are recognised by their content:
   - `captions_train2017.json` style: `images[] {id, file_name, ...}` + `annotations[] {image_id,
     caption}`; images are read from `images=DIR/file_name`.
+  - MiniGPT-4's cc_sbu_align `filter_cap.json`: `annotations[] {image_id, caption}` and no
+    images list; images are read from `images=DIR/{image_id}.jpg`.
   - Karpathy `dataset_coco.json`: `images[] {filepath, filename, split, cocoid, sentences[] {raw}}`;
     images are read from `images=DIR/filepath/filename` (or `DIR/filename` when that exists).
     `split=train,restval` keeps those Karpathy splits (default: all).
@@ -38,6 +40,10 @@ def load_entries(spec: Spec) -> list[Entry]:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise SourceError(f"{spec}: cannot read annotation file {path}: {e}") from None
+    if isinstance(data, dict) and "images" not in data and \
+            isinstance(data.get("annotations"), list):  # cc_sbu_align: {image_id}.jpg
+        data = dict(data, images=[{"id": i, "file_name": f"{i}.jpg"} for i in
+                                  dict.fromkeys(a.get("image_id") for a in data["annotations"])])
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise SourceError(f"{path}: not a COCO captions or Karpathy json (no images list)")
     if "annotations" in data:

@@ -5,12 +5,17 @@ reshapes to [..., heads, 3, head_dim]), and a final LayerNorm over all tokens, C
 
 The same tower serves LLaVA (HF CLIP weights, eps 1e-5): with `feature_layer` it returns one
 intermediate hidden state instead (HF CLIP's `hidden_states[k]`), without the final LayerNorm.
+
+EVA ViT-g (BLIP-2, MiniGPT-4) is the same tower with the knobs of `VisionConfig` turned: exact
+GELU, a bias on the patch projection, no pre- or post-LayerNorm, and query / value biases with
+no key bias (`qkv_bias="qv"`: params `q_bias`, `v_bias` beside a bias-free fused kernel).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from owl_jax.layers.core import (Dense, LayerNorm, constrain, param_with_axes, quick_gelu,
@@ -32,6 +37,19 @@ class VisionConfig:
     patch_size: int = 14
     num_channels: int = 3
     layer_norm_eps: float = 1e-6
+    # Variant knobs (defaults: the CLIP tower of mPLUG-Owl and LLaVA).
+    hidden_act: str = "quick_gelu"     # or "gelu" (exact, erf form: EVA)
+    qkv_bias: str = "qkv"              # "qkv": one fused bias; "qv": q / v biases, no k bias
+    patch_bias: bool = False           # a bias on the patch projection (EVA)
+    pre_layernorm: bool = True         # LayerNorm after the embeddings (CLIP)
+    post_layernorm: bool = True        # LayerNorm after the last layer (CLIP; EVA has none)
+
+    def __post_init__(self):
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"vision hidden_act {self.hidden_act!r} is not supported "
+                             f"(quick_gelu or gelu)")
+        if self.qkv_bias not in ("qkv", "qv"):
+            raise ValueError(f"vision qkv_bias {self.qkv_bias!r} is not supported (qkv or qv)")
 
     @property
     def num_positions(self) -> int:
@@ -49,7 +67,7 @@ class VisionEmbeddings(nn.Module):
         c = self.cfg
         d = c.hidden_size
         patches = nn.Conv(d, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID",
-                          use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                          use_bias=c.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                           kernel_init=nn.with_logical_partitioning(
                               nn.initializers.normal(0.02), (None, None, None, "embed")),
                           name="patch_embed")(pixel_values.astype(self.dtype))
@@ -61,6 +79,8 @@ class VisionEmbeddings(nn.Module):
                               (1, c.num_positions, d), self.param_dtype, (None, None, "embed"))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (n, 1, d)), patches], 1)
         x = x + pos[:, : x.shape[1]].astype(self.dtype)
+        if not c.pre_layernorm:
+            return x
         return LayerNorm(c.layer_norm_eps, self.param_dtype, name="pre_layernorm")(x)
 
 
@@ -73,9 +93,14 @@ class VisionAttention(nn.Module):
     def __call__(self, x):
         c = self.cfg
         h, hd = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-        qkv = Dense(3 * c.hidden_size, ("embed", "heads"), dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="query_key_value")(x)
+        qkv = Dense(3 * c.hidden_size, ("embed", "heads"), use_bias=c.qkv_bias == "qkv",
+                    dtype=self.dtype, param_dtype=self.param_dtype, name="query_key_value")(x)
         qkv = qkv.reshape(*x.shape[:2], h, 3, hd)
+        if c.qkv_bias == "qv":  # EVA: the key gets no bias
+            qb, vb = (param_with_axes(self, n, nn.initializers.zeros, (c.hidden_size,),
+                                      self.param_dtype, ("heads",)).astype(self.dtype)
+                      .reshape(h, hd) for n in ("q_bias", "v_bias"))
+            qkv = qkv + jnp.stack([qb, jnp.zeros_like(qb), vb], axis=1)
         o = attention(qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :], softmax_fp32=False,
                       scale_after="mul")
         o = o.reshape(*x.shape[:2], c.hidden_size)
@@ -93,7 +118,9 @@ class VisionMLP(nn.Module):
         c = self.cfg
         h = Dense(c.intermediate_size, ("embed", "mlp"), dtype=self.dtype,
                   param_dtype=self.param_dtype, name="fc1")(x)
-        h = constrain(quick_gelu(h), ("act_batch", "act_len", "act_mlp"))
+        act = quick_gelu if c.hidden_act == "quick_gelu" else \
+            (lambda t: jax.nn.gelu(t, approximate=False))
+        h = constrain(act(h), ("act_batch", "act_len", "act_mlp"))
         return Dense(c.hidden_size, ("mlp", "embed"), dtype=self.dtype,
                      param_dtype=self.param_dtype, name="fc2")(h)
 
@@ -188,6 +215,8 @@ class VisionTransformer(nn.Module):
                 x = layer(self.cfg, **kw, name=f"layers_{i}")(x)
                 if i + 1 == used:
                     tapped = x
+        if not self.cfg.post_layernorm:
+            return x if self.feature_layer is None else tapped
         post = LayerNorm(self.cfg.layer_norm_eps, self.param_dtype, name="post_layernorm")
         if self.feature_layer is None:
             return post(x)

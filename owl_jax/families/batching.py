@@ -13,9 +13,10 @@ IMAGE_TOKEN = "<image>"
 
 
 def encode_rows(prompts: Sequence[str], images, encode: Callable, image: Callable,
-                as_list: Callable = lambda imgs: imgs):
+                as_list: Callable = lambda imgs: imgs, marker: str = IMAGE_TOKEN):
     """(ids per prompt, transformed images in order of appearance). images: one entry per
-    prompt (None: no images anywhere), made a list of images by `as_list`."""
+    prompt (None: no images anywhere), made a list of images by `as_list`. `marker`: the text
+    that stands for one image in a prompt."""
     if images is None:
         images = [[] for _ in prompts]
     if len(images) != len(prompts):
@@ -23,9 +24,9 @@ def encode_rows(prompts: Sequence[str], images, encode: Callable, image: Callabl
     rows, pixels = [], []
     for i, (prompt, imgs) in enumerate(zip(prompts, images)):
         imgs = as_list(imgs)
-        n = prompt.count(IMAGE_TOKEN)
+        n = prompt.count(marker)
         if n != len(imgs):
-            raise ValueError(f"prompt {i} has {n} {IMAGE_TOKEN} but {len(imgs)} images "
+            raise ValueError(f"prompt {i} has {n} {marker} but {len(imgs)} images "
                              f"were given: {prompt!r}")
         rows.append(encode(prompt))
         pixels.extend(image(img) for img in imgs)
@@ -41,7 +42,9 @@ def _one_image_or_list(imgs):
 
 class BatchProcessor:
     """`__call__(prompts, images)` for a processor with `encode(prompt)`, `image(img)`,
-    `image_size` and `pad_id` (what right-pads the rows)."""
+    `image_size` and `pad_id` (what right-pads the rows); `image_marker` is what stands for an
+    image in its prompts."""
+    image_marker = IMAGE_TOKEN
 
     def __call__(self, prompts: Sequence[str] | str, images=None) -> dict:
         """Returns {'input_ids' [B, L] int32 (image slots -1, right-padded with `pad_id`),
@@ -49,7 +52,8 @@ class BatchProcessor:
         batch in order of appearance; N may be 0)}."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        rows, pixels = encode_rows(prompts, images, self.encode, self.image, _one_image_or_list)
+        rows, pixels = encode_rows(prompts, images, self.encode, self.image, _one_image_or_list,
+                                   self.image_marker)
         length = max(len(r) for r in rows)
         ids = np.full((len(rows), length), self.pad_id, np.int32)
         mask = np.zeros((len(rows), length), np.int32)
