@@ -7,11 +7,13 @@ checkpoints and owl_jax checkpoint directories. See docs/convert.md.
                                    [--layout hf|original]   (LLaVA)
   owl-convert from-hf DST [--family owl1|llava] [--llama HF_LLAMA_DIR] [--clip HF_CLIP_DIR]
                           [--seed 0] [--projector linear|mlp2x_gelu] [--image_token]
+  owl-convert from-hf DST --family owl3 --qwen2 HF_QWEN2_DIR --siglip HF_SIGLIP_DIR
+                          [--version 240728|241101] [--hyper_layers 1,9,17,25]
   owl-convert from-hf-llama HF_LLAMA_DIR DST [--clip HF_CLIP_DIR]
   owl-convert from-hf-clip HF_CLIP_DIR DST [--llama HF_LLAMA_DIR]
 
 torch-to-jax tells the model from SRC/config.json (LLaVA: model_type "llava" or
-LlavaLlamaForCausalLM); jax-to-torch from the family SRC/owl_jax.json records.
+LlavaLlamaForCausalLM; mPLUG-Owl3: model_type "mplugowl3"); jax-to-torch from the family SRC/owl_jax.json records.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ LLAVA_FROM_HF = ("projector", "image_token", "image_aspect_ratio", "vision_featu
 
 
 def _add_from_hf(p: argparse.ArgumentParser):
-    p.add_argument("--family", choices=("owl1", "llava"), default="owl1",
+    p.add_argument("--family", choices=("owl1", "llava", "owl3"), default="owl1",
                    help="the model to build (default owl1, mPLUG-Owl)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init parts")
     p.add_argument("--base_config", default=None,
@@ -64,6 +66,13 @@ def _add_from_hf(p: argparse.ArgumentParser):
                    help="the CLIP hidden state fed to the projector (default -2)")
     g.add_argument("--vision_feature_select_strategy", choices=("default", "full"),
                    default=None, help="default drops the CLS token (default), full keeps it")
+    g = p.add_argument_group("mPLUG-Owl3 (--family owl3)")
+    g.add_argument("--qwen2", default=None, help="HF Qwen2ForCausalLM directory")
+    g.add_argument("--siglip", default=None, help="HF SiglipVisionModel / SiglipModel directory")
+    g.add_argument("--version", choices=("240728", "241101"), default=None,
+                   help="the code version to build (default 240728)")
+    g.add_argument("--hyper_layers", default=None,
+                   help="1-based hyper layer indices, comma separated (default 1, 9, 17, ...)")
     p.add_argument("--overwrite", action="store_true")
     _add_common(p, "stored dtype (keep = as in the HF files; random parts float32)")
 
@@ -130,7 +139,13 @@ def _refuse_flags(args, flags, family):
 def run(args: argparse.Namespace):
     progress = not args.quiet
     if args.command == "torch-to-jax":
-        from owl_jax.convert import llava
+        from owl_jax.convert import llava, owl3
+        if owl3.is_owl3_source(args.src):
+            if args.keep_lora or args.lora_alpha is not None or args.lora_r is not None \
+                    or args.clip:
+                raise ValueError("LoRA and --clip flags do not apply to mPLUG-Owl3 checkpoints")
+            return owl3.torch_to_jax(args.src, args.dst, _dtype(args.dtype), args.overwrite,
+                                     progress)
         if llava.is_llava_source(args.src):
             if args.keep_lora or args.lora_alpha is not None or args.lora_r is not None:
                 raise ValueError("LoRA flags apply to mPLUG-Owl checkpoints only")
@@ -183,8 +198,18 @@ def _owl1_from_hf(args, progress):
                    num_query_tokens=args.num_query_tokens)
 
 
+def _owl3_from_hf(args, progress):
+    _refuse_flags(args, OWL_FROM_HF + LLAVA_FROM_HF + ("llama", "clip"), "owl3")
+    if not args.qwen2 or not args.siglip:
+        raise ValueError("--family owl3 needs --qwen2 and --siglip directories")
+    from owl_jax.convert import owl3
+    layers = [int(x) for x in args.hyper_layers.split(",")] if args.hyper_layers else None
+    return owl3.from_hf(args.dst, args.qwen2, args.siglip, args.version or "240728", layers,
+                        args.seed, args.overwrite, progress)
+
+
 # `from-hf --family NAME`: what builds a fresh model of each family from HF parts.
-FROM_HF = {"owl1": _owl1_from_hf, "llava": _llava_from_hf}
+FROM_HF = {"owl1": _owl1_from_hf, "llava": _llava_from_hf, "owl3": _owl3_from_hf}
 
 
 def _llava_converter():
@@ -194,7 +219,12 @@ def _llava_converter():
 
 # Families whose checkpoints have converters besides mPLUG-Owl's official one (by the family
 # name owl_jax.json records).
-CONVERTERS = {"llava": _llava_converter}
+def _owl3_converter():
+    from owl_jax.convert import owl3
+    return owl3
+
+
+CONVERTERS = {"llava": _llava_converter, "owl3": _owl3_converter}
 
 
 def main(argv=None) -> int:

@@ -149,10 +149,13 @@ def write_tensors(params: dict, cfg: Owl3Config, directory: str, fmt: str = "saf
     return writer.close()
 
 
-def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "safetensors",
-                 shard_size="10GB", progress: bool = True) -> list[str]:
-    """An owl_jax Owl3 checkpoint -> the official layout (config.json + weights), loadable by
-    the official `mPLUGOwl3Model.from_pretrained`."""
+def jax_to_torch(src: str, dst: str, layout: str | None = None, dtype: str | None = None,
+                 fmt: str | None = None, shard_size="10GB", progress: bool = True) -> list[str]:
+    """An owl_jax Owl3 checkpoint -> the official layout (config.json + weights, safetensors
+    unless `fmt` says bin), loadable by the official `mPLUGOwl3Model.from_pretrained`."""
+    if layout not in (None, "official"):
+        raise ValueError(f"mPLUG-Owl3 has one layout, the official one (got --layout {layout})")
+    fmt = fmt or "safetensors"
     return_freed_memory_promptly()
     cfg, params, _ = ckpt.load_checkpoint(src)
     if not isinstance(cfg, Owl3Config):
@@ -237,13 +240,18 @@ def from_hf(dst: str, qwen2_dir: str, siglip_dir: str, version: str = "240728",
     vis = [e for e in entries if e.torch_key.startswith("vision_model.")]
     new = [e for e in entries if e not in lm and e not in vis]
     params = {}
+    if cfg.text.tie_word_embeddings:
+        lm = [e for e in lm if e.torch_key != "language_model.lm_head.weight"]
     reader, roles = _read_part(qwen2_dir, lm, cfg, "", "language_model.", qwen2_dir)
     convert_tensors(reader.tensors(), roles, params=params)
-    sv_prefix = "vision_model."
+    # SiglipVisionModel / SiglipModel files of transformers 4.x: vision_model.*; 5.x's
+    # SiglipVisionModel: no prefix
     keys = CheckpointReader(siglip_dir).index()
-    if not any(k.startswith(sv_prefix) for k in keys):
-        raise CheckpointError(f"{siglip_dir}: no vision_model.* keys (a SigLIP vision model)")
-    reader, roles = _read_part(siglip_dir, vis, cfg, sv_prefix, "vision_model.", siglip_dir)
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
+    if not any(k.startswith(prefix + "embeddings.patch_embedding.") for k in keys):
+        raise CheckpointError(f"{siglip_dir}: no SigLIP vision keys "
+                              f"(embeddings.patch_embedding.*)")
+    reader, roles = _read_part(siglip_dir, vis, cfg, prefix, "vision_model.", siglip_dir)
     convert_tensors(reader.tensors(), roles, params=params)
     rng = np.random.default_rng(seed)
     for e in new:

@@ -127,8 +127,12 @@ def from_dict(d: dict, where: str = "config.json", version: str | None = None) -
         raise ValueError(f"{where}: hidden_act {c['hidden_act']!r} is not supported (silu)")
     if c.get("use_sliding_window"):
         raise ValueError(f"{where}: use_sliding_window is not supported")
-    if c.get("rope_scaling"):
-        raise ValueError(f"{where}: rope_scaling {c['rope_scaling']!r} is not supported")
+    rope = c.get("rope_parameters") or {}   # transformers 5.x spelling
+    if c.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{where}: rope scaling {c.get('rope_scaling') or rope!r} is not "
+                         f"supported")
+    if "rope_theta" in rope:
+        c["rope_theta"] = rope["rope_theta"]
     eos = c.get("eos_token_id", 151645)
     eos = eos[0] if isinstance(eos, list) else eos
     bos = c.get("bos_token_id", 151643)
