@@ -2,6 +2,12 @@
 
 Rotate-half RoPE (q/k kernels in HF layout), fp32 RMSNorm statistics, fp32 softmax, untied head.
 
+Qwen2 is the same decoder with knobs of `TextConfig`: `qkv_bias` (biases on q/k/v, none on
+o_proj), `rope_theta`, grouped-query attention (`num_key_value_heads`) and
+`tie_word_embeddings` (no `lm_head` param: the head reads the embedding table). The defaults
+are LLaMA's. `block_of(i)` picks another block class for layer i (mPLUG-Owl3's hyper layers);
+such a block also receives the `side` inputs given to `__call__`.
+
 Two ways to run the layers:
 - unrolled (`layers_{i}` params): supports a KV cache for decoding;
 - `scan_layers=True`: one scanned (and optionally rematerialised) block with params stacked on a
@@ -14,6 +20,7 @@ padding and packing (segment ids); see `owl_jax.layers.masks`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -36,6 +43,8 @@ class TextConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    qkv_bias: bool = False              # Qwen2: biases on q/k/v projections (none on o_proj)
+    tie_word_embeddings: bool = False   # the head reads embed_tokens (no lm_head param)
 
     @property
     def kv_heads(self) -> int:
@@ -67,8 +76,8 @@ class LlamaAttention(nn.Module):
 
         def proj(name, features, axes):
             lora = self.lora if name in self.lora_targets else None
-            return Dense(features, axes, use_bias=False, dtype=self.dtype,
-                         param_dtype=self.param_dtype, lora=lora, name=name)
+            return Dense(features, axes, use_bias=c.qkv_bias and name != "o_proj",
+                         dtype=self.dtype, param_dtype=self.param_dtype, lora=lora, name=name)
 
         b, l, _ = x.shape
         q = proj("q_proj", h * hd, ("embed", "heads"))(x, deterministic).reshape(b, l, h, hd)
@@ -162,6 +171,12 @@ class Llama(nn.Module):
     remat_policy: str = "none"
     lora: LoraSpec | None = None
     lora_targets: tuple[str, ...] = ()
+    # layer index -> (block class, extra constructor kwargs) for a layer that is not a
+    # LlamaLayer, or None; such blocks take the `side` inputs of __call__ as a last argument
+    block_of: Callable[[int], tuple[type, dict] | None] | None = None
+
+    def _block(self, i: int):
+        return None if self.block_of is None else self.block_of(i)
 
     def setup(self):
         c = self.cfg
@@ -173,28 +188,36 @@ class Llama(nn.Module):
                   lora_targets=self.lora_targets)
         policy = REMAT_POLICIES[self.remat_policy]
         if self.scan_layers:
+            if any(self._block(i) for i in range(c.num_hidden_layers)):
+                raise ValueError("scan_layers=True needs one block kind for every layer; this "
+                                 "decoder mixes block kinds (block_of): use scan_layers=False")
             self.layers = scanned_layers(
                 _ScanBody, c.num_hidden_layers, remat=self.remat_policy != "none",
                 policy=policy, in_axes=(nn.broadcast,) * 4, static_argnums=(5,),
             )(**kw, cfg=c, name="layers")
         else:
-            layer = LlamaLayer
-            if self.remat_policy != "none":
-                layer = nn.remat(LlamaLayer, policy=policy, static_argnums=(7,))
-            self.layers = [layer(c, **kw, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+            layers = []
+            for i in range(c.num_hidden_layers):
+                cls, extra = self._block(i) or (LlamaLayer, {})
+                if self.remat_policy != "none":
+                    cls = nn.remat(cls, policy=policy, static_argnums=(7,))
+                layers.append(cls(c, **kw, **extra, name=f"layers_{i}"))
+            self.layers = layers
         self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
-        self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False,
+                                 dtype=self.dtype, param_dtype=self.param_dtype)
 
     def embed(self, ids):
         return self.embed_tokens(ids)
 
     def __call__(self, x, positions, mask, cache=None, cache_index=None, deterministic=True,
-                 return_hidden=False):
+                 return_hidden=False, side=None):
         """x: input embeddings [B, L, D]; positions [B, L]; mask bool [B, L, Lk].
 
         With `cache` (a list of {"k", "v"} per layer, see `init_cache`), the chunk is written at
-        `cache_index` and Lk == S. Returns (logits [B, L, V], new cache or None).
+        `cache_index` and Lk == S. Returns (logits [B, L, V], new cache or None). `side`: what
+        blocks chosen by `block_of` read besides the hidden states (LlamaLayers never see it).
         """
         c = self.cfg
         x = constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
@@ -207,19 +230,26 @@ class Llama(nn.Module):
         else:
             new_cache = [] if cache is not None else None
             for i, layer in enumerate(self.layers):
+                extra = (side,) if self._block(i) else ()
                 x, lc = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index,
-                              deterministic)
+                              deterministic, *extra)
                 if cache is not None:
                     new_cache.append(lc)
         x = self.norm(x)
         if return_hidden:
             return x, new_cache
-        logits = self.lm_head(x)
+        logits = self.logits(x)
         return constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+
+    def logits(self, x):
+        """lm_head on final-normed hidden states (the embedding table when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.attend(x.astype(self.dtype))
+        return self.lm_head(x)
 
     def head(self, x):
         """Final norm + lm_head on hidden states (for callers that slice before the head)."""
-        return self.lm_head(self.norm(x))
+        return self.logits(self.norm(x))
 
 
 def init_cache(cfg: TextConfig, batch: int, length: int, dtype=jnp.float32):

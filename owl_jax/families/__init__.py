@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any, Callable
 
-NAMES = ("owl1", "llava", "minigpt4")
+NAMES = ("owl1", "llava", "minigpt4", "owl3")
 DECODER = "language_model"  # every family's decoder submodule / param subtree
 DEFAULT = "owl1"  # the family of checkpoints that do not name one
 
