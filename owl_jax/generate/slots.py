@@ -245,6 +245,13 @@ class SlotEngine:
             toks = np.asarray(toks)
         return [self._take(s, toks[s]) for s in range(self.slots) if self.live[s] is not None]
 
+    def warmup(self):
+        """Compiles the step (and a one-row prefill) with a one-token request."""
+        self.admit([SlotRequest([self.cfg.text.bos_token_id], max_new_tokens=2,
+                                eos_token_id=-1)])
+        while self.busy:
+            self.step()
+
     def cancel(self, req: SlotRequest) -> bool:
         """Frees the request's slot at once (its row stops at the next step). False when it
         holds none (finished, or never admitted)."""
