@@ -27,8 +27,7 @@ class AnswerText:
             hold = max((k for s in self.stop for k in range(1, len(s))
                         if text.endswith(s[:k])), default=0)
             text = text[:len(text) - hold]
-            if text.endswith("\ufffd"):
-                text = text[:-1]
+            text = text.rstrip("\ufffd")
         if not text.startswith(self.sent):
             return ""  # earlier text changed under more context: keep what was sent
         new, self.sent = text[len(self.sent):], text
