@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 
@@ -86,6 +87,9 @@ def main(argv=None) -> int:
     app = create_app(owl, scheduler, options)
     # uvicorn: SIGTERM / SIGINT close the listening socket, wait for the requests in flight
     # (streams included), then run the app's shutdown, which drains the engine
+    # uvicorn raises the signal again once it has shut down; after a clean drain, SIGTERM
+    # ends the process with status 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=None)
     return 0
