@@ -4,6 +4,7 @@
     events = engine.admit([SlotRequest(ids, pixels, max_new_tokens=64)])   # prefill + insert
     while engine.busy:
         events += engine.step()        # `steps_per_call` decode steps for every live slot
+                                       # (dispatched; the previous call's tokens are read)
 
 Layout (one row per slot, each request at its own length, so one index per row):
 
@@ -108,6 +109,7 @@ class SlotEngine:
         self._init = jit(self._init_fn)
         self.state = None
         self.live: list[SlotRequest | None] = [None] * slots
+        self._pending = None  # (tokens of the call in flight, the slots' owners then)
 
     # ---------------------------------------------------------------------------------------
     # Host side
@@ -122,7 +124,8 @@ class SlotEngine:
 
     @property
     def busy(self) -> bool:
-        return self.active > 0
+        """Requests hold slots, or a call's tokens are still to be read."""
+        return self.active > 0 or self._pending is not None
 
     def _context(self):
         mesh = self.gen.mesh
@@ -217,6 +220,8 @@ class SlotEngine:
     def _take(self, slot: int, toks) -> Event:
         """Host bookkeeping for the tokens a slot made (-1: it was not live)."""
         r = self.live[slot]
+        if r is None:
+            return None
         new, reason = [], None
         for t in toks:
             t = int(t)
@@ -236,14 +241,25 @@ class SlotEngine:
         return Event(r, new, reason)
 
     def step(self) -> list[Event]:
-        """`steps_per_call` decode steps over all slots; an event per live request."""
-        if not self.busy:
+        """Dispatches `steps_per_call` decode steps over all slots, then reads the tokens of
+        the call before it (so the host's bookkeeping overlaps the device's work); an event per
+        request that made tokens or ended there. A request that ends or is cancelled has its
+        slot freed at once; what the call in flight makes for it is dropped."""
+        pending, self._pending = self._pending, None
+        if self.active:
+            keep = np.array([r is not None for r in self.live])
+            with self._context(), jax.default_matmul_precision(self.gen.matmul_precision):
+                self.state, toks = self._step(self.gen._call_params, self.state, keep)
+            self._pending = (toks, list(self.live))
+        if pending is None:
             return []
-        keep = np.array([r is not None for r in self.live])
-        with self._context(), jax.default_matmul_precision(self.gen.matmul_precision):
-            self.state, toks = self._step(self.gen._call_params, self.state, keep)
-            toks = np.asarray(toks)
-        return [self._take(s, toks[s]) for s in range(self.slots) if self.live[s] is not None]
+        toks, owners = pending
+        toks = np.asarray(toks)
+        events = []
+        for s, owner in enumerate(owners):
+            if owner is not None and self.live[s] is owner:
+                events.append(self._take(s, toks[s]))
+        return events
 
     def warmup(self):
         """Compiles the step (and a one-row prefill) with a one-token request."""
