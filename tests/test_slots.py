@@ -89,3 +89,52 @@ def test_cancel_frees_the_slot_and_the_next_request_is_unaffected():
     assert b.tokens == _alone(gen, b_ids, b_px, b).token_ids
     with pytest.raises(ValueError, match="context is"):
         engine.check(SlotRequest([1] * cfg.text.max_position_embeddings))
+
+
+@pytest.mark.slow
+def test_slots_with_tensor_sharded_params_match_generate(tmp_path):
+    """Params restored into a 2-way `tensor` sharding (2 host CPU devices, a subprocess): the
+    slot engine gives the single-device generate's tokens, requests joining mid-way."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from owl_jax.checkpoint import save_checkpoint
+    cfg = families.get("llava").tiny(vocab_size=VOCAB, num_key_value_heads=2)
+    params = random_params(cfg, seed=4)
+    save_checkpoint(str(tmp_path / "ckpt"), params, cfg)
+    gen = Generator(cfg, params, compiler_options=FAST)
+    prompts = _requests(cfg, np.random.default_rng(6), 3)
+    np.savez(tmp_path / "prompts.npz", *[np.asarray(ids) for ids, _ in prompts],
+             *[np.zeros((0,)) if px is None else px for _, px in prompts])
+    want = [_alone(gen, ids, px, SlotRequest(ids, px, max_new_tokens=6, eos_token_id=-1))
+            .token_ids for ids, px in prompts]
+    want[0] = want[0][:3]  # the first stops early, so the third joins while the second decodes
+    code = textwrap.dedent(f"""
+        import numpy as np, owl_jax
+        from owl_jax.sharding import make_mesh
+        from owl_jax.generate.slots import SlotEngine, SlotRequest
+        owl = owl_jax.load_pretrained({str(tmp_path / "ckpt")!r}, dtype="float32",
+                                      mesh=make_mesh(data=1, fsdp=1, tensor=2),
+                                      compiler_options={FAST!r})
+        k = owl.params["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+        assert len(k.sharding.device_set) == 2 and not k.is_fully_replicated, k.sharding
+        f = np.load({str(tmp_path / "prompts.npz")!r})
+        reqs = [SlotRequest(f[f"arr_{{i}}"].tolist(), f[f"arr_{{i + 3}}"] if f[f"arr_{{i + 3}}"].size
+                            else None, max_new_tokens=6, eos_token_id=-1) for i in range(3)]
+        reqs[0].max_new_tokens = 3
+        engine = SlotEngine(owl.generator, slots=2, steps_per_call=2)
+        engine.admit(reqs[:2])
+        engine.step()
+        while engine.busy:
+            if engine.free and reqs[2].id < 0:
+                engine.admit(reqs[2:])
+            engine.step()
+        print([r.tokens for r in reqs])
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str(want)
