@@ -157,23 +157,29 @@ def drive(url, reqs, clients: int, max_tokens: int):
             "ttft_p99_s": float(np.percentile(ttft, 99))}
 
 
-def offline(ckpt, args, reqs):
+class Offline:
     """The ceiling: the pipeline's batched generate over the same requests, --slots rows per
-    call, warmed up on the first batch."""
-    import owl_jax
-    owl = owl_jax.load_pretrained(ckpt, dtype=args.dtype)
+    call (images decoded and transformed as the server does), warmed up on the first batch."""
 
-    def batch(rs):
+    def __init__(self, ckpt, args, reqs):
+        import owl_jax
+        self.owl = owl_jax.load_pretrained(ckpt, dtype=args.dtype)
+        self.args, self.reqs = args, reqs
+        self._batch(reqs[:args.slots])  # compile
+
+    def _batch(self, rs):
+        owl = self.owl
         prompts = [owl.family.build_prompt(q, 1) for q, _ in rs]
         imgs = [[Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1])))] for _, u in rs]
         return sum(len(g.token_ids) for g in owl.generate(
-            prompts, imgs, max_new_tokens=args.max_tokens, self_draft_tokens=0))
+            prompts, imgs, max_new_tokens=self.args.max_tokens, self_draft_tokens=0))
 
-    batch(reqs[:args.slots])  # compile
-    t0 = time.perf_counter()
-    n = sum(batch(reqs[i:i + args.slots]) for i in range(0, len(reqs), args.slots))
-    wall = time.perf_counter() - t0
-    return {"tokens": n, "seconds": wall, "tokens_per_s": n / wall}
+    def run(self):
+        t0 = time.perf_counter()
+        s = self.args.slots
+        n = sum(self._batch(self.reqs[i:i + s]) for i in range(0, len(self.reqs), s))
+        wall = time.perf_counter() - t0
+        return {"tokens": n, "seconds": wall, "tokens_per_s": n / wall}
 
 
 def main(argv=None):
@@ -184,7 +190,8 @@ def main(argv=None):
         reqs = requests(args.requests)
         results = {"slots": args.slots, "max_tokens": args.max_tokens,
                    "requests": args.requests, "steps_per_call": args.steps_per_call}
-        results["offline"] = offline(ckpt, args, reqs)
+        ceiling = Offline(ckpt, args, reqs)
+        results["offline"] = ceiling.run()
         print("offline batched generate:", json.dumps(results["offline"]), flush=True)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -198,7 +205,6 @@ def main(argv=None):
             for c in [int(x) for x in args.clients.split(",")]:
                 drive(url, reqs, c, args.max_tokens)
                 r = drive(url, reqs, c, args.max_tokens)
-                r["x_offline"] = r["tokens_per_s"] / results["offline"]["tokens_per_s"]
                 r["x_one_at_a_time"] = (r["tokens_per_s"]
                                         / results["one_at_a_time"]["tokens_per_s"])
                 results[f"clients_{c}"] = r
@@ -206,7 +212,20 @@ def main(argv=None):
         finally:
             proc.terminate()
             proc.wait(120)
+        # the ceiling again, after the server runs: the ratios use the faster of the two (on a
+        # shared machine the load changes during the run)
+        again = ceiling.run()
+        print("offline batched generate, again:", json.dumps(again), flush=True)
+        results["offline_again"] = again
+        best = max(results["offline"]["tokens_per_s"], again["tokens_per_s"])
+        for c in [int(x) for x in args.clients.split(",")]:
+            results[f"clients_{c}"]["x_offline"] = results[f"clients_{c}"]["tokens_per_s"] / best
     print(json.dumps(results, indent=1))
+    for c in [int(x) for x in args.clients.split(",")]:
+        r = results[f"clients_{c}"]
+        print(f"{c} clients: {r['tokens_per_s']:.0f} output tokens/s = {r['x_offline']:.2f}x "
+              f"the offline ceiling, {r['x_one_at_a_time']:.1f}x one at a time; time to first "
+              f"token p50 {r['ttft_p50_s']:.2f} s, p99 {r['ttft_p99_s']:.2f} s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
