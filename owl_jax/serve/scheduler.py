@@ -115,4 +115,8 @@ class Scheduler:
                     self._callbacks.pop(e.request.id, None)
         for cb, e in calls:
             if cb is not None:
-                cb(e)
+                try:
+                    cb(e)
+                except Exception:  # noqa: BLE001 - e.g. its event loop closed: drop it
+                    log.exception("delivering an event failed; cancelling its request")
+                    self.cancel(e.request)
