@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--steps-per-call", type=int, default=8)
+    p.add_argument("--prefill-rows", type=int, default=4)
     p.add_argument("--clients", default="16,64", help="concurrency levels")
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--sequential", type=int, default=8, help="requests sent one at a time")
@@ -84,6 +85,7 @@ def requests(n: int):
 def start_server(args, ckpt, port):
     cmd = [sys.executable, "-m", "owl_jax.cli.serve", "--ckpt", ckpt, "--port", str(port),
            "--slots", str(args.slots), "--steps-per-call", str(args.steps_per_call),
+           "--prefill-rows", str(args.prefill_rows),
            "--max-queue", "1024", "--log-level", "warning", "--served-model-name", "bench"]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
@@ -197,13 +199,14 @@ def main(argv=None):
         url = f"http://127.0.0.1:{port}"
         proc = start_server(args, ckpt, port)
         try:
-            # each measurement runs twice, timed the second time: the first compiles the
-            # prefill shapes (rows, length, images) that its arrival pattern makes
-            drive(url, reqs[:args.sequential], 1, args.max_tokens)
+            # an untimed pass at every concurrency first: it compiles the prefill shapes
+            # (rows, length bucket, images) that the arrival patterns make
+            levels = [int(x) for x in args.clients.split(",")]
+            for c in [1] + levels:
+                drive(url, reqs if c > 1 else reqs[:args.sequential], c, args.max_tokens)
             results["one_at_a_time"] = drive(url, reqs[:args.sequential], 1, args.max_tokens)
             print("one at a time:", json.dumps(results["one_at_a_time"]), flush=True)
-            for c in [int(x) for x in args.clients.split(",")]:
-                drive(url, reqs, c, args.max_tokens)
+            for c in levels:
                 r = drive(url, reqs, c, args.max_tokens)
                 r["x_one_at_a_time"] = (r["tokens_per_s"]
                                         / results["one_at_a_time"]["tokens_per_s"])

@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps-per-call", type=int, default=4,
                    help="decode steps per compiled call (fewer host round trips; a finished "
                         "slot refills at most this many steps later)")
+    p.add_argument("--prefill-rows", type=int, default=4,
+                   help="most requests prefilled in one call (each row count 1, 2, 4, ... up "
+                        "to this is one compiled shape per prompt-length bucket)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more are answered 429")
     p.add_argument("--max-images", type=int, default=4, help="images per request")
@@ -65,7 +68,7 @@ def build(args):
         compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
     owl._need_tokenizer()
     engine = SlotEngine(owl.generator, slots=args.slots, max_len=args.max_len,
-                        steps_per_call=args.steps_per_call)
+                        steps_per_call=args.steps_per_call, prefill_rows=args.prefill_rows)
     engine.warmup()  # compile the decode step before taking requests
     name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
     options = ServeOptions(model_name=name, max_images=args.max_images,
