@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install test demo bench clean
+.PHONY: install system-deps test demo bench clean
 
 $(VENV)/.installed: setup.py requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,13 @@ $(VENV)/.installed: setup.py requirements.lock
 install: $(VENV)/.installed
 	@echo "owl-jax is installed in $(VENV): '. $(VENV)/bin/activate' puts owl-convert, owl-generate, owl-data, owl-train and owl-eval on PATH"
 
-test: install
+# The browser test's chromium (Debian packages), installed where missing and possible (root).
+system-deps:
+	@if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; fi
+
+test: install system-deps
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 demo: install

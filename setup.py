@@ -21,7 +21,11 @@ CORE = [
     "tensorboardX==2.6.5",
 ]
 TORCH = ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0"]
-TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"]
+# owl-serve (owl_jax.serve); its tests drive it with the official openai client and a headless
+# browser (selenium over Debian's chromium + chromium-driver).
+SERVE = ["starlette==1.10.0", "uvicorn==0.55.0"]
+TEST = SERVE + ["openai==3.63.0", "httpx2==2.16.2", "selenium==4.51.0",
+                "pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"]
 
 setup(
     name="owl-jax",
@@ -34,11 +38,13 @@ setup(
     + ["owl_jax.configs." + p for p in find_packages("configs")],  # one folder per family
     package_dir={"owl_jax.convert": "convert", "owl_jax.configs": "configs"},
     # compiled on first use (owl_jax.native)
-    package_data={"owl_jax": ["csrc/*.cc"], "owl_jax.generate.cpu": ["*.cc"]},
+    package_data={"owl_jax": ["csrc/*.cc"], "owl_jax.generate.cpu": ["*.cc"],
+                  "owl_jax.serve": ["static/*"]},
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
         "torch": TORCH,
+        "serve": SERVE,
         "test": TORCH + TEST,
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
@@ -50,6 +56,7 @@ setup(
             "owl-data=owl_jax.cli.data:main",
             "owl-train=owl_jax.cli.train:main",
             "owl-eval=owl_jax.cli.eval:main",
+            "owl-serve=owl_jax.cli.serve:main",
         ]
     },
 )

@@ -116,6 +116,9 @@ def _parse(argv: list[str]) -> None:
     elif tool == "owl-data":
         from owl_jax.cli import data
         data.build_parser().parse_args(args)
+    elif tool == "owl-serve":
+        from owl_jax.cli import serve
+        serve.parse_args(args)
     elif tool == "owl-convert":
         from owl_jax.convert import cli
         cli.build_parser().parse_args(args)

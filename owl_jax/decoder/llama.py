@@ -92,17 +92,24 @@ class LlamaAttention(nn.Module):
             # mask hides slots that are not written yet.
             k_new = k.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)   # [Hkv * B, L, D]
             v_new = v.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)   # [Hkv * B, L, D]
-            new_cache = {
-                "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype),
-                                                  (0, cache_index, 0)),
-                "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype),
-                                                  (0, cache_index, 0)),
-            }
+            new_cache = {"k": _write_cache(cache["k"], k_new, cache_index, hkv),
+                         "v": _write_cache(cache["v"], v_new, cache_index, hkv)}
             o = cached_attention(q, new_cache["k"].astype(self.dtype),
                                  new_cache["v"].astype(self.dtype), mask)
         o = proj("o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, l, h * hd),
                                                               deterministic)
         return o, new_cache
+
+
+def _write_cache(cache, new, index, hkv: int):
+    """Writes `new` [Hkv * B, L, D] into `cache` [Hkv * B, S, D] at slot `index`: a scalar
+    (every row at the same slot) or int [B], one slot per batch row (continuous batching,
+    where each row is a request of its own length)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, index, 0))
+    rows = jnp.tile(jnp.asarray(index, jnp.int32), hkv)  # row h * B + b writes at index[b]
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice(c, x, (i, 0)))(cache, new, rows)
 
 
 class LlamaMLP(nn.Module):
@@ -216,8 +223,9 @@ class Llama(nn.Module):
         """x: input embeddings [B, L, D]; positions [B, L]; mask bool [B, L, Lk].
 
         With `cache` (a list of {"k", "v"} per layer, see `init_cache`), the chunk is written at
-        `cache_index` and Lk == S. Returns (logits [B, L, V], new cache or None). `side`: what
-        blocks chosen by `block_of` read besides the hidden states (LlamaLayers never see it).
+        `cache_index` (a scalar, or int [B]: one slot per row) and Lk == S. Returns (logits
+        [B, L, V], new cache or None). `side`: what blocks chosen by `block_of` read besides the
+        hidden states (LlamaLayers never see it).
         """
         c = self.cfg
         x = constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
