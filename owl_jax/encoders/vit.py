@@ -142,28 +142,18 @@ class VisionLayer(nn.Module):
 
 
 class _ScanBody(nn.Module):
-    """VisionLayer adapted to nn.scan's carry -> (carry, ys) signature."""
+    """VisionLayer i as nn.scan's (carry, i) -> (carry, None) body. With a `tap` (1-based), the
+    carry also holds the hidden state after layer `tap` (LLaVA's feature layer)."""
     cfg: VisionConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
-
-    @nn.compact
-    def __call__(self, x):
-        return VisionLayer(self.cfg, self.dtype, self.param_dtype, name="layer")(x), None
-
-
-class _TapBody(nn.Module):
-    """A scanned VisionLayer that also carries the hidden state after `tap` layers."""
-    cfg: VisionConfig
-    dtype: jnp.dtype
-    param_dtype: jnp.dtype
-    tap: int
+    tap: int = 0
 
     @nn.compact
     def __call__(self, carry, i):
-        x, kept = carry
+        x, kept = carry if self.tap else (carry, None)
         x = VisionLayer(self.cfg, self.dtype, self.param_dtype, name="layer")(x)
-        return (x, jnp.where(i + 1 == self.tap, x, kept)), None
+        return ((x, jnp.where(i + 1 == self.tap, x, kept)) if self.tap else x), None
 
 
 class VisionTransformer(nn.Module):
@@ -201,13 +191,11 @@ class VisionTransformer(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n, used = self.cfg.num_hidden_layers, self.layers_used()
         x = VisionEmbeddings(self.cfg, **kw, name="embeddings")(pixel_values)
-        if self.scan_layers and used == n:
-            x, _ = scanned_layers(_ScanBody, n, remat=self.remat)(
-                self.cfg, **kw, name="layers")(x)
-            tapped = x
-        elif self.scan_layers:
-            (x, tapped), _ = scanned_layers(_TapBody, n, remat=self.remat)(
-                self.cfg, **kw, tap=used, name="layers")((x, x), jnp.arange(n))
+        if self.scan_layers:
+            tap = used if used < n else 0
+            out, _ = scanned_layers(_ScanBody, n, remat=self.remat)(
+                self.cfg, **kw, tap=tap, name="layers")((x, x) if tap else x, jnp.arange(n))
+            x, tapped = out if tap else (out, out)
         else:
             layer = nn.remat(VisionLayer) if self.remat else VisionLayer
             tapped = x
