@@ -2,7 +2,8 @@
 family's model; `GenerationConfig` / `Generation` (config.py) are the request and the result;
 sampling.py and beam.py choose tokens; cpu/ holds the CPU speed path (C++ decode kernels, greedy
 screen, speculative decoding)."""
-from owl_jax.generate.config import Generation, GenerationConfig
-from owl_jax.generate.engine import Generator, Spec, bucket_length
+from owl_jax.generate.buckets import bucket_length
+from owl_jax.generate.config import Generation, GenerationConfig, Spec
+from owl_jax.generate.engine import Generator
 
 __all__ = ["Generation", "GenerationConfig", "Generator", "Spec", "bucket_length"]

@@ -1,5 +1,5 @@
-"""What a generation request asks for (`GenerationConfig`, HF's names) and what it returns
-(`Generation`)."""
+"""What a generation request asks for (`GenerationConfig`, HF's names), its compile-time part
+(`Spec`), and what it returns (`Generation`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -61,3 +61,29 @@ class Generation:
     token_ids: list[int]          # new tokens, EOS not included
     finish_reason: str            # "eos" or "length"
     text: str | None = None       # filled in by callers that own a tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """The static (compile-time) part of a decoding request."""
+    sample: bool = False
+    top_k: int = 0
+    top_p: bool = False
+    penalty: bool = False
+    ngram: int = 0
+    beams: int = 1
+    early_stopping: bool = True
+    beam_search: bool = False
+    lookup: int = 0        # prompt-lookup draft length (0: off)
+    lookup_ngram: int = 2
+    self_draft: int = 0    # int8 self-draft length (0: off)
+
+    @property
+    def draft(self) -> int:
+        """Draft tokens a pass checks (0: one token a pass)."""
+        return self.lookup or self.self_draft
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no processor that needs the logits (penalty, n-gram ban) and no beams."""
+        return not (self.sample or self.penalty or self.ngram or self.beam_search)

@@ -44,7 +44,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from owl_jax.generate import beam as beam_lib
 from owl_jax.generate import sampling
-from owl_jax.generate.config import Generation, GenerationConfig
+from owl_jax.generate.buckets import bucket_length, pow2
+from owl_jax.generate.config import Generation, GenerationConfig, Spec
 from owl_jax.generate.cpu import decode_kernels, greedy_screen, speculative
 from owl_jax.generate.cpu.decode_kernels import COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
 from owl_jax import families
@@ -53,27 +54,7 @@ from owl_jax.layers.masks import cache_mask
 
 
 # -------------------------------------------------------------------------------------------
-# Shape buckets
-
-
-def bucket_length(n: int, minimum: int = 32, per_octave: int = 4) -> int:
-    """Prompt-length bucket: `per_octave` buckets between consecutive powers of two, at least
-    `minimum` tokens apart (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, ...), so a prompt
-    pays at most ~25% (or < `minimum` tokens) of padded prefill, and a few compiles per octave."""
-    if n <= minimum:
-        return minimum
-    step = max(minimum, (1 << ((n - 1).bit_length() - 1)) // per_octave)
-    return -(-n // step) * step
-
-
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-# -------------------------------------------------------------------------------------------
 # The engine
-
-
 
 
 class Generator(speculative.SpeculativeDecoding):
@@ -333,7 +314,7 @@ class Generator(speculative.SpeculativeDecoding):
         if pixel_values is None or len(pixel_values) == 0:
             return None
         n = pixel_values.shape[0]
-        px = np.zeros((_pow2(n),) + tuple(pixel_values.shape[1:]), np.float32)
+        px = np.zeros((pow2(n),) + tuple(pixel_values.shape[1:]), np.float32)
         px[:n] = np.asarray(pixel_values, np.float32)
         return px
 
@@ -360,9 +341,9 @@ class Generator(speculative.SpeculativeDecoding):
                           f"{max_new_tokens} new tokens fit the {ctx}-token context")
         if uniform_budget:
             budget[:] = budget.min()
-        b = _pow2(len(rows))
+        b = pow2(len(rows))
         lb = self.bucket(max(lens))
-        tc = _pow2(max_new_tokens + spare, 16)
+        tc = pow2(max_new_tokens + spare, 16)
         ids = np.zeros((b, lb), np.int32)
         valid = np.zeros((b, lb), np.int32)
         for i, r in enumerate(rows):
@@ -454,29 +435,3 @@ class Generator(speculative.SpeculativeDecoding):
         st = jax.device_get({k: state[k] for k in ("tokens", "count", "eos_hit")})
         return [st["tokens"][i, :int(st["count"][i]) - int(st["eos_hit"][i])].tolist()
                 for i in range(n_rows)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """The static (compile-time) part of a decoding request."""
-    sample: bool = False
-    top_k: int = 0
-    top_p: bool = False
-    penalty: bool = False
-    ngram: int = 0
-    beams: int = 1
-    early_stopping: bool = True
-    beam_search: bool = False
-    lookup: int = 0        # prompt-lookup draft length (0: off)
-    lookup_ngram: int = 2
-    self_draft: int = 0    # int8 self-draft length (0: off)
-
-    @property
-    def draft(self) -> int:
-        """Draft tokens a pass checks (0: one token a pass)."""
-        return self.lookup or self.self_draft
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with no processor that needs the logits (penalty, n-gram ban) and no beams."""
-        return not (self.sample or self.penalty or self.ngram or self.beam_search)

@@ -46,7 +46,8 @@ import numpy as np
 
 from owl_jax.decoder import llama as llama_lib
 from owl_jax.generate import sampling
-from owl_jax.generate.engine import Generator, _pow2, bucket_length
+from owl_jax.generate.buckets import bucket_length, pow2
+from owl_jax.generate.engine import Generator
 
 
 @dataclasses.dataclass
@@ -173,7 +174,7 @@ class SlotEngine:
         if self.state is None:
             with self._context():
                 self.state = self._init()
-        b = _pow2(len(reqs))
+        b = pow2(len(reqs))
         lb = min(self.bucket(max(len(r.ids) for r in reqs)), self.max_len)
         ids = np.zeros((b, lb), np.int32)
         lens = np.ones((b,), np.int32)
