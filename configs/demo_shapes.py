@@ -1,5 +1,5 @@
-"""The `make demo` recipes: a tiny mPLUG-Owl or LLaVA trained on synthetic coloured shapes, on a
-CPU.
+"""The `make demo` recipes: a tiny mPLUG-Owl, LLaVA or MiniGPT-4 trained on synthetic coloured
+shapes, on a CPU.
 
     owl-train --config configs/demo_shapes.py:stage=stage1,out=demo_out --workdir W
     owl-train --config configs/demo_shapes.py:family=llava,stage=stage2,out=demo_out --workdir W
@@ -9,7 +9,7 @@ checkpoint under OUT and runs the three stages in order; each stage is an ordina
 config (this file), so any stage can also be re-run by hand with the commands above.
 
 ARGS (comma-separated name=value):
-  family=owl1|llava            the model family                                (default owl1)
+  family=owl1|llava|minigpt4   the model family                                (default owl1)
   stage=warmup|stage1|stage2   which stage                                    (default stage1)
   out=DIR                      the demo's output directory                   (default demo_out)
   steps=N                      optimizer steps (default: the stage's own, STEPS below)
@@ -44,6 +44,19 @@ LLaVA (family=llava), the same data in LLaVA's formats and templates:
           (`conversations`, `image`), `vicuna_v1`, projector + the whole LLM trained, the tower
           frozen (`scripts/v1_5/finetune.sh`).
 
+MiniGPT-4 (family=minigpt4), the LLaVA data files in MiniGPT-4's templates:
+  warmup  as above, the conversations rendered in MiniGPT-4's chat template (v1: "###Human:
+          ... ###Assistant: ...###"; only the answers and their "###" train), the plain-text
+          lines as stage 1 trains captions (BLIP-cleaned, "\n").
+          Trainable: language_model/.*
+  stage1  MiniGPT-4's stage 1 layout ([BOS] + the 8 query embeddings + cleaned caption +
+          "\n", no prompt), LLM frozen; MiniGPT-4 trains llama_proj alone on a pretrained
+          EVA + BLIP-2 Q-Former, the demo's are random: ViT + ln_vision + Q-Former + llama_proj
+          train here.
+  stage2  the demo's instruction set in the chat template asked at inference, llama_proj + the
+          LLM trained, ViT + Q-Former frozen (MiniGPT-4's stage 2 trains llama_proj alone on
+          3.5K curated descriptions; a from-scratch LLM also has to learn to answer).
+
 Differences from the 7B recipes, and why: learning rates ~100x larger and a few hundred to a
 few thousand steps (a 2-layer, 128-wide model trained from scratch in minutes); no dropout (it
 only slows such short runs down); no augmentation (a random crop can cut the shape off, which
@@ -55,7 +68,7 @@ import os
 
 from owl_jax.configs.common import base_config, parse_arg
 
-FAMILIES = ("owl1", "llava")
+FAMILIES = ("owl1", "llava", "minigpt4")
 STAGES = ("warmup", "stage1", "stage2")
 ARGS = dict(family="owl1", stage="stage1", out="demo_out", steps=0, batch=32, fast=False)
 
@@ -64,9 +77,11 @@ ARGS = dict(family="owl1", stage="stage1", out="demo_out", steps=0, batch=32, fa
 # abstractor compresses them into 8 queries (measured: plain captions name colour 100% and
 # shape 99% of the held-out images after 1,000 steps as after 2,000).
 STEPS = {"owl1": {"warmup": 300, "stage1": 2000, "stage2": 500},
-         "llava": {"warmup": 300, "stage1": 1000, "stage2": 500}}
+         "llava": {"warmup": 300, "stage1": 1000, "stage2": 500},
+         # 8 Q-Former queries, as Owl's 8 abstractor queries: Owl's stage-1 length
+         "minigpt4": {"warmup": 300, "stage1": 2000, "stage2": 500}}
 # The format of the instruction files (owl_jax.data.conversation), per family.
-FORMATS = {"owl1": "owl", "llava": "llava"}
+FORMATS = {"owl1": "owl", "llava": "llava", "minigpt4": "llava"}
 
 
 def paths(out: str, family: str = "owl1") -> dict[str, str]:
@@ -152,7 +167,34 @@ def llava_stage(c, a, p: dict) -> None:
             dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")])
 
 
-RECIPES = {"owl1": owl1_stage, "llava": llava_stage}
+def minigpt4_stage(c, a, p: dict) -> None:
+    """MiniGPT-4's stages (the module docstring), with its templates and sample layouts."""
+    fmt = FORMATS["minigpt4"]
+    if a.stage == "warmup":
+        c.trainable = ("language_model/.*",)
+        c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
+        c.batch.global_size = max(a.batch // 2, 1)
+        c.batch.seq_len = 128
+        c.data = dict(COMMON_DATA, packing=True, template="minigpt4_v1", sources=[
+            dict(spec=f"instruct:{p['text_conversations']}?format={fmt}", weight=1.0),
+            dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
+        ])
+    elif a.stage == "stage1":
+        c.trainable = ("visual_encoder/.*", "ln_vision/.*", "qformer/.*", "llama_proj/.*")
+        c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 50
+        c.batch.global_size = a.batch * 2
+        c.batch.seq_len = 28         # BOS + 8 query slots + the longest caption + "\n"
+        c.data = dict(COMMON_DATA, packing=False, template="minigpt4_stage1", sources=[
+            dict(spec=f"webdataset:{p['train_shards']}", task="caption")])
+    else:
+        c.trainable = ("llama_proj/.*", "language_model/.*")
+        c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 30
+        c.batch.seq_len = 112
+        c.data = dict(COMMON_DATA, packing=False, template="minigpt4_v1", sources=[
+            dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")])
+
+
+RECIPES = {"owl1": owl1_stage, "llava": llava_stage, "minigpt4": minigpt4_stage}
 
 
 def get_config(arg=None):

@@ -1,6 +1,7 @@
 """`make demo`: the whole owl-jax stack on a laptop CPU, end to end, in about ten minutes.
 
-    python -m owl_jax.demo [--family owl1|llava] [--out demo_out] [--quick] [--eval-images 200]
+    python -m owl_jax.demo [--family owl1|llava|minigpt4] [--out demo_out] [--quick]
+                           [--eval-images 200]
 
 1. data        synthetic coloured shapes as img2dataset webdataset shards (train, held out),
                an instruction set in the family's format (mPLUG-Owl's jsonl / LLaVA's json,
@@ -78,6 +79,21 @@ def llava_model_config(vocab_size: int):
                        image_token_index=vocab_size, image_aspect_ratio="pad")
 
 
+def minigpt4_model_config(vocab_size: int):
+    """The MiniGPT-4 demo's model: an EVA-style ViT of the Owl demo's size (exact GELU, q / v
+    biases, no pre- or post-norm) with ln_vision, a 2-layer Q-Former (cross-attention at layer
+    0, 8 queries, width 96), llama_proj, the same LLM."""
+    from owl_jax.connectors.qformer import QFormerConfig
+    from owl_jax.families.minigpt4.config import MiniGPT4Config, eva_vision
+    return MiniGPT4Config(
+        vision=eva_vision(hidden_size=96, intermediate_size=384, num_hidden_layers=2,
+                          num_attention_heads=4, image_size=32, patch_size=8),
+        qformer=QFormerConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=288, encoder_hidden_size=96,
+                              num_query_tokens=8, hidden_dropout_prob=0.0),
+        text=_text(vocab_size))
+
+
 def _vision(**kw):
     from owl_jax.encoders.vit import VisionConfig
     return VisionConfig(hidden_size=96, intermediate_size=384, num_attention_heads=4,
@@ -117,6 +133,26 @@ def llava_inference_text(turns: Turns) -> str:
     return text[:-len("</s>")] if text.endswith("</s>") else text
 
 
+def minigpt4_render(turns: Turns, with_image: bool = True) -> str:
+    """A conversation in MiniGPT-4's chat template (v1), the image as "<Img><ImageHere></Img>"
+    before the first question."""
+    from owl_jax.families.minigpt4.templates import build_prompt
+    return build_prompt([m for qa in turns for m in qa], 1 if with_image else 0)
+
+
+def minigpt4_inference_text(turns: Turns) -> str:
+    """A text-only conversation as MiniGPT-4 reads it: one string, each answer ending with
+    "###" as stage 2 trains it (the text task then appends EOS)."""
+    return minigpt4_render(turns, with_image=False)
+
+
+def minigpt4_keyword_line(kw: str, caption: str) -> str:
+    """The keywords where stage 1's image stands, then the caption as stage 1 trains it (BLIP's
+    caption cleaning, "\n")."""
+    from owl_jax.families.minigpt4.samples import blip_caption
+    return f"{kw}. {blip_caption(caption)}\n"
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoFamily:
     """What the demo does differently for one model family. The stage recipes (what trains,
@@ -152,6 +188,17 @@ DEMO = {
             stage2="stage 2: visual instruction tuning (vicuna_v1), projector + LLM trained, "
                    "ViT frozen"),
         convert_args=("--layout", "hf")),
+    "minigpt4": DemoFamily(
+        title="MiniGPT-4", model_config=minigpt4_model_config, render=minigpt4_render,
+        inference_text=minigpt4_inference_text, keyword_line=minigpt4_keyword_line,
+        stage_titles=dict(
+            warmup="text warm-up of the LLM (MiniGPT-4's ###Human / ###Assistant template, "
+                   "answer phrasing, colour and shape words)",
+            stage1="stage 1: captioning ([BOS] + queries + caption), LLM frozen, ViT + "
+                   "Q-Former + llama_proj trained",
+            stage2="stage 2: instruction tuning in the chat template, llama_proj + LLM "
+                   "trained, ViT + Q-Former frozen"),
+        convert_args=("--layout", "lavis")),
 }
 
 
@@ -278,6 +325,10 @@ def _connector(cfg) -> str:
     """The image path between the ViT and the LLM, in words (the init step's summary)."""
     if hasattr(cfg, "abstractor"):
         return f"abstractor {cfg.num_query_tokens} queries -> {cfg.image_tokens} visual tokens"
+    if hasattr(cfg, "qformer"):
+        q = cfg.qformer
+        return (f"Q-Former {q.num_hidden_layers}x{q.hidden_size} with {q.num_query_tokens} "
+                f"queries -> llama_proj -> {cfg.image_tokens} visual tokens")
     return (f"{cfg.projector} projector on layer {cfg.vision_feature_layer} -> "
             f"{cfg.image_tokens} visual tokens")
 
@@ -313,7 +364,8 @@ def train_stage(stage: str, p: dict, out: str, steps: int | None, fast: bool = F
 # Top-level param names in words (check_frozen's report).
 PART_NAMES = {"language_model": "LLM", "vision_model": "ViT", "vision_tower": "ViT",
               "query_tokens": "queries", "abstractor": "abstractor",
-              "multi_modal_projector": "projector"}
+              "multi_modal_projector": "projector", "visual_encoder": "ViT",
+              "ln_vision": "ViT", "qformer": "Q-Former", "llama_proj": "llama_proj"}
 
 
 def _parts(keys) -> str:
