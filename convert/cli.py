@@ -1,5 +1,5 @@
-"""`owl-convert`: move mPLUG-Owl, LLaVA and MiniGPT-4 weights between their PyTorch layouts, HF LLaMA / CLIP
-checkpoints and owl_jax checkpoint directories. See docs/convert.md.
+"""`owl-convert`: move mPLUG-Owl, LLaVA and MiniGPT-4 weights between their PyTorch layouts,
+HF LLaMA / CLIP checkpoints and owl_jax checkpoint directories. See docs/convert.md.
 
   owl-convert torch-to-jax SRC DST [--dtype keep|float32|bfloat16|float16] [--keep_lora]
                                    [--clip HF_CLIP_DIR]   (original-layout LLaVA)
