@@ -19,6 +19,7 @@ from owl_jax.convert.cli import main as cli_main
 from owl_jax.convert.keymap import flatten
 from owl_jax.convert.torch_io import CheckpointError
 from owl_jax.families.minigpt4.model import MiniGPT4
+from owl_jax.testing.models import FAST
 
 from minigpt4_reference import CFG, Reference, save_blip2, write_lavis  # tests/ on sys.path
 
@@ -69,15 +70,15 @@ def test_lavis_files_equal_blip2_layout_and_give_the_reference(converted):
     params = ckpt.load_checkpoint(str(root / "j_lavis"))[1]
     px = np.random.default_rng(3).standard_normal((2, 3, 28, 28)).astype(np.float32)
     m = MiniGPT4(CFG)
-    ours = jax.jit(lambda p, x: m.apply({"params": p}, x, method=MiniGPT4.encode_images))(
-        params, jnp.asarray(px.transpose(0, 2, 3, 1)))
+    ours = jax.jit(lambda p, x: m.apply({"params": p}, x, method=MiniGPT4.encode_images),
+                   compiler_options=FAST)(params, jnp.asarray(px.transpose(0, 2, 3, 1)))
     t = CFG.image_tokens
     row = [1, 5, 7] + [-1] * t + [9, 11]
     with torch.no_grad():
         want = model.encode_img(torch.from_numpy(px)).numpy()
         logits = model.logits([row], torch.from_numpy(px[:1])).numpy()
     assert np.abs(np.asarray(ours) - want).max() <= 1e-5 * np.abs(want).max()
-    got = jax.jit(lambda p, i, x: m.apply({"params": p}, i, x))(
+    got = jax.jit(lambda p, i, x: m.apply({"params": p}, i, x), compiler_options=FAST)(
         params, jnp.asarray([row], jnp.int32), jnp.asarray(px[:1].transpose(0, 2, 3, 1)))
     assert np.abs(np.asarray(got) - logits).max() <= 1e-4 * np.abs(logits).max()
     assert np.array_equal(np.argmax(np.asarray(got), -1), np.argmax(logits, -1))

@@ -16,6 +16,7 @@ from owl_jax.families import minigpt4
 from owl_jax.families.minigpt4 import config as mg_config
 from owl_jax.families.minigpt4.model import MiniGPT4
 from owl_jax.layers.scan import scan_params
+from owl_jax.testing.models import FAST
 
 from minigpt4_reference import CFG, VOCAB, Reference  # tests/ is on sys.path
 
@@ -27,7 +28,8 @@ T = CFG.image_tokens
 @functools.lru_cache(maxsize=8)
 def _jitted(cfg, method=None, scan=False):
     model = MiniGPT4(cfg, scan_layers=scan)
-    return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))
+    return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method),
+                   compiler_options=FAST)
 
 
 def _pixels(n, seed=1, size=28):
