@@ -9,9 +9,10 @@ LLaMA / CLIP checkpoints and owl_jax checkpoint directories. See docs/convert.md
 
 Each family's converter (the module its `Family.converter` names) brings its own flags and its
 code: `CLI_FLAGS = {command: [(flag names, argparse kwargs), ...]}` for the commands it has,
-`is_source(src)` (does torch-to-jax SRC belong to it) and `cli_run(command, args, progress)`. torch-to-jax tells the
-family from SRC (the default family when no other claims it), jax-to-torch from the family
-SRC/owl_jax.json records, from-hf from --family. A flag of another family is an error.
+`is_source(src)` (does torch-to-jax SRC belong to it) and `cli_run(command, args, progress)`.
+torch-to-jax tells the family from SRC (the default family when no other claims it),
+jax-to-torch from the family SRC/owl_jax.json records, from-hf from --family. A flag of another
+family is an error.
 """
 from __future__ import annotations
 

@@ -72,6 +72,12 @@ def lavis_files(directory: str) -> dict[str, str] | None:
              "minigpt4": [p for p in pths if "minigpt4" in p.lower()]}
     if not any(roles.values()):
         return None
+    other = [p for p in pths if not any(p in names for names in roles.values())]
+    if other:
+        raise CheckpointError(f"{directory}: {other} are not MiniGPT-4 release files (expected "
+                              f"{EVA_FILE}, blip2_pretrained*.pth and *minigpt4*.pth; a "
+                              f"MiniGPT-4 training checkpoint such as checkpoint_4.pth: rename "
+                              f"it to *minigpt4*.pth)")
     out = {}
     for role, names in roles.items():
         if len(names) > 1:
@@ -400,6 +406,19 @@ def _write_json(path: str, d: dict) -> None:
         json.dump(d, f, indent=2)
 
 
+def merge_lora(params: dict, lora_meta: dict | None) -> None:
+    """Unmerged LoRA adapters -> merged kernels, in place."""
+    if not lora_meta:
+        return
+    from owl_jax.convert import lora as lora_lib
+    scale = float(lora_meta["alpha"]) / int(lora_meta["rank"])
+    for path in [p for p in flatten(params) if p[-1] == "lora_a"]:
+        module = path[:-1]
+        a, b = pop_path(params, path), pop_path(params, module + ("lora_b",))
+        kernel = get_path(params, module + ("kernel",))
+        set_path(params, module + ("kernel",), lora_lib.merge_kernel(kernel, a, b, scale))
+
+
 def default_layout(meta: dict) -> str:
     return meta.get("source_layout") if meta.get("source_layout") in LAYOUTS else "hf"
 
@@ -413,9 +432,7 @@ def jax_to_torch(src: str, dst: str, layout: str | None = None, dtype: str | Non
     cfg, params, meta = ckpt.load_checkpoint(src)
     if not isinstance(cfg, MiniGPT4Config):
         raise CheckpointError(f"{src}: not a MiniGPT-4 checkpoint ({type(cfg).__name__})")
-    if meta.get("lora"):
-        raise CheckpointError(f"{src}: holds unmerged LoRA adapters; MiniGPT-4 exports need "
-                              f"merged weights")
+    merge_lora(params, meta.get("lora"))
     layout = layout or default_layout(meta)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown MiniGPT-4 layout {layout!r}; known: {', '.join(LAYOUTS)}")

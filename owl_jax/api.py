@@ -135,6 +135,10 @@ class OwlPipeline:
 
         stream(text_so_far) (or stream(list_of_texts) for a list of prompts) is called as the
         answer grows, every `stream_chunk` tokens.
+
+        A family whose chat ends answers with a marker (its processor's `stop_text`: MiniGPT-4's
+        "###") gets `text` cut before the first one, as its own chat does; `token_ids` stay
+        whole.
         """
         self._need_tokenizer()
         single = isinstance(prompts, str)
@@ -157,8 +161,11 @@ class OwlPipeline:
                 texts = [self.tokenizer.decode(t) for t in tokens]
                 stream(texts[0] if single else texts)
         out = self.generator.generate(rows, px, config, stream=on_tokens)
+        stop = getattr(self.processor, "stop_text", None)  # e.g. MiniGPT-4's "###"
         for g in out:
             g.text = self.tokenizer.decode(g.token_ids)
+            if stop and stop in g.text:
+                g.text = g.text[:g.text.index(stop)]
         return out[0] if single else out
 
 

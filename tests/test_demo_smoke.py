@@ -58,8 +58,8 @@ def test_family_table_and_recipes():
     from owl_jax import families
     from owl_jax.configs import demo_shapes
     from owl_jax.demo import family as demo_family
-    assert demo_family.names() == ["owl1", "llava"]
-    tokens = {"owl1": 9, "llava": 16}
+    assert demo_family.names() == ["owl1", "llava", "minigpt4"]
+    tokens = {"owl1": 9, "llava": 16, "minigpt4": 8}
     for name in demo_family.names():
         cfg = run.demo_model_config(640, name)
         assert families.of_config(cfg).name == name and cfg.image_tokens == tokens[name]
@@ -67,7 +67,7 @@ def test_family_table_and_recipes():
         prev = None
         for stage in run.STAGES:
             arg = run.stage_arg(name, stage, "/tmp/d")
-            assert arg.startswith("family=llava,") == (name == "llava")
+            assert arg.startswith(f"family={name},") == (name != "owl1")
             c = demo_shapes.get_config(arg)
             assert c.model.family == name
             assert c.init_from == (f"{prev}/export" if prev else "/tmp/d/init")
@@ -77,10 +77,13 @@ def test_family_table_and_recipes():
     # LLaVA's text warm-up is its vicuna_v1 template, ending where the text task adds EOS
     text = demo_family.get("llava").inference_text([("What is red?", "A red circle.")])
     assert text.endswith(" USER: What is red? ASSISTANT: A red circle.")
+    # MiniGPT-4's: its chat template, each answer closed by "###"
+    text = demo_family.get("minigpt4").inference_text([("What is red?", "A red circle.")])
+    assert text.endswith(".###Human: What is red?###Assistant: A red circle.###")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["owl1", "llava"])
+@pytest.mark.parametrize("family", ["owl1", "llava", "minigpt4"])
 def test_quick_demo_end_to_end(tmp_path, family):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "owl_jax.demo", "--quick", "--family", family,
@@ -101,7 +104,8 @@ def test_quick_demo_end_to_end(tmp_path, family):
                      proc.stdout)
     assert kept and f"; frozen {kept[2]}\n" in proc.stdout, proc.stdout[-3000:]
     assert (kept[1], kept[3]) == {"owl1": ("LoRA", "abstractor/LLM/queries/ViT"),
-                                  "llava": ("LLM/projector", "ViT")}[family]
+                                  "llava": ("LLM/projector", "ViT"),
+                                  "minigpt4": ("LLM/llama_proj", "ViT/Q-Former")}[family]
     for k in range(1, 9):
         assert f"[{k}/8]" in proc.stdout
 
@@ -149,6 +153,9 @@ def test_quick_demo_end_to_end(tmp_path, family):
     assert json.loads((out / "roundtrip" / "owl_jax.json").read_text())["lora"] is None
     if family == "owl1":
         assert (out / "torch" / "pytorch_model.bin").exists()
+    elif family == "minigpt4":  # MiniGPT-4's release layout
+        assert {"eva_vit_g.pth", "blip2_pretrained_flant5xxl.pth", "pretrained_minigpt4.pth",
+                "vicuna"} <= set(os.listdir(out / "torch"))
     else:
         assert (out / "torch" / "model.safetensors").exists()
         assert json.loads((out / "torch" / "config.json").read_text())["model_type"] == "llava"

@@ -19,6 +19,7 @@ from owl_jax.convert.cli import main as cli_main
 from owl_jax.convert.keymap import flatten
 from owl_jax.convert.torch_io import CheckpointError
 from owl_jax.families.minigpt4.model import MiniGPT4
+from owl_jax.testing.models import FAST
 
 from minigpt4_reference import CFG, Reference, save_blip2, write_lavis  # tests/ on sys.path
 
@@ -69,15 +70,15 @@ def test_lavis_files_equal_blip2_layout_and_give_the_reference(converted):
     params = ckpt.load_checkpoint(str(root / "j_lavis"))[1]
     px = np.random.default_rng(3).standard_normal((2, 3, 28, 28)).astype(np.float32)
     m = MiniGPT4(CFG)
-    ours = jax.jit(lambda p, x: m.apply({"params": p}, x, method=MiniGPT4.encode_images))(
-        params, jnp.asarray(px.transpose(0, 2, 3, 1)))
+    ours = jax.jit(lambda p, x: m.apply({"params": p}, x, method=MiniGPT4.encode_images),
+                   compiler_options=FAST)(params, jnp.asarray(px.transpose(0, 2, 3, 1)))
     t = CFG.image_tokens
     row = [1, 5, 7] + [-1] * t + [9, 11]
     with torch.no_grad():
         want = model.encode_img(torch.from_numpy(px)).numpy()
         logits = model.logits([row], torch.from_numpy(px[:1])).numpy()
     assert np.abs(np.asarray(ours) - want).max() <= 1e-5 * np.abs(want).max()
-    got = jax.jit(lambda p, i, x: m.apply({"params": p}, i, x))(
+    got = jax.jit(lambda p, i, x: m.apply({"params": p}, i, x), compiler_options=FAST)(
         params, jnp.asarray([row], jnp.int32), jnp.asarray(px[:1].transpose(0, 2, 3, 1)))
     assert np.abs(np.asarray(got) - logits).max() <= 1e-4 * np.abs(logits).max()
     assert np.array_equal(np.argmax(np.asarray(got), -1), np.argmax(logits, -1))
@@ -179,6 +180,10 @@ def test_bad_files_are_named_errors(files, tmp_path):
     write_lavis(model, str(src))
     with pytest.raises(CheckpointError, match="--vit_heads"):
         conv.torch_to_jax(str(src), str(tmp_path / "j0"), progress=False)
+    os.rename(src / conv.MINIGPT4_FILE, src / "checkpoint_4.pth")
+    with pytest.raises(CheckpointError, match=r"\['checkpoint_4.pth'\] are not MiniGPT-4"):
+        conv.torch_to_jax(str(src), str(tmp_path / "j0"), **HEADS, progress=False)
+    os.rename(src / "checkpoint_4.pth", src / conv.MINIGPT4_FILE)
     blip2 = str(src / conv.BLIP2_FILE)
 
     def edit(sd):
@@ -212,3 +217,22 @@ def test_bad_files_are_named_errors(files, tmp_path):
     with pytest.raises(ValueError, match="vision_config: hidden_act 'quick_gelu'"):
         conv.torch_to_jax(str(hf), str(tmp_path / "j4"), progress=False)
     assert cli_main(["torch-to-jax", str(hf), str(tmp_path / "j5"), "--quiet"]) == 2
+
+
+def test_export_merges_lora(converted, tmp_path):
+    _, root = converted
+    cfg, params, _ = ckpt.load_checkpoint(str(root / "j_hf"))
+    params = jax.tree.map(np.array, params)
+    q = params["language_model"]["layers_0"]["self_attn"]["q_proj"]
+    rng = np.random.default_rng(0)
+    d = q["kernel"].shape
+    q["lora_a"] = rng.standard_normal((d[0], 2)).astype(np.float32)
+    q["lora_b"] = rng.standard_normal((2, d[1])).astype(np.float32)
+    ckpt.save_checkpoint(str(tmp_path / "lora"), params, cfg,
+                         lora={"rank": 2, "alpha": 8.0, "targets": ["q_proj"]})
+    conv.jax_to_torch(str(tmp_path / "lora"), str(tmp_path / "out"), layout="hf",
+                      progress=False)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))[
+        "language_model.model.layers.0.self_attn.q_proj.weight"]
+    want = (q["kernel"] + q["lora_a"] @ q["lora_b"] * 4.0).T
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

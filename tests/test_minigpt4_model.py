@@ -16,6 +16,7 @@ from owl_jax.families import minigpt4
 from owl_jax.families.minigpt4 import config as mg_config
 from owl_jax.families.minigpt4.model import MiniGPT4
 from owl_jax.layers.scan import scan_params
+from owl_jax.testing.models import FAST
 
 from minigpt4_reference import CFG, VOCAB, Reference  # tests/ is on sys.path
 
@@ -27,7 +28,8 @@ T = CFG.image_tokens
 @functools.lru_cache(maxsize=8)
 def _jitted(cfg, method=None, scan=False):
     model = MiniGPT4(cfg, scan_layers=scan)
-    return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))
+    return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method),
+                   compiler_options=FAST)
 
 
 def _pixels(n, seed=1, size=28):
@@ -102,7 +104,7 @@ def test_logits_match_reference_with_0_1_2_images(ref):
 
 def test_greedy_tokens_match_reference(ref):
     model, params = ref
-    rows = _rows((1, 2), 2 * T + 4, seed=5)
+    rows = _rows((0, 1, 2), 2 * T + 4, seed=5)
     px_t, px = _pixels(3, seed=6)
     ours_rows = [list(r) for r in rows]
     chosen = []
@@ -115,7 +117,7 @@ def test_greedy_tokens_match_reference(ref):
         chosen.append(nxt)
         rows = [r + [t] for r, t in zip(rows, nxt_ref)]
         ours_rows = [r + [t] for r, t in zip(ours_rows, nxt)]
-    assert len({tuple(c) for c in zip(*chosen)}) == 2  # the rows differ: not vacuous
+    assert len({tuple(c) for c in zip(*chosen)}) == 3  # the rows differ: not vacuous
 
 
 def test_scan_layers_match_unrolled(ref):

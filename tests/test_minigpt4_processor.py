@@ -220,3 +220,30 @@ def test_conversation_and_edge_cases(tok, hf):
     assert samples.conversation(tok, two, 300, T) == (None, "image_count_mismatch")
     with pytest.raises(ValueError, match="unknown MiniGPT-4 caption template"):
         samples.caption(tok, "a cat", 100, T, template="plain")
+
+
+def test_recipes():
+    """MiniGPT-4's stages as configs: only llama_proj trains (its frozen Q-Former without
+    dropout); the Q-Former option trains the Q-Former (queries included) and llama_proj."""
+    import re
+    from owl_jax.configs.minigpt4 import stage1, stage2
+    from owl_jax.train import trainable as tr
+    from owl_jax.testing.models import random_params
+    names = list(tr.flatten(random_params(CFG)))
+    for c, want in ((stage1.get_config(), ("llama_proj",)), (stage2.get_config(), ("llama_proj",)),
+                    (stage1.get_config("qformer"), ("qformer", "llama_proj"))):
+        assert c.model.family == "minigpt4"
+        trained = {k.split("/")[0] for k in names if tr.is_trainable(k, c.trainable)}
+        assert trained == set(want)
+        assert c.model.dropout == ("qformer" in want)
+        assert "qformer/query_tokens" in [k for k in names if tr.is_trainable(k, c.trainable)] \
+            or "qformer" not in want
+    s1, s2 = stage1.get_config(), stage2.get_config()
+    assert s1.data.template == "minigpt4_stage1" and s2.data.template == "minigpt4_align"
+    assert [x["weight"] for x in s1.data.sources] == [115, 14]
+    assert re.search(r"coco:.*filter_cap\.json\?images=.*/image$", s2.data.sources[0]["spec"])
+    assert (s1.optimizer.lr, s1.optimizer.warmup_steps, s1.total_steps) == (1e-4, 5000, 20000)
+    assert (s2.optimizer.lr, s2.optimizer.warmup_steps, s2.total_steps) == (3e-5, 200, 1000)
+    assert s1.optimizer.weight_decay == s2.optimizer.weight_decay == 0.05
+    tiny = stage2.get_config("size=tiny")
+    assert tiny.init_from == "" and tiny.batch.seq_len == 64

@@ -1,5 +1,5 @@
 """notebooks/inference.ipynb runs top to bottom (nbclient, the current python's kernel) on a tiny
-checkpoint built here: a tiny sentencepiece tokenizer and random Owl weights."""
+checkpoint built here: a tiny sentencepiece tokenizer and random Owl (or MiniGPT-4) weights."""
 import os
 
 import numpy as np
@@ -15,14 +15,18 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks",
                         "inference.ipynb")
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
+@pytest.fixture(scope="module", params=["owl1", "minigpt4"])
+def tiny_ckpt(tmp_path_factory, request):
+    from owl_jax import families
     from owl_jax.testing.models import random_params, small_config
     import dataclasses
     root = tmp_path_factory.mktemp("nb")
     train_tiny_tokenizer(str(root / "tok"), vocab_size=384)
-    cfg = small_config()
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=384))
+    if request.param == "owl1":
+        cfg = small_config()
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=384))
+    else:
+        cfg = families.get(request.param).tiny(vocab_size=384)
     save_checkpoint(str(root / "ckpt"), random_params(cfg, seed=1), cfg,
                     tokenizer_dir=str(root / "tok"))
     img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
@@ -52,9 +56,9 @@ def test_inference_notebook_runs(tiny_ckpt, monkeypatch):
 
     # the answer printed by the notebook is what the API gives for the same question
     import owl_jax
-    from owl_jax.families.owl1.template import build_prompt
     owl = owl_jax.load_pretrained(ckpt, compiler_options={"xla_backend_optimization_level": 0})
-    want = owl.generate(build_prompt("What is in the image?", 1), [image], max_new_tokens=6)
+    want = owl.generate(owl.family.build_prompt("What is in the image?", 1), [image],
+                        max_new_tokens=6)
     answer_cell = next(c for c in nb.cells if c.cell_type == "code"
                        and c.source.startswith('question = "What is in the image?"'))
     printed = "".join(o.get("text", "") for o in answer_cell.outputs)

@@ -47,6 +47,8 @@ def minigpt4_common(c, a, init: str) -> None:
     c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
     c.optimizer.weight_decay = 0.05
     c.optimizer.decay = "cosine"
+    # MiniGPT-4 runs its frozen ViT and Q-Former in eval mode (`disabled_train`): no dropout
+    c.model.dropout = False
     c.batch.seq_len = a.seq
     c.batch.max_images_per_row = 1
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
@@ -59,6 +61,7 @@ def get_config(arg=None):
     web = lambda name, shards: f"webdataset:{a.root}/{name}/{{{shards}}}.tar"  # noqa: E731
     if a.qformer:
         c.trainable = QFORMER
+        c.model.dropout = True   # BLIP-2 trains its Q-Former with BERT's dropout (0.1)
         c.optimizer.lr, c.optimizer.end_lr_ratio = 1e-4, 0.0
         c.optimizer.warmup_steps = 2000
     else:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from owl_jax.layers.core import Dense, LoraSpec, RMSNorm, constrain, scanned_layers
 from owl_jax.layers.attention import apply_rope, attention, cached_attention, rope_cos_sin
 
+
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     vocab_size: int = 32000

@@ -28,6 +28,7 @@ class DemoFamily:
     steps               {stage: default optimizer steps}
     instruction_format  the format of its instruction files (owl_jax.data.conversation)
     part_names          {top-level param name: a word} for the frozen-parts report
+    connector(cfg)      the image path between the ViT and the LLM, in words
     convert_args        extra `owl-convert jax-to-torch` flags for the round trip
     """
     title: str
@@ -40,6 +41,7 @@ class DemoFamily:
     steps: dict
     instruction_format: str
     part_names: dict
+    connector: Callable[[Any], str]
     convert_args: tuple = ()
 
 

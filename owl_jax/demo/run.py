@@ -158,18 +158,11 @@ def init_checkpoint(p: dict, vocab_size: int, family: str, seed: int = 0) -> Non
                          overwrite=True)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     v = cfg.vision
+    connector = demo_family.get(family).connector(cfg)
     print(f"  {n / 1e6:.2f}M parameters: ViT {v.num_hidden_layers}x{v.hidden_size} at "
-          f"{v.image_size}px/{v.patch_size}px patches, {_connector(cfg)}, LLM "
+          f"{v.image_size}px/{v.patch_size}px patches, {connector}, LLM "
           f"{cfg.text.num_hidden_layers}x{cfg.text.hidden_size}, vocab {cfg.text.vocab_size}",
           flush=True)
-
-
-def _connector(cfg) -> str:
-    """The image path between the ViT and the LLM, in words (the init step's summary)."""
-    if hasattr(cfg, "abstractor"):
-        return f"abstractor {cfg.num_query_tokens} queries -> {cfg.image_tokens} visual tokens"
-    return (f"{cfg.projector} projector on layer {cfg.vision_feature_layer} -> "
-            f"{cfg.image_tokens} visual tokens")
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# The VisionConfig fields that pick a ViT variant (not a size): a family whose tower is always
+# CLIP's leaves them out of its config files.
+VARIANT_FIELDS = ("hidden_act", "qkv_bias", "patch_bias", "pre_layernorm", "post_layernorm")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
     hidden_size: int = 1024

@@ -96,4 +96,6 @@ DEMO = family.DemoFamily(
     instruction_format="llava",
     part_names={"language_model": "LLM", "vision_tower": "ViT",
                 "multi_modal_projector": "projector"},
+    connector=lambda cfg: (f"{cfg.projector} projector on layer {cfg.vision_feature_layer} -> "
+                         f"{cfg.image_tokens} visual tokens"),
     convert_args=("--layout", "hf"))

@@ -26,4 +26,4 @@ FAMILY = Family(name="minigpt4", config_type=config.MiniGPT4Config, load_config=
                 save_config=config.save, tiny=config.tiny, model=MiniGPT4,
                 dummy_inputs=dummy_inputs, processor=MiniGPT4Processor,
                 build_prompt=build_prompt, image_flops=image_flops, samples=samples,
-                converter="owl_jax.convert.minigpt4")
+                demo="owl_jax.families.minigpt4.demo", converter="owl_jax.convert.minigpt4")

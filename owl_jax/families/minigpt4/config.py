@@ -7,9 +7,9 @@ cannot express: `ln_vision`'s own eps (LAVIS builds it with torch's default 1e-5
 `post_layernorm` shares the ViT's 1e-6) and the image statistics. A Blip2 config.json without
 the key gets MiniGPT-4's 1e-5.
 
-The LAVIS / MiniGPT-4 release has no config file: `sizes_from_state_dicts` reads every size the
-tensors fix, and takes the head counts (which no shape holds) from EVA's and BERT's head widths
-(88 and 64) unless given.
+The LAVIS / MiniGPT-4 release has no config file: the converter
+(`owl_jax.convert.minigpt4.config_from_state`) reads every size the tensors fix, and takes the
+head counts (which no shape holds) from EVA's and BERT's head widths (88 and 64) unless given.
 
 Every size comes from the files. Where a Blip2 config.json leaves a field out, the value is
 what transformers' class defaults to (the tables below). Values owl-jax does not implement are

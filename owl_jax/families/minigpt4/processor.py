@@ -19,7 +19,7 @@ from PIL import Image
 from owl_jax.data import fast_resize, images
 from owl_jax.data.images import normalize_pixels
 from owl_jax.families.batching import BatchProcessor
-from owl_jax.families.minigpt4.templates import IMAGE_HERE
+from owl_jax.families.minigpt4.templates import IMAGE_HERE, SEP
 from owl_jax.families.owl1.processor import ImageLike, open_image
 
 TRAIN_SCALE = (0.5, 1.0)
@@ -48,8 +48,10 @@ def random_resized_crop(img: Image.Image, size: int, rng: np.random.Generator) -
 
 
 class MiniGPT4Processor(BatchProcessor):
-    """prompts + images -> model inputs, as MiniGPT-4's chat builds them."""
+    """prompts + images -> model inputs, as MiniGPT-4's chat builds them. `stop_text`: where
+    MiniGPT-4's chat cuts an answer (its stopping criteria end generation at "###")."""
     image_marker = IMAGE_HERE
+    stop_text = SEP
 
     def __init__(self, tokenizer, cfg):
         self.tokenizer = tokenizer

@@ -6,9 +6,10 @@
 Only the text trains (BOS, prompt and image are -100; MiniGPT-4 pads with EOS and masks pad
 ids, and its text never holds an EOS, so every text id trains). Two layouts, by template:
 
-  "" / "minigpt4_stage1"  stage 1 (LAION / CC / SBU pairs): no prompt, end_sym "\\n",
-                          max_txt_len 32; captions go through BLIP's `blip_caption` cleaning
-                          (lowercase, `.!"()*#:;~` to spaces, whitespace collapsed, <= 50 words)
+  "" / "minigpt4_stage1"  stage 1 (LAION / CC / SBU pairs; a chat template's name lays
+                          captions out so too): no prompt, end_sym "\\n", max_txt_len 32;
+                          captions go through BLIP's `blip_caption` cleaning (lowercase,
+                          `.!"()*#:;~` to spaces, whitespace collapsed, <= 50 words)
   "minigpt4_align"        stage 2 (cc_sbu_align): "###Human: {} ###Assistant: " around one of
                           the four alignment instructions, chosen by the caption (MiniGPT-4
                           draws one at random per sample), end_sym "###", max_txt_len 160, the
@@ -70,9 +71,10 @@ def _split(prompt: str) -> tuple[str, str]:
 
 def caption(tok, text: str, seq_len: int, image_tokens: int, prompt: str = "",
             template: str = ""):
-    if template not in TEMPLATES:
+    if template not in TEMPLATES + tuple(templates.TEMPLATES):
         raise ValueError(f"unknown MiniGPT-4 caption template {template!r}; known: "
-                         f"{', '.join(repr(t) for t in TEMPLATES)}")
+                         f"{', '.join(repr(t) for t in TEMPLATES)} (a chat template name "
+                         f"lays captions out as stage 1)")
     text = text.strip() if isinstance(text, str) else ""
     if template == "minigpt4_align":
         if not text:
@@ -121,8 +123,8 @@ def conversation(tok, conv, seq_len: int, image_tokens: int, template: str = "")
             return None, "image_count_mismatch"
         before, after = _split(templates.ALIGN_PROMPT.format(templates.IMAGE + " " + turns[0]))
         return layout(tok, before, after, turns[1], seq_len, image_tokens, **ALIGN)
-    pieces = templates.render_pieces(templates.chat_messages(turns, n_img),
-                                     template or templates.DEFAULT)
+    chat = template if template in templates.TEMPLATES else templates.DEFAULT
+    pieces = templates.render_pieces(templates.chat_messages(turns, n_img), chat)
     ids, labels, limit = [tok.bos_id], [0], seq_len + 1
     merged: list[tuple[str, bool]] = []
     for text, trained in pieces:   # neighbouring prompt pieces are one chunk of the prompt

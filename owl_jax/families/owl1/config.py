@@ -15,7 +15,7 @@ from typing import Any
 from owl_jax.connectors.abstractor import AbstractorConfig
 from owl_jax.decoder.llama import TextConfig
 from owl_jax.families import read_json
-from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD, VisionConfig
+from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD, VARIANT_FIELDS, VisionConfig
 
 @dataclasses.dataclass(frozen=True)
 class OwlConfig:
@@ -81,7 +81,8 @@ def from_official_dict(d: dict, preprocessor: dict | None = None) -> OwlConfig:
     for block in ("vision_config", "visual_abstractor_config", "text_config"):
         if not isinstance(d.get(block), dict):
             raise ValueError(f"config.json has no `{block}` block: not an mPLUG-Owl config")
-    vision = _pick(VisionConfig, d["vision_config"], "vision_config")
+    vision = _pick(VisionConfig, {k: v for k, v in d["vision_config"].items()
+                                  if k not in VARIANT_FIELDS}, "vision_config")
     abstractor = _pick(AbstractorConfig, d["visual_abstractor_config"], "visual_abstractor_config")
     t = dict(d["text_config"])
     rope = t.get("rope_parameters") or t.get("rope_scaling")
@@ -147,7 +148,8 @@ def to_official_dict(cfg: OwlConfig) -> dict:
         del t["num_key_value_heads"]
     text = dict(t, model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
                 tie_word_embeddings=False, initializer_range=0.02, use_cache=True)
-    vision = dict(dataclasses.asdict(cfg.vision), model_type="mplug_owl_vision_model",
+    sizes = {k: v for k, v in dataclasses.asdict(cfg.vision).items() if k not in VARIANT_FIELDS}
+    vision = dict(sizes, model_type="mplug_owl_vision_model",
                   hidden_act="quick_gelu", attention_dropout=0.0, initializer_range=0.02,
                   initializer_factor=1.0, projection_dim=768, use_flash_attn=False)
     abstractor = dict(dataclasses.asdict(cfg.abstractor), model_type="mplug_owl_visual_abstract",

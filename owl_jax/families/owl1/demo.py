@@ -82,4 +82,6 @@ DEMO = family.DemoFamily(
     stage=stage, steps={"warmup": 300, "stage1": 2000, "stage2": 500},
     instruction_format="owl",
     part_names={"language_model": "LLM", "vision_model": "ViT", "query_tokens": "queries",
-                "abstractor": "abstractor"})
+                "abstractor": "abstractor"},
+    connector=lambda cfg: (f"abstractor {cfg.num_query_tokens} queries -> {cfg.image_tokens} "
+                           f"visual tokens"))
