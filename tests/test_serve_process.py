@@ -99,10 +99,13 @@ def test_sigterm_finishes_the_streams_in_flight(tmp_path_factory):
 
 def _chromedriver():
     """Debian's chromium-driver, installed when missing (root, apt-get: ~30 s)."""
-    if not (os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM)):
+    install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
+    for step in (install, ["apt-get", "update", "-q"], install):  # update only if needed
+        if os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM):
+            break
         if shutil.which("apt-get") and os.geteuid() == 0:
-            subprocess.run(["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+            subprocess.run(step, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=600, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
     if not (os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM)):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium "
                     "chromium-driver)")
