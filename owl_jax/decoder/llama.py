@@ -201,7 +201,8 @@ class Llama(nn.Module):
         """x: input embeddings [B, L, D]; positions [B, L]; mask bool [B, L, Lk].
 
         With `cache` (a list of {"k", "v"} per layer, see `init_cache`), the chunk is written at
-        `cache_index` (a scalar, or int [B]: one slot per row) and Lk == S. Returns (logits [B, L, V], new cache or None).
+        `cache_index` (a scalar, or int [B]: one slot per row) and Lk == S. Returns (logits
+        [B, L, V], new cache or None).
         """
         c = self.cfg
         x = constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
