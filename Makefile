@@ -18,6 +18,7 @@ install: $(VENV)/.installed
 # The browser test's chromium (Debian packages), installed where missing and possible (root).
 system-deps:
 	@if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; fi
 

@@ -8,6 +8,8 @@ to first token, and the ratios to
   (a) the offline ceiling: `load_pretrained(...).generate` over the same requests in batches of
       --slots rows (no HTTP, no scheduling), in this process, warmed up;
   (b) the same server answering one request at a time (one client).
+Measurements run in rounds (ceiling, one at a time, each concurrency, back to back); each ratio
+compares one round's figures, and the medians over rounds are printed.
 Goals at 16 clients: >= 0.8x the offline ceiling and >= 4x one at a time.
 
     python benchmarks/serve.py                       # small random model, 16 and 64 clients
@@ -47,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     p.add_argument("--sequential", type=int, default=8, help="requests sent one at a time")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3, help="measurement rounds (medians)")
     p.add_argument("--out", default=None, help="also write the results here (JSON)")
     return p.parse_args(argv)
 
@@ -187,48 +190,52 @@ class Offline:
 def main(argv=None):
     args = parse_args(argv)
     from owl_jax.serve.background import free_port
+    levels = [int(x) for x in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = args.ckpt or random_checkpoint(args, tmp)
         reqs = requests(args.requests)
         results = {"slots": args.slots, "max_tokens": args.max_tokens,
-                   "requests": args.requests, "steps_per_call": args.steps_per_call}
+                   "requests": args.requests, "steps_per_call": args.steps_per_call,
+                   "prefill_rows": args.prefill_rows, "rounds": []}
         ceiling = Offline(ckpt, args, reqs)
-        results["offline"] = ceiling.run()
-        print("offline batched generate:", json.dumps(results["offline"]), flush=True)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(args, ckpt, port)
         try:
             # an untimed pass at every concurrency first: it compiles the prefill shapes
             # (rows, length bucket, images) that the arrival patterns make
-            levels = [int(x) for x in args.clients.split(",")]
             for c in [1] + levels:
                 drive(url, reqs if c > 1 else reqs[:args.sequential], c, args.max_tokens)
-            results["one_at_a_time"] = drive(url, reqs[:args.sequential], 1, args.max_tokens)
-            print("one at a time:", json.dumps(results["one_at_a_time"]), flush=True)
-            for c in levels:
-                r = drive(url, reqs, c, args.max_tokens)
-                r["x_one_at_a_time"] = (r["tokens_per_s"]
-                                        / results["one_at_a_time"]["tokens_per_s"])
-                results[f"clients_{c}"] = r
-                print(f"{c} clients:", json.dumps(r), flush=True)
+            # rounds of (ceiling, one at a time, each concurrency) back to back: each ratio
+            # compares measurements of one round, so a shared machine's changing load
+            # touches both sides alike; the medians over rounds are reported
+            for k in range(args.rounds):
+                rnd = {"offline": ceiling.run(),
+                       "one_at_a_time": drive(url, reqs[:args.sequential], 1, args.max_tokens)}
+                for c in levels:
+                    r = drive(url, reqs, c, args.max_tokens)
+                    r["x_offline"] = r["tokens_per_s"] / rnd["offline"]["tokens_per_s"]
+                    r["x_one_at_a_time"] = (r["tokens_per_s"]
+                                            / rnd["one_at_a_time"]["tokens_per_s"])
+                    rnd[f"clients_{c}"] = r
+                results["rounds"].append(rnd)
+                print(f"round {k}:", json.dumps(rnd), flush=True)
         finally:
             proc.terminate()
             proc.wait(120)
-        # the ceiling again, after the server runs: the ratios use the faster of the two (on a
-        # shared machine the load changes during the run)
-        again = ceiling.run()
-        print("offline batched generate, again:", json.dumps(again), flush=True)
-        results["offline_again"] = again
-        best = max(results["offline"]["tokens_per_s"], again["tokens_per_s"])
-        for c in [int(x) for x in args.clients.split(",")]:
-            results[f"clients_{c}"]["x_offline"] = results[f"clients_{c}"]["tokens_per_s"] / best
-    print(json.dumps(results, indent=1))
-    for c in [int(x) for x in args.clients.split(",")]:
-        r = results[f"clients_{c}"]
-        print(f"{c} clients: {r['tokens_per_s']:.0f} output tokens/s = {r['x_offline']:.2f}x "
-              f"the offline ceiling, {r['x_one_at_a_time']:.1f}x one at a time; time to first "
-              f"token p50 {r['ttft_p50_s']:.2f} s, p99 {r['ttft_p99_s']:.2f} s")
+    rounds = results["rounds"]
+    median = lambda f: float(np.median([f(r) for r in rounds]))  # noqa: E731
+    print(f"offline ceiling {median(lambda r: r['offline']['tokens_per_s']):.0f} tokens/s, "
+          f"one at a time {median(lambda r: r['one_at_a_time']['tokens_per_s']):.0f} tokens/s "
+          f"(medians of {len(rounds)} rounds)")
+    for c in levels:
+        summary = {key: median(lambda r: r[f"clients_{c}"][key]) for key in (
+            "tokens_per_s", "x_offline", "x_one_at_a_time", "ttft_p50_s", "ttft_p99_s")}
+        results[f"clients_{c}"] = summary
+        print(f"{c} clients: {summary['tokens_per_s']:.0f} output tokens/s = "
+              f"{summary['x_offline']:.2f}x the offline ceiling, "
+              f"{summary['x_one_at_a_time']:.1f}x one at a time; time to first token p50 "
+              f"{summary['ttft_p50_s']:.2f} s, p99 {summary['ttft_p99_s']:.2f} s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -312,6 +312,12 @@ def test_100_streams_half_cancelled_complete_and_free_their_slots(serve):
         assert time.monotonic() < deadline, m
         time.sleep(0.05)
     assert s.scheduler.engine.free == 8
+    # the counters saw the 50 completed answers: their tokens and first-token times
+    assert m["owl_generation_tokens_total"] >= 50 and m["owl_slots"] == 8
+    assert m["owl_time_to_first_token_seconds_count"] >= 50
+    assert m['owl_time_to_first_token_seconds_bucket{le="+Inf"}'] == \
+        m["owl_time_to_first_token_seconds_count"]
+    assert m['owl_request_success_total{finish_reason="cancelled"}'] > 0
     # the server still answers, with all its slots
     out = s.client().chat.completions.create(
         model=s.name, messages=[{"role": "user", "content": "Hello"}], max_tokens=12,

@@ -105,9 +105,10 @@ def _chromedriver():
             pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y "
                         "chromium chromium-driver, as root)")
         install = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-        if subprocess.run(install, capture_output=True, timeout=900).returncode != 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        if subprocess.run(install, capture_output=True, timeout=900, env=env).returncode != 0:
             subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=900)
-            out = subprocess.run(install, capture_output=True, text=True, timeout=900)
+            out = subprocess.run(install, capture_output=True, text=True, timeout=900, env=env)
             assert out.returncode == 0, f"apt-get install chromium failed:\n{out.stderr[-2000:]}"
     return CHROMEDRIVER
 

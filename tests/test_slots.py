@@ -120,8 +120,9 @@ def test_slots_with_tensor_sharded_params_match_generate(tmp_path):
         k = owl.params["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
         assert len(k.sharding.device_set) == 2 and not k.is_fully_replicated, k.sharding
         f = np.load({str(tmp_path / "prompts.npz")!r})
-        reqs = [SlotRequest(f[f"arr_{{i}}"].tolist(), f[f"arr_{{i + 3}}"] if f[f"arr_{{i + 3}}"].size
-                            else None, max_new_tokens=6, eos_token_id=-1) for i in range(3)]
+        px = [f[f"arr_{{i + 3}}"] for i in range(3)]
+        reqs = [SlotRequest(f[f"arr_{{i}}"].tolist(), px[i] if px[i].size else None,
+                            max_new_tokens=6, eos_token_id=-1) for i in range(3)]
         reqs[0].max_new_tokens = 3
         engine = SlotEngine(owl.generator, slots=2, steps_per_call=2)
         engine.admit(reqs[:2])

@@ -12,11 +12,6 @@ import time
 import uvicorn
 
 
-class _Server(uvicorn.Server):
-    def install_signal_handlers(self):  # signals belong to the main thread
-        pass
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -27,7 +22,8 @@ class BackgroundServer:
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None,
                  start_timeout: float = 120.0):
         self.host, self.port = host, port or free_port(host)
-        self.server = _Server(uvicorn.Config(app, host=self.host, port=self.port,
+        # uvicorn leaves signals alone when it runs off the main thread
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port,
                                              log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.start_timeout = start_timeout
