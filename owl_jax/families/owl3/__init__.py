@@ -2,7 +2,7 @@
 with hyper-attention layers; images never enter the token sequence (each image's placeholder
 start is one media slot, see owl_jax.families.owl3.model)."""
 from owl_jax.families import Family
-from owl_jax.families.owl3 import config
+from owl_jax.families.owl3 import config, samples
 from owl_jax.families.owl3.model import Owl3, dummy_inputs
 from owl_jax.families.owl3.processor import Owl3Processor, build_prompt
 
@@ -22,9 +22,8 @@ def image_flops(cfg: config.Owl3Config):
                                    cfg.tokens_per_image))]
 
 
-# samples=None: the training data pipeline does not lay out Owl3 samples yet.
 FAMILY = Family(name="owl3", config_type=config.Owl3Config, load_config=config.load,
                 save_config=config.save, tiny=config.tiny, model=Owl3,
                 dummy_inputs=dummy_inputs, processor=Owl3Processor, build_prompt=build_prompt,
-                image_flops=image_flops, samples=None,
+                image_flops=image_flops, samples=samples,
                 converter="owl_jax.convert.owl3")
