@@ -11,14 +11,16 @@ a short system text, then per image a placeholder and a few words, then a questi
 
 For each number of images N it measures, in this run:
   - first-token latency: SigLIP + projector on the N images, the prefill (visual K/V of the
-    hyper layers / the spliced sequence), the first greedy token; best of --repeats;
+    hyper layers / the spliced sequence), the first greedy token; best of --repeats, the two
+    models' runs alternating;
   - prefill memory: XLA's memory analysis of the compiled prefill (arguments + outputs +
     temporaries - aliased), compiled only, so points too large to run are still sized;
   - decode tokens/s with the images in context (a compiled loop of --new_tokens greedy steps);
 and prints every figure as a ratio, splice / hyper (latency, memory) or hyper / splice
 (tokens/s). A splice point whose prefill needs more than --max_gb is sized, not run. Then, in
-the memory budget of the splice model at --budget_images images, the most images each model
-fits (hyper: by bisection over compiled prefills).
+the memory budget of the splice model at --budget_images images (the whole prefill, and the
+part beyond the weights), the most images the hyper model fits (by bisection over compiled
+prefills).
 """
 from __future__ import annotations
 
@@ -148,37 +150,56 @@ class Bench:
         return float(mem.argument_size_in_bytes + mem.output_size_in_bytes
                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
-    def run(self, repeats: int) -> dict:
-        out = self._prefill(self.params, self.ids, self.pixels)     # compile + warm
-        jax.block_until_ready(out)
-        first = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = jax.block_until_ready(self._prefill(self.params, self.ids, self.pixels))
-            first.append(time.perf_counter() - t)
-        token, cache, visual = out
-        jax.block_until_ready(self._decode(self.params, token, cache, visual))
+    def warm(self) -> None:
+        """Compiles and runs the prefill and the decode loop once."""
+        self.state = jax.block_until_ready(self._prefill(self.params, self.ids, self.pixels))
+        jax.block_until_ready(self._decode(self.params, *self.state))
+
+    def time_prefill(self) -> float:
         t = time.perf_counter()
-        tokens = jax.block_until_ready(self._decode(self.params, token, cache, visual))
-        dt = time.perf_counter() - t
-        return {"first_s": min(first), "tok_s": self.new_tokens / dt,
-                "tokens": np.asarray(tokens)}
+        jax.block_until_ready(self._prefill(self.params, self.ids, self.pixels))
+        return time.perf_counter() - t
+
+    def time_decode(self) -> float:
+        """Tokens per second of the decode loop."""
+        t = time.perf_counter()
+        jax.block_until_ready(self._decode(self.params, *self.state))
+        return self.new_tokens / (time.perf_counter() - t)
 
 
-def most_images(make, budget: float, lo: int, hi: int) -> tuple[int, bool]:
-    """The most images whose compiled prefill fits `budget` bytes, by bisection in [lo, hi]
-    (make(n) -> Bench); (n, True) when even hi fits, (0, False) when lo does not."""
-    if make(hi).prefill_bytes() <= budget:
+def alternate(benches, repeats: int) -> list[dict]:
+    """Best first-token latency and decode rate of each bench, their timed runs alternating
+    (a load that comes and goes on a shared machine hits both sides alike)."""
+    for b in benches:
+        b.warm()
+    first = [[] for _ in benches]
+    rate = [[] for _ in benches]
+    for _ in range(repeats):
+        for i, b in enumerate(benches):
+            first[i].append(b.time_prefill())
+        for i, b in enumerate(benches):
+            rate[i].append(b.time_decode())
+    return [{"first_s": min(f), "tok_s": max(r)} for f, r in zip(first, rate)]
+
+
+def most_images(size, budget: float, lo: int, hi: int) -> tuple[int, bool]:
+    """The most images whose prefill needs at most `budget` bytes (size(n) -> bytes), by
+    bisection in [lo, hi] to 2%; (n, True) when even hi fits, (0, False) when lo does not."""
+    if size(hi) <= budget:
         return hi, True
-    if make(lo).prefill_bytes() > budget:
+    if size(lo) > budget:
         return 0, False
     while hi - lo > max(1, lo // 50):
         mid = (lo + hi) // 2
-        if make(mid).prefill_bytes() <= budget:
+        if size(mid) <= budget:
             lo = mid
         else:
             hi = mid
     return lo, False
+
+
+def param_bytes(params) -> float:
+    return float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
 
 
 def main(argv=None) -> int:
@@ -190,15 +211,17 @@ def main(argv=None) -> int:
                          "(mPLUG-Owl3: 384 -> 729)")
     ap.add_argument("--version", default="240728", choices=("240728", "241101"))
     ap.add_argument("--new_tokens", type=int, default=16, help="decode steps timed")
-    ap.add_argument("--repeats", type=int, default=2, help="prefill runs per point (best)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per point and side, alternating (best counts)")
     ap.add_argument("--max_gb", type=float, default=6.0,
                     help="splice points whose compiled prefill needs more are sized, not run")
-    ap.add_argument("--budget_images", type=int, default=32,
-                    help="the memory budget: the splice model's prefill at this many images")
+    ap.add_argument("--budget_images", type=int, default=0,
+                    help="the memory budget: the splice model's prefill at this many images "
+                         "(default: the largest N both ran)")
     ap.add_argument("--smoke", action="store_true", help="tiny models and counts (tests)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.images, args.new_tokens, args.repeats, args.budget_images = "2,4", 4, 1, 2
+        args.images, args.new_tokens, args.repeats = "2,4", 4, 1
     counts = [int(x) for x in args.images.split(",")]
     cfg, splice_cfg = configs(args)
     rng = np.random.default_rng(0)
@@ -221,29 +244,43 @@ def main(argv=None) -> int:
     for n in counts:
         h, s = hyper_at(n), splice_at(n)
         hm, sm = h.prefill_bytes(), s.prefill_bytes()
-        hr = h.run(args.repeats)
+        runs_splice = sm <= args.max_gb * GIB
+        hr, *sr = alternate([h, s] if runs_splice else [h], args.repeats)
         line = (f"N={n:4d}: hyper {h.length} tokens, first token {hr['first_s']:.3g} s, "
                 f"prefill memory {hm / GIB:.3g} GiB, decode {hr['tok_s']:.3g} tok/s | splice "
                 f"{s.length} tokens, prefill memory {sm / GIB:.3g} GiB")
-        if sm > args.max_gb * GIB:
+        if not runs_splice:
             print(line + f" (over --max_gb {args.max_gb}: not run) | memory splice/hyper "
                          f"{sm / hm:.3g}x", flush=True)
             continue
-        sr = s.run(args.repeats)
+        sr = sr[0]
         largest_both = n
         print(line + f", first token {sr['first_s']:.3g} s, decode {sr['tok_s']:.3g} tok/s | "
-                     f"ratios: first-token latency splice/hyper {sr['first_s'] / hr['first_s']:.3g}x, "
-                     f"prefill memory splice/hyper {sm / hm:.3g}x, decode tok/s hyper/splice "
+                     f"ratios: first-token latency splice/hyper "
+                     f"{sr['first_s'] / hr['first_s']:.3g}x, prefill memory splice/hyper "
+                     f"{sm / hm:.3g}x, decode tok/s hyper/splice "
                      f"{hr['tok_s'] / sr['tok_s']:.3g}x", flush=True)
     if largest_both is not None:
         print(f"largest N both ran: {largest_both}")
-    budget = splice_at(args.budget_images).prefill_bytes()
-    hi = max(counts[-1], args.budget_images) * 8
-    n_h, capped = most_images(hyper_at, budget, 1, hi)
-    print(f"memory budget {budget / GIB:.3g} GiB (the splice prefill at {args.budget_images} "
-          f"images): splice fits {args.budget_images}, hyper fits "
-          f"{'>= ' if capped else ''}{n_h} images: {'>= ' if capped else ''}"
-          f"{n_h / args.budget_images:.3g}x more images")
+    b = args.budget_images or largest_both or counts[0]
+    total = splice_at(b).prefill_bytes()
+    weights = {"hyper": param_bytes(params), "splice": param_bytes(sparams)}
+    sizes: dict[int, float] = {}
+
+    def hyper_bytes(n):
+        if n not in sizes:
+            sizes[n] = hyper_at(n).prefill_bytes()
+        return sizes[n]
+    hi = max(counts[-1], b) * 16
+    for what, budget, extra in (
+            ("the whole prefill (weights included)", total, 0.0),
+            ("beyond the weights (activations, caches, pixels)", total - weights["splice"],
+             weights["hyper"])):
+        n_h, capped = most_images(lambda n: hyper_bytes(n) - extra, budget, 1, hi)
+        at_least = ">= " if capped else ""
+        print(f"memory budget {budget / GIB:.3g} GiB, {what}: the splice prefill at {b} images; "
+              f"hyper fits {at_least}{n_h} images: {at_least}{n_h / b:.3g}x more images",
+              flush=True)
     return 0
 
 

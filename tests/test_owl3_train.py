@@ -5,6 +5,7 @@ they get alone."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -186,3 +187,41 @@ def test_pipeline_packs_owl3_rows_with_their_images(tmp_path, tok):
             seen += 1
         assert slot == int((ids < 0).sum()) and not pv[slot:].any()
     assert seen == 3 and any(b["segment_ids"].max() > 1 for b in batches)
+
+
+def test_remat_gives_the_same_gradients_and_scan_is_refused():
+    """Rematerialised hyper and SigLIP layers (the recipes' `full`) give the plain gradients;
+    scanning a decoder with hyper layers is refused with a clear error."""
+    cfg = families.get("owl3").tiny(vocab_size=384)
+    params = random_params(cfg, seed=3)
+    s = cfg.vision.image_size
+    ids = np.array([[5, media_id(7), 9, 11, media_id(7), 9, 13, 17, 19]], np.int32)
+    pv = _pixels(4, 2, s)[None]
+
+    def grads(policy):
+        model = Owl3(cfg, remat_policy=policy)
+        f = lambda p: (model.apply({"params": p}, ids, pv) ** 2).mean()  # noqa: E731
+        return jax.jit(jax.grad(f), compiler_options=FAST)(params)
+    plain, remat = grads("none"), grads("full")
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    assert np.abs(np.asarray(plain["language_model"]["layers_0"]["self_attn"]["v_kv_proj"]
+                             ["kernel"])).max() > 0  # the images reach the loss
+    with pytest.raises(ValueError, match="scan_layers"):
+        Owl3(cfg, scan_layers=True).init(jax.random.key(0), ids, pv)
+
+
+def test_image_flops_count_every_hyper_layers_kv_projection():
+    """The trainer's FLOP accounting per image: SigLIP, the projector, and the v_kv_proj of
+    every hyper layer (2 x features x its kernel's size, from the initialised params)."""
+    fam = families.get("owl3")
+    cfg = fam.tiny(vocab_size=384)
+    shapes = nn.unbox(jax.eval_shape(lambda: Owl3(cfg).init(jax.random.key(0),
+                                                           *fam.dummy_inputs(cfg))))
+    lm = shapes["params"]["language_model"]
+    kernels = sum(int(np.prod(lm[f"layers_{i - 1}"]["self_attn"]["v_kv_proj"]["kernel"].shape))
+                  for i in cfg.hyper_layers)
+    got = {name: (tops, m) for name, tops, m in fam.image_flops(cfg)}
+    assert list(got) == ["vision", "projector", "hyper_kv"]
+    assert got["hyper_kv"][0] == ("language_model",)
+    assert got["hyper_kv"][1].weights == 2 * cfg.tokens_per_image * kernels
