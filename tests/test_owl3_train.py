@@ -158,7 +158,8 @@ def test_pipeline_packs_owl3_rows_with_their_images(tmp_path, tok):
         {"image": ["0.png", "1.png"], "conversations": [
             {"from": "human", "value": "<image> or <image>?"}, {"from": "gpt", "value": "Left."}]},
         {"video": ["2.png", "3.png", "4.png"], "conversations": [
-            {"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A car."}]},
+            {"from": "human", "value": "<video>\nWhat moves?"},
+            {"from": "gpt", "value": "A car."}]},
         {"image": ["5.png"], "conversations": [
             {"from": "human", "value": "<image>\nName it."}, {"from": "gpt", "value": "Tree."}]}]
     (tmp_path / "d.json").write_text(json.dumps(records))
