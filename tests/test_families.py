@@ -1,4 +1,4 @@
-"""What generic code promises every family (owl1, llava, minigpt4), checked on each:
+"""What generic code promises every family (owl1, llava, minigpt4, owl3), checked on each:
 
 - the generation engine: a batch of prompts with 0, 1 and 2 images gives each row what the
   prompt gives alone, and KV-cached greedy decoding equals recomputing the whole sequence with
@@ -25,10 +25,10 @@ from owl_jax.layers.masks import segment_mask
 from owl_jax.testing.models import FAST, VOCAB, random_params
 from owl_jax.testing.spm import train_tiny_tokenizer
 
-FAMILIES = ["owl1", "llava", "minigpt4"]
-# families whose engine and checkpoint paths are checked here (owl3 has no training recipe yet)
-SERVED = FAMILIES + ["owl3"]
-RECIPES = {"owl1": "owl1.tiny_stage1", "llava": "llava.stage1", "minigpt4": "minigpt4.stage1"}
+FAMILIES = ["owl1", "llava", "minigpt4", "owl3"]
+SERVED = FAMILIES  # families whose engine and checkpoint paths are checked here
+RECIPES = {"owl1": "owl1.tiny_stage1", "llava": "llava.stage1", "minigpt4": "minigpt4.stage1",
+           "owl3": "owl3.stage1"}
 
 
 def tiny_cfg(name):

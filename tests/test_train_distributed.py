@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow  # starts subprocesses
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 RECIPES = {"owl1": f"{ROOT}/configs/owl1/tiny_stage1.py:steps={STEPS}",
-           "llava": f"{ROOT}/configs/llava/stage1.py:size=tiny,steps={STEPS}"}
+           "llava": f"{ROOT}/configs/llava/stage1.py:size=tiny,steps={STEPS}",
+           "owl3": f"{ROOT}/configs/owl3/stage1.py:size=tiny,steps={STEPS}"}
 ARGS = ["--config.checkpoint.every_steps=2", "--config.checkpoint.keep=10",
         "--config.log_every=1", "--config.export_at_end=false", "--config.num_samples=0",
         "--config.eval_every=0", "--config.eval_data.kind=none"]

@@ -28,10 +28,13 @@ AI = "AI: "
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("llava", "sharegpt", "alpaca", "baize", "owl")
+FORMATS = ("llava", "sharegpt", "alpaca", "baize", "owl", "interleave")
 # Default official `task_type` per source (the suffix after the last `_` selects the processor).
 TASK_TYPES = {"llava": "llava_sft", "sharegpt": "sharegpt_chat_sft",
-              "alpaca": "gpt4instruct_sft", "baize": "quora_chat_sft", "owl": "sft"}
+              "alpaca": "gpt4instruct_sft", "baize": "quora_chat_sft", "owl": "sft",
+              "interleave": "interleave_sft"}
+VIDEO_TOKEN = "<video>"
+MAX_FRAMES = 16  # frames kept per video (mPLUG-Owl3's README loader)
 
 _HUMAN_ROLES = {"human", "user"}
 _AI_ROLES = {"gpt", "assistant", "ai", "chatgpt", "bard", "bing", "model"}
@@ -98,8 +101,9 @@ def _images_of(rec: dict) -> tuple[str, ...]:
 
 
 def _finish(turns: list[tuple[str, str]], images: tuple[str, ...], system: str,
-            task_type: str) -> Conversation:
-    """Drops a trailing unanswered human turn, checks alternation, answers and images."""
+            task_type: str, inline: bool = False) -> Conversation:
+    """Drops a trailing unanswered human turn, checks alternation, answers and images.
+    inline: `<image>` tags may stand inside human turns (interleaved records)."""
     while turns and turns[-1][0] == "human" and turns[-1][1] != IMAGE_TOKEN:
         turns.pop()  # nothing to train on after the last answer
     dialog = [t for t in turns if t != ("human", IMAGE_TOKEN)]
@@ -110,9 +114,10 @@ def _finish(turns: list[tuple[str, str]], images: tuple[str, ...], system: str,
             raise BadRecord("not_alternating", f"turn {i} is {role}")
         if not text.strip():
             raise BadRecord("empty_turn", f"turn {i}")
-        if IMAGE_TOKEN in text:
+        if IMAGE_TOKEN in text and not (inline and role == "human"):
             raise BadRecord("image_count_mismatch", f"{IMAGE_TOKEN} inside turn {i}")
-    n_tags = sum(1 for t in turns if t == ("human", IMAGE_TOKEN))
+    n_tags = (sum(t.count(IMAGE_TOKEN) for _, t in turns) if inline else
+              sum(1 for t in turns if t == ("human", IMAGE_TOKEN)))
     if n_tags != len(images):
         raise BadRecord("image_count_mismatch", f"{n_tags} {IMAGE_TOKEN} for {len(images)} images")
     return Conversation(tuple(turns), images, system, task_type)
@@ -223,8 +228,41 @@ def parse_owl(rec: Any, task_type: str | None = None) -> Conversation:
     return Conversation(tuple(turns), images, parts[0], str(tt or TASK_TYPES["owl"]))
 
 
+def sample_frames(frames: list, max_frames: int = MAX_FRAMES) -> list:
+    """At most max_frames of a video's frames, uniformly: frame int(i * gap + gap / 2) with
+    gap = n / max_frames (mPLUG-Owl3's README loader)."""
+    n = len(frames)
+    if n <= max_frames:
+        return list(frames)
+    gap = n / max_frames
+    return [frames[int(i * gap + gap / 2)] for i in range(max_frames)]
+
+
+def parse_interleave(rec: Any, task_type: str = TASK_TYPES["interleave"]) -> Conversation:
+    """Multi-image, interleaved and video records (LLaVA-Interleave, Mantis, MMDU,
+    video-instruction data) in LLaVA's keys: `image` a list, its `<image>` tags kept where they
+    stand in any human turn (the text between images matters to a model that reads where each
+    image sits). `video`: a list of frame files; its `<video>` tag becomes one `<image>` per
+    frame (at most MAX_FRAMES, `sample_frames`). A record holds images or a video."""
+    images = _images_of(_require(rec))
+    turns = _message_turns(_messages_of(rec))
+    video = rec.get("video")
+    if video is not None:
+        if not isinstance(video, (list, tuple)) or not video or not all(
+                isinstance(f, str) and f for f in video):
+            raise BadRecord("bad_type", "video must be a list of frame files")
+        if images:
+            raise BadRecord("image_count_mismatch", "a record with both images and a video")
+        n_video = sum(t.count(VIDEO_TOKEN) for _, t in turns)
+        if n_video != 1:
+            raise BadRecord("image_count_mismatch", f"{n_video} {VIDEO_TOKEN} for one video")
+        images = tuple(sample_frames(list(video)))
+        turns = [(r, t.replace(VIDEO_TOKEN, IMAGE_TOKEN * len(images))) for r, t in turns]
+    return _finish(turns, images, SYSTEM_PROMPT, task_type, inline=True)
+
+
 PARSERS = {"llava": parse_llava, "sharegpt": parse_sharegpt, "alpaca": parse_alpaca,
-           "baize": parse_baize, "owl": parse_owl}
+           "baize": parse_baize, "owl": parse_owl, "interleave": parse_interleave}
 
 
 def detect_format(rec: Any) -> str:

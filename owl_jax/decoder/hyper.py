@@ -25,7 +25,9 @@ model's `visual_context`) and read at every step; `side` carries them with the q
   side = {"positions": [B, L] int, "visual": None or {
             "starts": [B, T] int (tile i's placeholder position), "valid": [B, T] bool,
             "segments": [B, T] int (optional; with side["segment_ids"] [B, L]: packed rows),
-            "layers_{i}": {"k": [B, T, P, Hkv, D], "v": [B, T, P, Hkv, D]}}}
+            "layers_{i}": {"k": [B, Hkv, T * P, D], "v": [B, Hkv, T * P, D]}}}
+(kv head before key: the attention reads them as stored, with no per-step transpose or copy
+of every image's keys; batch first, so generation can pick rows of it).
 """
 from __future__ import annotations
 
@@ -77,25 +79,33 @@ def visual_mask(q_positions, visual, fusion: str, q_segments=None):
     return seen
 
 
-def _scores(q, k, mask):
-    """fp32 scaled scores [B, Hkv, G, Lq, Lk], masked; q [B, Lq, H, D], k [B, Lk, Hkv, D]."""
+# einsum operand specs of keys / values by layout: [B, Lk, Hkv, D] or kv head major
+# [B, Hkv, Lk, D] (the visual keys)
+_KEYS = {False: "bkhd", True: "bhkd"}
+
+
+def _scores(q, k, mask, kv_major=False):
+    """fp32 scaled scores [B, Hkv, G, Lq, Lk], masked; q [B, Lq, H, D], k [B, Lk, Hkv, D]
+    (or [B, Hkv, Lk, D] when kv_major)."""
     b, lq, h, d = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1 if kv_major else 2]
     q = q.reshape(b, lq, hkv, h // hkv, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) / jnp.asarray(math.sqrt(d), q.dtype)
+    s = jnp.einsum(f"bqhgd,{_KEYS[kv_major]}->bhgqk", q, k) / jnp.asarray(math.sqrt(d), q.dtype)
     s = s.astype(jnp.float32)
     return jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
 
 
 def joint_attention(q, parts):
-    """One softmax over several key sets: parts = [(k [B, Lk, Hkv, D], v, mask [B, Lq, Lk])]."""
+    """One softmax over several key sets: parts = [(k, v, mask [B, Lq, Lk], kv_major)], k and
+    v [B, Lk, Hkv, D] (or [B, Hkv, Lk, D] when kv_major)."""
     b, lq, h, d = q.shape
-    scores = [_scores(q, k, m) for k, _, m in parts]
+    scores = [_scores(q, k, m, major) for k, _, m, major in parts]
     p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out, at = 0, 0
-    for (k, v, _), s in zip(parts, scores):
+    for (k, v, _, major), s in zip(parts, scores):
         n = s.shape[-1]
-        out = out + jnp.einsum("bhgqk,bkhd->bqhgd", p[..., at:at + n].astype(v.dtype), v)
+        out = out + jnp.einsum(f"bhgqk,{_KEYS[major]}->bqhgd",
+                               p[..., at:at + n].astype(v.dtype), v)
         at += n
     return out.reshape(b, lq, h, d)
 
@@ -127,10 +137,15 @@ class HyperAttention(nn.Module):
 
     def visual_kv(self, xv, tile_positions):
         """xv: normed image features [B, T, P, D_model]; tile_positions [B, T] (MI-Rope).
-        Returns k, v [B, T, P, Hkv, D]."""
+        Returns k, v [B, Hkv, T * P, D]."""
         c = self.cfg
-        kv = self.v_kv_proj(xv).reshape(*xv.shape[:-1], c.kv_heads, 2, c.head_dim)
-        return mi_rope(kv[..., 0, :], tile_positions, c.rope_theta), kv[..., 1, :]
+        b, t, p, _ = xv.shape
+        kv = self.v_kv_proj(xv).reshape(b, t, p, c.kv_heads, 2, c.head_dim)
+        k = mi_rope(kv[..., 0, :], tile_positions, c.rope_theta)
+
+        def kv_major(x):  # [B, T, P, Hkv, D] -> [B, Hkv, T * P, D]
+            return x.transpose(0, 3, 1, 2, 4).reshape(b, c.kv_heads, t * p, c.head_dim)
+        return kv_major(k), kv_major(kv[..., 1, :])
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, deterministic=True,
                  side=None, layer_key=None):
@@ -157,14 +172,14 @@ class HyperAttention(nn.Module):
             o = self._text_attention(q, k, v, mask, new_cache)
         else:
             kv = visual[layer_key]
-            t, p = kv["k"].shape[1], kv["k"].shape[2]
-            vk = kv["k"].reshape(b, t * p, hkv, hd).astype(self.dtype)
-            vv = kv["v"].reshape(b, t * p, hkv, hd).astype(self.dtype)
+            vk = kv["k"].astype(self.dtype)                       # [B, Hkv, T * P, D]
+            vv = kv["v"].astype(self.dtype)
             tiles = visual_mask(side["positions"], visual, self.fusion, side.get("segment_ids"))
+            p = vk.shape[2] // tiles.shape[-1]
             vmask = jnp.repeat(tiles, p, axis=-1)  # [B, L, T * P]
             if self.fusion == "gate":
                 ctx_t = self._text_attention(q, k, v, mask, new_cache)
-                ctx_v = attention(q, vk, vv, mask=vmask, softmax_fp32=True)
+                ctx_v = joint_attention(q, [(vk, vv, vmask, True)])
                 g = jax.nn.sigmoid(self.gate_proj(ctx_t, deterministic))
                 mixed = ctx_t * (1 - g) + ctx_v * g
                 o = jnp.where(tiles.any(-1)[:, :, None, None], mixed, ctx_t)
@@ -177,7 +192,7 @@ class HyperAttention(nn.Module):
                         1, 2, 0, 3)
                     tv = new_cache["v"].astype(self.dtype).reshape(hkv, b, s, hd).transpose(
                         1, 2, 0, 3)
-                o = joint_attention(q, [(vk, vv, vmask), (tk, tv, mask)])
+                o = joint_attention(q, [(vk, vv, vmask, True), (tk, tv, mask, False)])
         o = self.o_proj(o.reshape(b, l, h * hd), deterministic)
         return o, new_cache
 
@@ -213,7 +228,8 @@ class HyperLayer(nn.Module):
         return f"layers_{self.layer_index}"
 
     def visual_kv(self, image_embeds, tile_positions):
-        """image_embeds [B, T, P, D_model] (projected features) -> this layer's k, v."""
+        """image_embeds [B, T, P, D_model] (projected features) -> this layer's k, v
+        [B, Hkv, T * P, D]."""
         return self.self_attn.visual_kv(self.input_layernorm(image_embeds.astype(self.dtype)),
                                         tile_positions)
 

@@ -189,15 +189,26 @@ def _stored_shapes(directory: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in tr.flatten(meta.item_metadata.tree).items()}
 
 
+def _grid_side(n: int) -> tuple[int, int]:
+    """(leading CLS rows, grid side) of a table of n positions: a square grid has none
+    (SigLIP), else one CLS row first (CLIP / EVA)."""
+    g = int(round(n ** 0.5))
+    if g * g == n:
+        return 0, g
+    return 1, int(round((n - 1) ** 0.5))
+
+
 def resize_position_embedding(pe, num_positions: int):
-    """[1, 1 + g*g, D] -> [1, num_positions, D]: CLS kept, the patch grid resized bicubically
-    (fine-tuning at another resolution, as CLIP / big_vision do)."""
-    d = pe.shape[-1]
-    g_old = int(round((pe.shape[1] - 1) ** 0.5))
-    g_new = int(round((num_positions - 1) ** 0.5))
-    grid = pe[0, 1:].reshape(g_old, g_old, d).astype(jnp.float32)
+    """[..., (1 +) g*g, D] -> [..., num_positions, D]: a CLS row kept, the patch grid resized
+    bicubically (fine-tuning at another resolution, as CLIP / big_vision do)."""
+    lead, d = pe.shape[:-2], pe.shape[-1]
+    cls, g_old = _grid_side(pe.shape[-2])
+    _, g_new = _grid_side(num_positions)
+    flat = pe.reshape(-1, pe.shape[-2], d)[0]
+    grid = flat[cls:].reshape(g_old, g_old, d).astype(jnp.float32)
     grid = jax.image.resize(grid, (g_new, g_new, d), "bicubic")
-    return jnp.concatenate([pe[:, :1], grid.reshape(1, g_new * g_new, d).astype(pe.dtype)], 1)
+    out = jnp.concatenate([flat[:cls], grid.reshape(g_new * g_new, d).astype(pe.dtype)], 0)
+    return out.reshape(*lead, num_positions, d)
 
 
 def init_from_export(layout: StateLayout, directory: str, seed: int):
@@ -246,7 +257,7 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
         fresh = tr.flatten(nn.unbox(init(rng)))
         got = tr.flatten(loaded)
         if pe_key in got and got[pe_key].shape != fresh[pe_key].shape:
-            got[pe_key] = resize_position_embedding(got[pe_key], fresh[pe_key].shape[1])
+            got[pe_key] = resize_position_embedding(got[pe_key], fresh[pe_key].shape[-2])
         if scan:
             got = tr.flatten(scan_params(tr.unflatten(got)))
         for k, v in got.items():
@@ -265,9 +276,9 @@ def init_from_export(layout: StateLayout, directory: str, seed: int):
     report = {"loaded": len(stored), "initialised": fresh_keys,
               "resized": ""}
     if pe_key and stored.get(pe_key) not in (None, want[pe_key]):
-        grid = lambda n: int(round((n - 1) ** 0.5)) * layout.cfg.vision.patch_size  # noqa: E731
+        grid = lambda n: _grid_side(n)[1] * layout.cfg.vision.patch_size  # noqa: E731
         report["resized"] = (f"ViT position embeddings resized from the checkpoint's "
-                             f"{grid(stored[pe_key][1])} px to model.image_size="
+                             f"{grid(stored[pe_key][-2])} px to model.image_size="
                              f"{layout.cfg.vision.image_size} px (bicubic)")
     return state, report
 
