@@ -80,7 +80,8 @@ class OwlPipeline:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.model: pass a directory that "
+            raise ValueError("this checkpoint has no tokenizer (tokenizer.model, or "
+                             "tokenizer.json for Qwen2-based families): pass a directory that "
                              "holds one (owl-generate --tokenizer DIR, load_pretrained(..., "
                              "tokenizer=DIR)) or copy the tokenizer files into the checkpoint")
 
@@ -179,7 +180,8 @@ def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = No
     mesh: a `jax.sharding.Mesh` (e.g. `owl_jax.sharding.make_mesh(tensor=8)`): weights are
       restored straight into their shardings (logical rules `owl_jax.sharding.DEFAULT_RULES`
       unless `rules` is given), for models that do not fit one device.
-    tokenizer: a directory with tokenizer.model when the checkpoint has none.
+    tokenizer: a directory with the family's tokenizer files (tokenizer.model; tokenizer.json
+      for Qwen2-based families) when the checkpoint has none.
     stream_chunk: tokens per compiled call when streaming (see docs/inference.md).
     compiler_options: XLA options for every compile (e.g. {"xla_backend_optimization_level": 0}
       for tiny models, where compile time dominates).
@@ -201,11 +203,12 @@ def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = No
     if dtype is None:
         kinds = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)}
         dtype = kinds.pop() if len(kinds) == 1 else jnp.dtype(jnp.float32)
-    tok_dir = tokenizer or path
-    tok = (OwlTokenizer.from_dir(tok_dir)
-           if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")) else None)
-    if tokenizer is not None and tok is None:
-        raise FileNotFoundError(f"{tokenizer} has no tokenizer.model")
+    try:
+        tok = families.of_config(cfg).load_tokenizer(tokenizer or path)
+    except FileNotFoundError:
+        if tokenizer is not None:
+            raise
+        tok = None
     return OwlPipeline(cfg, params, tok, dtype=dtype, mesh=mesh, stream_chunk=stream_chunk,
                        compiler_options=compiler_options)
 
