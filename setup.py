@@ -13,6 +13,7 @@ CORE = [
     "tensorflow-datasets==4.9.10",
     "ml_collections==1.1.0",
     "sentencepiece==0.2.3",
+    "tokenizers==0.23.3",     # tokenizer.json (Qwen2's BPE: mPLUG-Owl3)
     "pillow==13.0.0",
     "numpy==2.4.6",
     "array_record==0.8.6",
@@ -21,6 +22,7 @@ CORE = [
     "tensorboardX==2.6.5",
 ]
 TORCH = ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0"]
+VIDEO = ["av==18.1.0"]     # video files -> frames (FFmpeg wheels on PyPI, see owl3/video.py)
 TEST = ["pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"]
 
 setup(
@@ -39,7 +41,8 @@ setup(
     install_requires=CORE,
     extras_require={
         "torch": TORCH,
-        "test": TORCH + TEST,
+        "test": TORCH + TEST + VIDEO,
+        "video": VIDEO,
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],
     },

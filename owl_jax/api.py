@@ -142,9 +142,12 @@ class OwlPipeline:
         if single:
             prompts, images = [prompts], [_image_list(images)]
         prompts = list(prompts)
-        rows, pixels = encode_rows(prompts, images, self.processor.encode, self.processor.image,
-                                   _image_list, getattr(self.processor, "image_marker",
-                                                        IMAGE_TOKEN))
+        if hasattr(self.processor, "encode_batch"):  # media that expand the prompt (Owl3)
+            rows, pixels = self.processor.encode_batch(prompts, images)
+        else:
+            rows, pixels = encode_rows(prompts, images, self.processor.encode,
+                                       self.processor.image, _image_list,
+                                       getattr(self.processor, "image_marker", IMAGE_TOKEN))
         px = np.stack(pixels) if pixels else None
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

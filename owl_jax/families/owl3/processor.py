@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import os
 import re
 
 import numpy as np
@@ -30,7 +31,7 @@ from PIL import Image
 from owl_jax.families.owl1.processor import open_image
 from owl_jax.families.owl3 import cut as cut_lib
 from owl_jax.families.owl3.model import media_id
-from owl_jax.families.owl3.video import Video, as_video, frame_image
+from owl_jax.families.owl3.video import MAX_FRAMES, Video, as_video, frame_image
 
 IMAGE = "<|image|>"
 VIDEO = "<|video|>"
@@ -70,13 +71,17 @@ class Owl3Processor:
     """prompts + media -> {input_ids (media slots negative: `model.media_id`), attention_mask,
     pixel_values [N, S, S, 3] (every tile / view / frame of the batch, in slot order)}.
     `tokenizer` needs `encode(text) -> ids` (no special tokens added) and `pad_id`.
-    cut: None = the official default (see the module doc), True / False for every image."""
+    cut: None = the official default (see the module doc), True / False for every image.
+    max_frames: how many frames a video file gives at most (`video.sample_indices`)."""
     image_marker = IMAGE
+    video_marker = VIDEO
 
-    def __init__(self, tokenizer, cfg, cut: bool | None = None):
+    def __init__(self, tokenizer, cfg, cut: bool | None = None,
+                 max_frames: int = MAX_FRAMES):
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.cut = cut
+        self.max_frames = max_frames   # frames sampled from a video file
 
     @property
     def image_size(self) -> int:
@@ -150,10 +155,10 @@ class Owl3Processor:
         text, views = parts[0], []
         for k, (mark, item, after) in enumerate(zip(marks, media, parts[2::2])):
             if mark == VIDEO:
-                if not isinstance(item, (Video, str)) and not isinstance(item, (list, tuple)):
+                if not isinstance(item, (Video, str, os.PathLike, list, tuple)):
                     raise ValueError(f"placeholder {k} is {VIDEO} but media {k} is a "
                                      f"{type(item).__name__}, not a video")
-                video = as_video(item)
+                video = as_video(item, self.max_frames)
                 views += [self.image(frame_image(f)) for f in video.frames]
                 text += self.video_text(len(video))
             else:

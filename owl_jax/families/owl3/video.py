@@ -86,12 +86,12 @@ def load_video(path: str, max_frames: int = MAX_FRAMES) -> Video:
     return Video([frames[i] for i in keep if i in frames])
 
 
-def as_video(item) -> Video:
-    """A Video, a path to a video file, or a list of frames."""
+def as_video(item, max_frames: int = MAX_FRAMES) -> Video:
+    """A Video, a path to a video file (its sampled frames), or a list of frames."""
     if isinstance(item, Video):
         return item
     if isinstance(item, (str, os.PathLike)):
-        return load_video(os.fspath(item))
+        return load_video(os.fspath(item), max_frames)
     if isinstance(item, (list, tuple)) or (isinstance(item, np.ndarray) and item.ndim == 4):
         return Video(list(item))
     raise TypeError(f"not a video: {type(item).__name__} (a Video, a file path or a list of "
