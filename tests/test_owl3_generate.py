@@ -6,7 +6,6 @@ self-draft read the embedding table)."""
 import io
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -16,11 +15,13 @@ import owl_jax
 from owl_jax import checkpoint as ckpt
 from owl_jax import families
 from owl_jax.cli import generate as cli
+from owl_jax.generate.cpu import decode_kernels
 from owl_jax.families.owl3 import config as owl3_config
 from owl_jax.families.owl3 import cut as cut_lib
 from owl_jax.families.owl3.processor import build_prompt
 from owl_jax.families.owl3.video import Video, load_video, sample_indices
 from owl_jax.testing.bpe import write_tokenizer
+from owl_jax.testing.models import random_params
 
 O0 = {"xla_backend_optimization_level": 0}
 NEW = 6
@@ -41,14 +42,8 @@ def ckpt_dir(tmp_path_factory):
     cfg = owl3_config.tiny(vocab_size=4096, tie_word_embeddings=True,
                            eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
                            pad_token_id=tok.pad_id)
-    family = families.get("owl3")
-    params = nn.unbox(family.model(cfg).init(jax.random.key(3),
-                                             *family.dummy_inputs(cfg)))["params"]
-    # a larger embedding scale, so the tied head's logits have clear winners
-    lm = dict(params["language_model"])
-    lm["embed_tokens"] = {"embedding": lm["embed_tokens"]["embedding"] * 40.0}
-    params = dict(params, language_model=lm)
-    assert "lm_head" not in lm
+    params = random_params(cfg, seed=3)    # embeddings ~ N(0, 1): clear winners
+    assert "lm_head" not in params["language_model"]
     out = os.path.join(d, "ckpt")
     ckpt.save_checkpoint(out, jax.tree.map(np.asarray, params), cfg, tokenizer_dir=tok_dir)
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
@@ -60,33 +55,38 @@ def owl(ckpt_dir):
     return owl_jax.load_pretrained(ckpt_dir, compiler_options=O0)
 
 
-def _recompute(owl, prompt, media, n):
-    """Greedy tokens by the full forward over the whole sequence at every step (right-padded
-    to one length, so one compile)."""
-    batch = owl.prepare(prompt, media)
-    ids = list(batch["input_ids"][0])
-    length = len(ids) + n
-    out = []
+def _recompute(owl, prompts, media, n):
+    """Greedy tokens of every prompt by the full forward over the whole sequences at every
+    step (one batch, right-padded to one length: one compile)."""
+    batch = owl.prepare(prompts, media)
+    rows = [list(r[m > 0]) for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+    length = max(map(len, rows)) + n
+    out = [[] for _ in rows]
     for _ in range(n):
-        row = np.full((1, length), owl.tokenizer.pad_id, np.int32)
-        mask = np.zeros((1, length), np.int32)
-        row[0, :len(ids)] = ids
-        mask[0, :len(ids)] = 1
-        logits = owl.logits({"input_ids": row, "attention_mask": mask,
+        ids = np.full((len(rows), length), owl.tokenizer.pad_id, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)] = r
+            mask[b, :len(r)] = 1
+        logits = owl.logits({"input_ids": ids, "attention_mask": mask,
                              "pixel_values": batch["pixel_values"]})
-        t = int(np.argmax(logits[0, len(ids) - 1]))
-        out.append(t)
-        ids.append(t)
-        if t == owl.config.text.eos_token_id:
-            break
+        for b, r in enumerate(rows):
+            if out[b] and out[b][-1] == owl.config.text.eos_token_id:
+                continue
+            t = int(np.argmax(logits[b, len(r) - 1]))
+            out[b].append(t)
+            r.append(t)
     return out
 
 
 def test_tied_checkpoint_loads_with_its_tokenizer(owl):
     assert type(owl.tokenizer).__name__ == "HFTokenizer"
     assert owl.config.text.tie_word_embeddings
-    screen = owl.generator._call_params.get("greedy_screen")
-    if screen is not None:   # where the decode kernels run (CPU): the head copy is the table
+    if owl.generator.decode_kernels and decode_kernels.available():
+        # plain greedy reads the screen and one prompt the int8 self-draft (tied: no lm_head)
+        assert owl.generator.draft_limit(4) == 4
+        assert "lm_head" not in owl.generator._with_self_draft()["self_draft"]
+        screen = owl.generator._call_params["greedy_screen"]
         np.testing.assert_array_equal(
             np.asarray(screen["head"]),
             np.asarray(owl.params["language_model"]["embed_tokens"]["embedding"]).T)
@@ -102,9 +102,8 @@ def test_batched_media_greedy_equals_recomputation(owl):
     outs = owl.generate(prompts, media, max_new_tokens=NEW)
     rows, cols = cut_lib.choose_grid(80, 25, owl.config.image_size)
     assert owl.prepare(prompts[1], media[1])["pixel_values"].shape[0] == rows * cols + 1 > 2
-    for prompt, m, g in zip(prompts, media, outs):
-        want = _recompute(owl, prompt, m, NEW)
-        assert g.token_ids == want[:len(g.token_ids)] and len(g.token_ids) == len(want)
+    for g, want in zip(outs, _recompute(owl, prompts, media, NEW)):
+        assert g.token_ids == want
         assert g.text == owl.tokenizer.decode(g.token_ids)
     # one prompt: the int8 self-draft (where it runs) gives the same tokens
     one = owl.generate(prompts[1], media[1], max_new_tokens=NEW)
@@ -147,21 +146,15 @@ def test_owl_generate_cli_images_and_video(ckpt_dir, owl, tmp_path):
     a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
     _image(5, 40, 60).save(a)
     _image(6, 50, 30).save(b)
-    out = io.StringIO()
-    rc = cli.main(["--ckpt", ckpt_dir, "--image", a, "--image", b, "--prompt", "Compare.",
-                   "--max_new_tokens", str(NEW), "--no_stream"], stdout=out)
-    assert rc == 0
-    want = owl.generate(build_prompt("Compare.", 2), [Image.open(a), Image.open(b)],
-                        max_new_tokens=NEW)
-    assert out.getvalue() == want.text + "\n"
     clip = str(tmp_path / "clip.mp4")
     _write_video(clip, [np.full((28, 28, 3), 20 * k, np.uint8) for k in range(6)], 2)
     out = io.StringIO()
-    rc = cli.main(["--ckpt", ckpt_dir, "--video", clip, "--prompt", "Describe.",
-                   "--max_new_tokens", str(NEW), "--no_stream"], stdout=out)
+    rc = cli.main(["--ckpt", ckpt_dir, "--image", a, "--image", b, "--video", clip,
+                   "--prompt", "Compare.", "--max_new_tokens", str(NEW), "--no_stream"],
+                  stdout=out)
     assert rc == 0
-    want = owl.generate(build_prompt("Describe.", n_videos=1), [load_video(clip)],
-                        max_new_tokens=NEW)
+    want = owl.generate(build_prompt("Compare.", 2, n_videos=1),
+                        [Image.open(a), Image.open(b), load_video(clip)], max_new_tokens=NEW)
     assert out.getvalue() == want.text + "\n"
-    err = cli.main(["--ckpt", ckpt_dir, "--video", str(tmp_path / "none.mp4"), "--prompt", "x"])
-    assert err == 2
+    assert cli.main(["--ckpt", ckpt_dir, "--video", str(tmp_path / "none.mp4"),
+                     "--prompt", "x"]) == 2

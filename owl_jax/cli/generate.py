@@ -96,6 +96,10 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds
         print(f"owl-generate: cannot read image: {e}", file=sys.stderr)
         return 2
+    missing = [v for v in args.video if not os.path.isfile(v)]
+    if missing:
+        print(f"owl-generate: cannot read video: {missing[0]}: no such file", file=sys.stderr)
+        return 2
     mesh = None
     if args.tensor > 1:
         from owl_jax.sharding import make_mesh
@@ -113,11 +117,6 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     if videos:
         if getattr(owl.processor, "video_marker", None) is None:
             print(f"owl-generate: the {owl.family.name} family takes no videos (--video)",
-                  file=sys.stderr)
-            return 2
-        missing = [v for v in videos if not os.path.isfile(v)]
-        if missing:
-            print(f"owl-generate: cannot read video: {missing[0]}: no such file",
                   file=sys.stderr)
             return 2
         if args.max_frames is not None:
