@@ -9,7 +9,6 @@ official processor does, computes logits, and generates.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -20,7 +19,6 @@ from owl_jax import checkpoint as ckpt_lib
 from owl_jax import families
 from owl_jax.families.batching import IMAGE_TOKEN, encode_rows
 from owl_jax.generate import Generation, GenerationConfig, Generator
-from owl_jax.tokenizer import OwlTokenizer
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
@@ -58,7 +56,7 @@ class OwlPipeline:
     """A loaded model of any family: `.config`, `.family`, `.params`, `.tokenizer`,
     `.processor`, and `.prepare` / `.logits` / `.generate`."""
 
-    def __init__(self, config, params, tokenizer: OwlTokenizer | None,
+    def __init__(self, config, params, tokenizer,
                  dtype=jnp.float32, mesh=None, stream_chunk: int = 8,
                  compiler_options: dict | None = None):
         self.config = config
