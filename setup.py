@@ -13,6 +13,7 @@ CORE = [
     "tensorflow-datasets==4.9.10",
     "ml_collections==1.1.0",
     "sentencepiece==0.2.3",
+    "tokenizers==0.23.3",     # tokenizer.json (Qwen2's BPE: mPLUG-Owl3)
     "pillow==13.0.0",
     "numpy==2.4.6",
     "array_record==0.8.6",
@@ -24,8 +25,10 @@ TORCH = ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.23.0"]
 # owl-serve (owl_jax.serve); its tests drive it with the official openai client and a headless
 # browser (selenium over Debian's chromium + chromium-driver).
 SERVE = ["starlette==1.10.0", "uvicorn==0.55.0"]
-TEST = SERVE + ["openai==3.63.0", "httpx2==2.16.2", "selenium==4.51.0",
-                "pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"]
+VIDEO = ["av==18.1.0"]     # video files -> frames (FFmpeg wheels on PyPI, see owl3/video.py)
+TEST = SERVE + VIDEO + ["openai==3.63.0", "httpx2==2.16.2", "selenium==4.51.0",
+                        "pytest==9.2.0", "pytest-xdist==3.8.0", "nbclient==0.11.0",
+                        "nbformat==5.11.1", "ipykernel==7.4.0"]
 
 setup(
     name="owl-jax",
@@ -45,6 +48,7 @@ setup(
     extras_require={
         "torch": TORCH,
         "serve": SERVE,
+        "video": VIDEO,
         "test": TORCH + TEST,
         "tpu": ["jax[tpu]==0.10.2"],
         "cuda": ["jax[cuda12]==0.10.2"],

@@ -9,7 +9,6 @@ official processor does, computes logits, and generates.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -20,7 +19,6 @@ from owl_jax import checkpoint as ckpt_lib
 from owl_jax import families
 from owl_jax.families.batching import IMAGE_TOKEN, encode_rows
 from owl_jax.generate import Generation, GenerationConfig, Generator
-from owl_jax.tokenizer import OwlTokenizer
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
@@ -58,7 +56,7 @@ class OwlPipeline:
     """A loaded model of any family: `.config`, `.family`, `.params`, `.tokenizer`,
     `.processor`, and `.prepare` / `.logits` / `.generate`."""
 
-    def __init__(self, config, params, tokenizer: OwlTokenizer | None,
+    def __init__(self, config, params, tokenizer,
                  dtype=jnp.float32, mesh=None, stream_chunk: int = 8,
                  compiler_options: dict | None = None):
         self.config = config
@@ -80,7 +78,8 @@ class OwlPipeline:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.model: pass a directory that "
+            raise ValueError("this checkpoint has no tokenizer (tokenizer.model, or "
+                             "tokenizer.json for Qwen2-based families): pass a directory that "
                              "holds one (owl-generate --tokenizer DIR, load_pretrained(..., "
                              "tokenizer=DIR)) or copy the tokenizer files into the checkpoint")
 
@@ -145,9 +144,12 @@ class OwlPipeline:
         if single:
             prompts, images = [prompts], [_image_list(images)]
         prompts = list(prompts)
-        rows, pixels = encode_rows(prompts, images, self.processor.encode, self.processor.image,
-                                   _image_list, getattr(self.processor, "image_marker",
-                                                        IMAGE_TOKEN))
+        if hasattr(self.processor, "encode_batch"):  # media that expand the prompt (Owl3)
+            rows, pixels = self.processor.encode_batch(prompts, images)
+        else:
+            rows, pixels = encode_rows(prompts, images, self.processor.encode,
+                                       self.processor.image, _image_list,
+                                       getattr(self.processor, "image_marker", IMAGE_TOKEN))
         px = np.stack(pixels) if pixels else None
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -186,7 +188,8 @@ def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = No
     mesh: a `jax.sharding.Mesh` (e.g. `owl_jax.sharding.make_mesh(tensor=8)`): weights are
       restored straight into their shardings (logical rules `owl_jax.sharding.DEFAULT_RULES`
       unless `rules` is given), for models that do not fit one device.
-    tokenizer: a directory with tokenizer.model when the checkpoint has none.
+    tokenizer: a directory with the family's tokenizer files (tokenizer.model; tokenizer.json
+      for Qwen2-based families) when the checkpoint has none.
     stream_chunk: tokens per compiled call when streaming (see docs/inference.md).
     compiler_options: XLA options for every compile (e.g. {"xla_backend_optimization_level": 0}
       for tiny models, where compile time dominates).
@@ -208,11 +211,12 @@ def load_pretrained(path: str, dtype=None, mesh=None, tokenizer: str | None = No
     if dtype is None:
         kinds = {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)}
         dtype = kinds.pop() if len(kinds) == 1 else jnp.dtype(jnp.float32)
-    tok_dir = tokenizer or path
-    tok = (OwlTokenizer.from_dir(tok_dir)
-           if os.path.isfile(os.path.join(tok_dir, "tokenizer.model")) else None)
-    if tokenizer is not None and tok is None:
-        raise FileNotFoundError(f"{tokenizer} has no tokenizer.model")
+    try:
+        tok = families.of_config(cfg).load_tokenizer(tokenizer or path)
+    except FileNotFoundError:
+        if tokenizer is not None:
+            raise
+        tok = None
     return OwlPipeline(cfg, params, tok, dtype=dtype, mesh=mesh, stream_chunk=stream_chunk,
                        compiler_options=compiler_options)
 

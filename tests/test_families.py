@@ -147,8 +147,20 @@ def tokenizer_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="module")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A Qwen2-style tokenizer.json within the tiny configs' 384 ids (families whose
+    `Family.tokenizer` reads one)."""
+    from owl_jax.testing.bpe import write_tokenizer
+    d = tmp_path_factory.mktemp("bpe")
+    write_tokenizer(str(d), vocab_size=380)
+    return str(d)
+
+
 @pytest.mark.parametrize("name", SERVED)
-def test_checkpoint_records_the_family(name, tmp_path, tokenizer_dir):
+def test_checkpoint_records_the_family(name, tmp_path, tokenizer_dir, bpe_tokenizer_dir):
+    if families.get(name).tokenizer is not None:   # not LLaMA's SentencePiece model
+        tokenizer_dir = bpe_tokenizer_dir
     cfg = families.get(name).tiny(vocab_size=384, num_key_value_heads=2)
     params = random_params(cfg, seed=1)
     meta = save_checkpoint(str(tmp_path), params, cfg, tokenizer_dir=tokenizer_dir)
@@ -159,13 +171,17 @@ def test_checkpoint_records_the_family(name, tmp_path, tokenizer_dir):
     assert owl.family.name == name and owl.config == cfg
     question = owl.family.build_prompt("What is it?", 1)
     batch = owl.prepare([question], [[np.zeros((20, 30, 3), np.uint8)]])
-    assert int((batch["input_ids"] < 0).sum()) == cfg.image_tokens
+    n_views = len(batch["pixel_values"])   # an image may give several views (Owl3's tiles)
+    assert n_views >= 1 and int((batch["input_ids"] < 0).sum()) == cfg.image_tokens * n_views
     assert owl.logits(batch).shape[-1] == cfg.text.vocab_size
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_tiny_recipe_trains_resumes_and_exports(name, tmp_path, tokenizer_dir):
+def test_tiny_recipe_trains_resumes_and_exports(name, tmp_path, tokenizer_dir,
+                                                bpe_tokenizer_dir):
     from owl_jax.train.loop import train
+    if families.get(name).tokenizer is not None:   # trains and exports the family's own
+        tokenizer_dir = bpe_tokenizer_dir
     recipe = importlib.import_module(f"owl_jax.configs.{RECIPES[name]}")
     arg = "steps={}" + ("" if name == "owl1" else ",size=tiny")
     c = recipe.get_config(arg.format(2))
@@ -193,7 +209,8 @@ def test_tiny_recipe_trains_resumes_and_exports(name, tmp_path, tokenizer_dir):
     want = Generator(owl.config, owl.params, compiler_options=FAST).generate(
         [ids], None, GenerationConfig(max_new_tokens=4, eos_token_id=-1))[0]
     assert got.token_ids == want.token_ids and len(got.token_ids) == 4
-    assert owl.config.text.vocab_size == 384  # a fresh tiny model takes the tokenizer's
+    # a fresh tiny model takes the tokenizer's vocabulary
+    assert owl.config.text.vocab_size == owl.tokenizer.vocab_size
 
 
 def test_checkpoints_written_before_families_load_as_owl1(tmp_path, tokenizer_dir):

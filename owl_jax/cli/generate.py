@@ -3,6 +3,7 @@
     owl-generate --ckpt ckpts/owl-7b --image cat.jpg --prompt "What is in the image?"
     owl-generate --ckpt ckpts/owl-7b --image a.jpg --image b.jpg --chat
     owl-generate --ckpt ckpts/owl-7b --raw --prompt "$(cat prompt.txt)" --image a.jpg
+    owl-generate --ckpt ckpts/owl3-2b --video clip.mp4 --prompt "Describe the video."
 
 The question is wrapped in the checkpoint's family's template (Owl: system line, one
 `Human: <image>` line per image, `Human: {question}`, `AI: `) unless --raw, which sends --prompt verbatim (it must then
@@ -14,6 +15,7 @@ docs/inference.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -23,9 +25,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True,
                    help="JAX checkpoint directory (owl-convert output or an owl-train export)")
     p.add_argument("--tokenizer", default=None,
-                   help="directory holding tokenizer.model, for a checkpoint without one "
+                   help="directory holding the tokenizer (tokenizer.model; tokenizer.json for Qwen2-based "
+                        "families), for a checkpoint without one "
                         "(default: the checkpoint's own)")
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--video", action="append", default=[],
+                   help="video file (repeatable; families that take videos: its sampled "
+                        "frames, placed after the images)")
+    p.add_argument("--max_frames", type=int, default=None,
+                   help="frames sampled from each --video at most (default: the family's)")
     p.add_argument("--prompt", help="the question (or, with --raw, the whole prompt)")
     p.add_argument("--raw", action="store_true", help="send --prompt verbatim, no template")
     p.add_argument("--chat", action="store_true", help="multi-turn conversation on stdin")
@@ -88,6 +96,10 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds
         print(f"owl-generate: cannot read image: {e}", file=sys.stderr)
         return 2
+    missing = [v for v in args.video if not os.path.isfile(v)]
+    if missing:
+        print(f"owl-generate: cannot read video: {missing[0]}: no such file", file=sys.stderr)
+        return 2
     mesh = None
     if args.tensor > 1:
         from owl_jax.sharding import make_mesh
@@ -99,6 +111,17 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     except (OSError, ValueError) as e:
         print(f"owl-generate: cannot use --ckpt {args.ckpt}: {e}", file=sys.stderr)
         return 2
+    videos = list(args.video)
+    media = images + videos
+    templ_kw = {}
+    if videos:
+        if getattr(owl.processor, "video_marker", None) is None:
+            print(f"owl-generate: the {owl.family.name} family takes no videos (--video)",
+                  file=sys.stderr)
+            return 2
+        if args.max_frames is not None:
+            owl.processor.max_frames = args.max_frames
+        templ_kw = {"n_videos": len(videos)}
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
               no_repeat_ngram_size=args.no_repeat_ngram_size, num_beams=args.num_beams,
@@ -109,8 +132,8 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     def answer(prompt: str) -> str:
         printer = None if args.no_stream else _Printer(stdout)
         try:
-            out = owl.generate(prompt, images, stream=printer, **kw)
-        except ValueError as e:
+            out = owl.generate(prompt, media, stream=printer, **kw)
+        except (ValueError, ImportError) as e:
             print(f"owl-generate: {e}", file=sys.stderr)
             return None
         (printer or _Printer(stdout))(out.text, final=True)
@@ -119,7 +142,8 @@ def main(argv=None, stdin=None, stdout=None) -> int:
         return out.text
 
     if not args.chat:
-        prompt = args.prompt if args.raw else owl.family.build_prompt(args.prompt, len(images))
+        prompt = (args.prompt if args.raw
+                  else owl.family.build_prompt(args.prompt, len(images), **templ_kw))
         return 0 if answer(prompt) is not None else 1
 
     turns: list[str] = []
@@ -143,7 +167,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             continue
         stdout.write("AI: ")
         stdout.flush()
-        text = answer(owl.family.build_prompt(turns + [question], len(images)))
+        text = answer(owl.family.build_prompt(turns + [question], len(images), **templ_kw))
         if text is None:
             continue
         turns += [question, text.strip()]

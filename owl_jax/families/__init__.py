@@ -48,6 +48,9 @@ class Family:
     demo              the module holding its `DEMO` (owl_jax.demo.family.DemoFamily), or None
     converter         the module `owl-convert` runs for it (its CLI_FLAGS, is_source, cli_run:
                       see owl_jax.convert.cli), or None
+    tokenizer(dir)    its tokenizer from a checkpoint or tokenizer directory (FileNotFoundError
+                      naming the file when the directory has none); None: the LLaMA
+                      SentencePiece `tokenizer.model` (owl_jax.tokenizer.OwlTokenizer)
     """
     name: str
     config_type: type
@@ -62,6 +65,14 @@ class Family:
     samples: Any
     demo: str | None = None
     converter: str | None = None
+    tokenizer: Callable[[str], Any] | None = None
+
+    def load_tokenizer(self, directory: str):
+        """The family's tokenizer from `directory` (FileNotFoundError when it holds none)."""
+        if self.tokenizer is not None:
+            return self.tokenizer(directory)
+        from owl_jax.tokenizer import OwlTokenizer
+        return OwlTokenizer.from_dir(directory)
 
 
 def get(name: str) -> Family:

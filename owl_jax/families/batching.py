@@ -1,15 +1,41 @@
-"""What every splice family's processor does with a batch of prompts: check that each prompt
-has one `<image>` per image, encode it (the family's `encode`), transform its images (the
-family's `image`), and right-pad the rows."""
+"""What every family's processor does with a batch of prompts: open its images (`open_image`),
+check that each prompt has one `<image>` per image, encode it (the family's `encode`), transform
+its images (the family's `image`), and right-pad the rows."""
 from __future__ import annotations
 
+import io
 import os
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 IMAGE_TOKEN = "<image>"
+
+ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
+
+
+def open_image(src: ImageLike) -> Image.Image:
+    """A PIL image in its stored mode (what upstream's `Image.open(path)` gives). Raises
+    ValueError: "image file not found: PATH", or "cannot decode image ..."."""
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, np.ndarray):
+        if src.dtype != np.uint8 or src.ndim not in (2, 3):
+            raise ValueError(f"array images must be uint8 HW or HWC, got {src.dtype} {src.shape}")
+        return Image.fromarray(src)
+    try:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            img = Image.open(io.BytesIO(bytes(src)))
+        else:
+            img = Image.open(os.fspath(src))
+        img.load()
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {os.fspath(src)}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        name = f"{len(src)} bytes" if isinstance(src, (bytes, bytearray, memoryview)) else src
+        raise ValueError(f"cannot decode image {name}: {e}") from e
+    return img
 
 
 def encode_rows(prompts: Sequence[str], images, encode: Callable, image: Callable,

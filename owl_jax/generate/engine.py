@@ -57,6 +57,14 @@ from owl_jax.layers.masks import cache_mask
 # The engine
 
 
+def head_kernel(lm):
+    """The decoder's head as a [D, V] kernel: its lm_head, or with tied word embeddings (no
+    lm_head param) the embedding table transposed (a copy)."""
+    if "lm_head" in lm:
+        return lm["lm_head"]["kernel"]
+    return jnp.asarray(lm["embed_tokens"]["embedding"]).T
+
+
 class Generator(speculative.SpeculativeDecoding):
     """Compiled prefill + decode for one set of params.
 
@@ -128,11 +136,14 @@ class Generator(speculative.SpeculativeDecoding):
         self._self_draft_params = None
 
     def _with_screen(self, params):
-        head = params[families.DECODER]["lm_head"]["kernel"]
+        head = head_kernel(params[families.DECODER])
         with decode_kernels.enabled(self.decode_kernels):
             if not self.screen or self.dtype != jnp.float32 or not greedy_screen.applies(head):
                 return params
-        return dict(params, greedy_screen=greedy_screen.prepare(head, self.screen))
+        screen = greedy_screen.prepare(head, self.screen)
+        if "lm_head" not in params[families.DECODER]:  # tied: keep the [D, V] copy it checks
+            screen["head"] = head
+        return dict(params, greedy_screen=screen)
 
     # ---------------------------------------------------------------------------------------
     # Model pieces (traced)
@@ -293,8 +304,9 @@ class Generator(speculative.SpeculativeDecoding):
         """Greedy tokens int32 [N] for final-normed hidden states h fp32 [N, D] (N <=
         MAX_ROWS where the params hold a greedy screen)."""
         if "greedy_screen" in params:
-            return greedy_screen.tokens(h, params[families.DECODER]["lm_head"]["kernel"],
-                                        params["greedy_screen"])
+            screen = params["greedy_screen"]
+            head = screen["head"] if "head" in screen else head_kernel(params[families.DECODER])
+            return greedy_screen.tokens(h, head, screen)
         return sampling.greedy(self._head(params, h).astype(jnp.float32))
 
     def _generate_fn(self, params, ids, valid, pixel_values, budget, knobs, limit, *, spec,

@@ -46,14 +46,6 @@ log = logging.getLogger("owl_jax.train")
 # Input pipelines
 
 
-def load_tokenizer(config):
-    from owl_jax.tokenizer import OwlTokenizer
-    for d in (config.tokenizer_dir, config.init_from):
-        if d and os.path.exists(os.path.join(d, "tokenizer.model")):
-            return OwlTokenizer.from_dir(d)
-    return None
-
-
 def make_iterator(data_cfg, config, cfg, tokenizer, salt: int = 0):
     """This process's batch iterator (next / get_state / set_state), or None for kind 'none'."""
     kind = data_cfg.get("kind", "pipeline")
@@ -179,7 +171,7 @@ def train(config, workdir: str) -> dict:
     _check_divisibility(config, mesh)
 
     # 4. input pipelines ------------------------------------------------------------------------
-    tokenizer = load_tokenizer(config)
+    tokenizer = state_lib.load_tokenizer(config)
     train_it = make_iterator(config.data, config, cfg, tokenizer)
     if train_it is None:
         raise ValueError("data.kind='none': nothing to train on")

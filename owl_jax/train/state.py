@@ -61,6 +61,22 @@ def family_of(config) -> families.Family:
     return family
 
 
+def load_tokenizer(config):
+    """The tokenizer the data pipeline encodes with, from `tokenizer_dir` or else `init_from`:
+    the family's own (e.g. Owl3's tokenizer.json), else a SentencePiece tokenizer.model (what
+    the tests and the demo train for any family); None where neither holds one."""
+    from owl_jax import families
+    from owl_jax.tokenizer import OwlTokenizer
+    family = families.get(config.model.family)
+    for d in filter(None, (config.tokenizer_dir, config.init_from)):
+        for load in (family.load_tokenizer, OwlTokenizer.from_dir):
+            try:
+                return load(d)
+            except FileNotFoundError:
+                continue
+    return None
+
+
 def model_config(config):
     """The model shape: from `init_from`'s config.json when set, else the `model.size` preset
     of the recipe's family."""
@@ -72,9 +88,9 @@ def model_config(config):
         cfg = family.config_type()
     elif m.size == "tiny":  # a fresh tiny model reads its tokenizer's ids, where one is set
         vocab = int(m.vocab_size)
-        if config.tokenizer_dir:
-            from owl_jax.tokenizer import OwlTokenizer
-            vocab = OwlTokenizer.from_dir(config.tokenizer_dir).vocab_size
+        tok = load_tokenizer(config) if config.tokenizer_dir else None
+        if tok is not None:
+            vocab = tok.vocab_size
         cfg = family.tiny(vocab_size=vocab)
     else:
         raise ValueError(f"model.size={m.size!r}: expected 7b or tiny")

@@ -30,7 +30,7 @@ from owl_jax.data import fast_resize
 from owl_jax.data.images import normalize_pixels
 from owl_jax.families.batching import BatchProcessor
 from owl_jax.families.llava import masks
-from owl_jax.families.owl1.processor import ImageLike, open_image
+from owl_jax.families.batching import ImageLike, open_image
 
 
 def expand2square(img: Image.Image, fill: Sequence[int]) -> Image.Image:

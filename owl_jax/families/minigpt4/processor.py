@@ -20,7 +20,7 @@ from owl_jax.data import fast_resize, images
 from owl_jax.data.images import normalize_pixels
 from owl_jax.families.batching import BatchProcessor
 from owl_jax.families.minigpt4.templates import IMAGE_HERE, SEP
-from owl_jax.families.owl1.processor import ImageLike, open_image
+from owl_jax.families.batching import ImageLike, open_image
 
 TRAIN_SCALE = (0.5, 1.0)
 

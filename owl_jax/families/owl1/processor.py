@@ -10,42 +10,14 @@ attention mask 0 on the padding (upstream's mask is float; ours is int32).
 """
 from __future__ import annotations
 
-import io
-import os
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from owl_jax.families.batching import BatchProcessor
+from owl_jax.families.batching import BatchProcessor, ImageLike, open_image
 from owl_jax.families.owl1.config import OwlConfig
 from owl_jax.tokenizer import OwlTokenizer
-
-ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike, bytes]
-
-
-def open_image(src: ImageLike) -> Image.Image:
-    """A PIL image in its stored mode (what upstream's `Image.open(path)` gives). Raises
-    ValueError: "image file not found: PATH", or "cannot decode image ..."."""
-    if isinstance(src, Image.Image):
-        return src
-    if isinstance(src, np.ndarray):
-        if src.dtype != np.uint8 or src.ndim not in (2, 3):
-            raise ValueError(f"array images must be uint8 HW or HWC, got {src.dtype} {src.shape}")
-        return Image.fromarray(src)
-    try:
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            img = Image.open(io.BytesIO(bytes(src)))
-        else:
-            img = Image.open(os.fspath(src))
-        img.load()
-    except FileNotFoundError:
-        raise ValueError(f"image file not found: {os.fspath(src)}") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        name = f"{len(src)} bytes" if isinstance(src, (bytes, bytearray, memoryview)) else src
-        raise ValueError(f"cannot decode image {name}: {e}") from e
-    return img
-
 
 def load_image(src: ImageLike) -> Image.Image:
     """Opens a path / bytes / array / PIL image and returns it as PIL RGB."""

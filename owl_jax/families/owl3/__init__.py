@@ -2,7 +2,7 @@
 with hyper-attention layers; images never enter the token sequence (each image's placeholder
 start is one media slot, see owl_jax.families.owl3.model)."""
 from owl_jax.families import Family
-from owl_jax.families.owl3 import config, samples
+from owl_jax.families.owl3 import config, samples, tokenizer
 from owl_jax.families.owl3.model import Owl3, dummy_inputs
 from owl_jax.families.owl3.processor import Owl3Processor, build_prompt
 
@@ -33,4 +33,4 @@ FAMILY = Family(name="owl3", config_type=config.Owl3Config, load_config=config.l
                 save_config=config.save, tiny=config.tiny, model=Owl3,
                 dummy_inputs=dummy_inputs, processor=Owl3Processor, build_prompt=build_prompt,
                 image_flops=image_flops, samples=samples,
-                converter="owl_jax.convert.owl3")
+                converter="owl_jax.convert.owl3", tokenizer=tokenizer.load)

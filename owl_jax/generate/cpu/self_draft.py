@@ -32,9 +32,12 @@ def prepare(lm, screen: dict | None = None) -> dict:
     """The draft's LLM params from the fp32 ones `lm`: every layer's and the head's Dense kernels
     as int8 with their `kernel_scale` (`models.layers.Dense` reads that pair); the embedding and
     the norms are lm's own arrays. An int8 greedy screen's head copy (`greedy_screen.prepare`)
-    is the same quantization and is shared rather than made twice."""
+    is the same quantization and is shared rather than made twice. With tied word embeddings
+    (no lm_head) the draft's head is the fp32 embedding table, as in lm."""
     draft = {name: (_quantize(sub) if name.startswith("layers_") else sub)
              for name, sub in lm.items()}
+    if "lm_head" not in lm:  # tied word embeddings: the draft's head is lm's embedding table
+        return draft
     if screen is not None and "scale" in screen:
         draft["lm_head"] = {"kernel": screen["w"], "kernel_scale": screen["scale"]}
     else:
