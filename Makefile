@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.py requirements.lock
 	touch $@
 
 install: $(VENV)/.installed
-	@echo "owl-jax is installed in $(VENV): '. $(VENV)/bin/activate' puts owl-convert, owl-generate, owl-data, owl-train and owl-eval on PATH"
+	@echo "owl-jax is installed in $(VENV): '. $(VENV)/bin/activate' puts owl-convert, owl-generate, owl-data, owl-train, owl-eval and owl-serve on PATH"
 
 # The browser test's chromium (Debian packages), installed where missing and possible (root).
 system-deps:
