@@ -17,9 +17,11 @@ Transforms (PyTorch -> JAX; the inverse is applied on export):
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
+from owl_jax.convert.torch_io import checkpoint_problems
 from owl_jax.decoder.llama import TextConfig
 
 LINEAR, CONV, PLAIN, BUFFER = "linear", "conv", "plain", "buffer"
@@ -188,3 +190,33 @@ def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], o
         else:
             out[prefix + (k,)] = v
     return out
+
+
+def check_keys(infos: dict, entries: list, canonical, where: str,
+               skip=lambda key: False) -> dict[str, str]:
+    """raw key -> table key for every tensor to read (infos: raw key -> an object with .shape
+    and .file; `canonical(raw)`: its table key, None to pass it by; `skip(raw)`: keys the
+    layout holds but the model does not use). Raises one error naming every missing,
+    unexpected, mis-shaped or doubly spelled key."""
+    by_key = {e.torch_key: e for e in entries}
+    problems, roles, seen = [], {}, {}
+    for raw, info in infos.items():
+        k = None if skip(raw) else canonical(raw)
+        if k is None:
+            continue
+        e = by_key.get(k)
+        if e is None:
+            problems.append(f"unexpected key {raw} {list(info.shape)} (in "
+                            f"{os.path.basename(info.file)})")
+        elif k in seen:
+            problems.append(f"{raw} and {seen[k]} are the same tensor ({k}) spelled twice")
+        elif tuple(info.shape) != e.torch_shape:
+            problems.append(f"{raw}: the config implies shape {list(e.torch_shape)}, "
+                            f"{os.path.basename(info.file)} has {list(info.shape)}")
+        else:
+            roles[raw], seen[k] = k, raw
+    problems += [f"missing key {e.torch_key} {list(e.torch_shape)}" for e in entries
+                 if e.torch_key not in seen]
+    if problems:
+        raise checkpoint_problems(f"{where} does not match its config", problems)
+    return roles

@@ -17,14 +17,15 @@ import json
 import os
 import shutil
 from types import SimpleNamespace
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
 
 from owl_jax import checkpoint as ckpt
 from owl_jax.convert import hf_clip, hf_llama, lora as lora_lib
-from owl_jax.convert.keymap import cast_aligned, flatten, get_path, pop_path, set_path
+from owl_jax.convert.keymap import (cast_aligned, check_keys, flatten, get_path, pop_path,
+                                    set_path)
 from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
                                       return_freed_memory_promptly)
 from owl_jax.families.llava import config as llava_config, keymap
@@ -49,40 +50,6 @@ def is_llava_source(directory: str) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # torch -> params
-
-
-def _problems(where: str, problems: list[str]) -> CheckpointError:
-    shown = "\n  ".join(problems[:25])
-    more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-    return CheckpointError(f"{where}: {len(problems)} problem(s):\n  {shown}{more}")
-
-
-def check_keys(infos: dict, entries: list[keymap.Entry], canonical: Callable[[str], str | None],
-               where: str) -> dict[str, str]:
-    """raw key -> table key for every tensor to read; raises naming every missing, unexpected,
-    mis-shaped or doubly spelled key."""
-    by_key = {e.torch_key: e for e in entries}
-    problems, roles, seen = [], {}, {}
-    for raw, info in infos.items():
-        k = None if keymap.ignored(raw) else canonical(raw)
-        if k is None:
-            continue
-        e = by_key.get(k)
-        if e is None:
-            problems.append(f"unexpected key {raw} {list(info.shape)} (in "
-                            f"{os.path.basename(info.file)})")
-        elif k in seen:
-            problems.append(f"{raw} and {seen[k]} are the same tensor ({k}) spelled twice")
-        elif tuple(info.shape) != e.torch_shape:
-            problems.append(f"{raw}: config.json implies shape {list(e.torch_shape)}, "
-                            f"{os.path.basename(info.file)} has {list(info.shape)}")
-        else:
-            roles[raw], seen[k] = k, raw
-    problems += [f"missing key {e.torch_key} {list(e.torch_shape)}" for e in entries
-                 if e.torch_key not in seen]
-    if problems:
-        raise _problems(f"{where} does not match its config.json", problems)
-    return roles
 
 
 def convert_tensors(tensors: Iterable[tuple[str, np.ndarray]], roles: dict[str, str],
@@ -119,7 +86,7 @@ def read_dir(directory: str, entries: list[keymap.Entry], canonical, heads: int,
     """Checks a checkpoint directory against `entries`, then converts it."""
     reader = CheckpointReader(directory)
     infos = reader.index()
-    roles = check_keys(infos, entries, canonical, directory)
+    roles = check_keys(infos, entries, canonical, directory, skip=keymap.ignored)
     stream = tqdm(reader.tensors(), total=len(infos), unit="tensor", desc=desc,
                   disable=not progress)
     return convert_tensors(stream, roles, entries, heads, dtype, params)
@@ -134,7 +101,7 @@ def params_from_state_dict(state_dict: dict, cfg: LlavaConfig, layout: str = "hf
     infos = {k: SimpleNamespace(shape=tuple(v.shape), file="state_dict")
              for k, v in arrays.items()}
     entries, canonical = _source_tables(cfg, layout, embedded_tower=True)
-    roles = check_keys(infos, entries, canonical, "state_dict")
+    roles = check_keys(infos, entries, canonical, "state_dict", skip=keymap.ignored)
     return convert_tensors(arrays.items(), roles, entries, cfg.vision.num_attention_heads)
 
 

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from owl_jax import checkpoint as ckpt
 from owl_jax.connectors.qformer import QFormerConfig
 from owl_jax.convert import hf_llama
-from owl_jax.convert.keymap import cast_aligned, flatten, get_path, pop_path, set_path
+from owl_jax.convert.keymap import (cast_aligned, check_keys, flatten, get_path, pop_path,
+                                    set_path)
 from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter,
                                       np_dtype, numpy_to_torch, return_freed_memory_promptly,
                                       torch_to_numpy)
@@ -216,40 +217,6 @@ def config_from_state(state: dict, text, where: str, vit_heads: int | None = Non
 # torch -> params
 
 
-def _problems(where: str, problems: list[str]) -> CheckpointError:
-    shown = "\n  ".join(problems[:25])
-    more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-    return CheckpointError(f"{where}: {len(problems)} problem(s):\n  {shown}{more}")
-
-
-def check_keys(infos: dict, entries: list[keymap.Entry], canonical, where: str,
-               skip=lambda k: False) -> dict[str, str]:
-    """raw key -> table key for every tensor to read; raises naming every missing, unexpected,
-    mis-shaped or doubly spelled key. infos: raw key -> object with .shape and .file."""
-    by_key = {e.torch_key: e for e in entries}
-    problems, roles, seen = [], {}, {}
-    for raw, info in infos.items():
-        if keymap.ignored(raw) or skip(raw):
-            continue
-        k = canonical(raw)
-        e = by_key.get(k)
-        if e is None:
-            problems.append(f"unexpected key {raw} {list(info.shape)} (in "
-                            f"{os.path.basename(info.file)})")
-        elif k in seen:
-            problems.append(f"{raw} and {seen[k]} are the same tensor ({k}) spelled twice")
-        elif tuple(info.shape) != e.torch_shape:
-            problems.append(f"{raw}: the config implies shape {list(e.torch_shape)}, "
-                            f"{os.path.basename(info.file)} has {list(info.shape)}")
-        else:
-            roles[raw], seen[k] = k, raw
-    problems += [f"missing key {e.torch_key} {list(e.torch_shape)}" for e in entries
-                 if e.torch_key not in seen]
-    if problems:
-        raise _problems(f"{where} does not match its config", problems)
-    return roles
-
-
 def convert_tensors(tensors: Iterable[tuple[str, np.ndarray]], roles: dict[str, str],
                     entries: list[keymap.Entry], cfg: MiniGPT4Config, dtype=None,
                     params=None) -> dict:
@@ -281,7 +248,7 @@ def params_from_state_dict(state_dict: dict, cfg: MiniGPT4Config, layout: str = 
               for k, v in state_dict.items()}
     canonical = keymap.canonical_hf if layout == "hf" else (lambda k: k)
     entries = keymap.entries(cfg, layout)
-    roles = check_keys(_infos(arrays), entries, canonical, "state_dict")
+    roles = check_keys(_infos(arrays), entries, canonical, "state_dict", skip=keymap.ignored)
     return convert_tensors(arrays.items(), roles, entries, cfg)
 
 
@@ -308,7 +275,8 @@ def read_lavis(src: str, llama_dir: str | None = None, vit_heads: int | None = N
     if fresh:
         entries = [e for e in entries if not e.torch_key.startswith("llama_proj.")]
     unused = lambda k: bool((m := _BLOCK.match(k)) and int(m.group(1)) >= depth)  # noqa: E731
-    roles = check_keys(_infos(state, origin), entries, lambda k: k, src, skip=unused)
+    roles = check_keys(_infos(state, origin), entries, lambda k: k, src,
+                       skip=lambda k: keymap.ignored(k) or unused(k))
     params = convert_tensors(state.items(), roles, entries, cfg, dtype)
     del state
     if fresh:
@@ -343,7 +311,7 @@ def read_hf(src: str, dtype: str | None = None, progress: bool = True
     reader = CheckpointReader(src)
     infos = reader.index()
     entries = keymap.entries(cfg, "hf")
-    roles = check_keys(infos, entries, keymap.canonical_hf, src)
+    roles = check_keys(infos, entries, keymap.canonical_hf, src, skip=keymap.ignored)
     stream = tqdm(reader.tensors(), total=len(infos), unit="tensor", desc="torch->jax",
                   disable=not progress)
     return cfg, convert_tensors(stream, roles, entries, cfg, dtype)

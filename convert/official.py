@@ -20,19 +20,14 @@ from tqdm import tqdm
 
 from owl_jax.convert import keymap, lora as lora_lib
 from owl_jax.families.owl1 import keymap as owl_keymap
-from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
-                              return_freed_memory_promptly)
+from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter,
+                                      checkpoint_problems, np_dtype,
+                                      return_freed_memory_promptly)
 from owl_jax import checkpoint as ckpt
 from owl_jax.families.owl1.config import from_official_dict, load_official, save_official
 
 EXTRA_FILES = ("generation_config.json",)
 SOURCE_FILES = ("config.json", "preprocessor_config.json")
-
-
-def _problems_message(where: str, problems: list[str]) -> str:
-    shown = "\n  ".join(problems[:25])
-    more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-    return f"{where}: {len(problems)} problem(s):\n  {shown}{more}"
 
 
 def validate(infos: dict, keys: lora_lib.LoraKeys, entries: list[keymap.Entry], src: str):
@@ -69,8 +64,7 @@ def validate(infos: dict, keys: lora_lib.LoraKeys, entries: list[keymap.Entry], 
     if len(ranks) > 1:
         problems.append(f"LoRA adapters have different ranks {sorted(ranks)}")
     if problems:
-        raise CheckpointError(_problems_message(f"{src} does not match its config.json",
-                                                problems))
+        raise checkpoint_problems(f"{src} does not match its config.json", problems)
     return ranks.pop() if ranks else None
 
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from owl_jax import checkpoint as ckpt
 from owl_jax.convert.keymap import (cast_aligned, flatten, get_path, pop_path, set_path,
                                     to_jax, to_torch)
-from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter, np_dtype,
+from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter,
+                                      checkpoint_problems, np_dtype,
                                       return_freed_memory_promptly)
 from owl_jax.decoder.llama import TextConfig
 from owl_jax.families import read_json
@@ -38,12 +39,6 @@ EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.
 def is_owl3_source(directory: str) -> bool:
     path = os.path.join(directory, "config.json")
     return os.path.isfile(path) and read_json(path).get("model_type") == "mplugowl3"
-
-
-def _problems(where: str, problems: list[str]) -> CheckpointError:
-    shown = "\n  ".join(problems[:25])
-    more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-    return CheckpointError(f"{where}: {len(problems)} problem(s):\n  {shown}{more}")
 
 
 def check_keys(infos: dict, entries: list, cfg: Owl3Config, where: str) -> dict:
@@ -65,7 +60,7 @@ def check_keys(infos: dict, entries: list, cfg: Owl3Config, where: str) -> dict:
     problems += [f"missing key {e.torch_key} {list(e.torch_shape)}" for e in entries
                  if e.torch_key not in infos]
     if problems:
-        raise _problems(f"{where} does not match its config.json", problems)
+        raise checkpoint_problems(f"{where} does not match its config.json", problems)
     return roles
 
 
@@ -226,7 +221,7 @@ def _read_part(directory, entries, cfg, strip, add, where):
                             f"{list(info.shape)}")
         roles[raw] = e
     if problems:
-        raise _problems(f"{where} does not match its config.json", problems)
+        raise checkpoint_problems(f"{where} does not match its config.json", problems)
     return reader, roles
 
 

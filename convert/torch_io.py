@@ -30,6 +30,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file / keys at fault."""
 
 
+def checkpoint_problems(where: str, problems: list[str]) -> CheckpointError:
+    """One error listing a checkpoint's problems (the first 25, then how many more)."""
+    shown = "\n  ".join(problems[:25])
+    more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+    return CheckpointError(f"{where}: {len(problems)} problem(s):\n  {shown}{more}")
+
+
 def _torch():
     import torch  # imported lazily: the JAX side never needs torch
     return torch

@@ -224,7 +224,7 @@ def test_hf_key_errors_are_named(hf_model, tmp_path):
         "extra": ({**arrays, "vision_tower.extra.weight": np.zeros(3, np.float32)},
                   "unexpected key vision_tower.extra.weight [3]"),
         "shape": ({**arrays, "multi_modal_projector.linear_2.bias": np.zeros(5, np.float32)},
-                  "multi_modal_projector.linear_2.bias: config.json implies shape [64], "
+                  "multi_modal_projector.linear_2.bias: the config implies shape [64], "
                   "model.safetensors has [5]"),
         "twice": ({**arrays, "model.multi_modal_projector.linear_2.bias":
                    arrays["multi_modal_projector.linear_2.bias"]}, "spelled twice"),
