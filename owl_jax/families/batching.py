@@ -66,6 +66,20 @@ def _one_image_or_list(imgs):
     return imgs
 
 
+def pad_batch(rows: Sequence[Sequence[int]], pixels: list, pad_id: int, image_size: int) -> dict:
+    """Encoded rows right-padded with `pad_id` and the images stacked: {'input_ids' [B, L] int32,
+    'attention_mask' [B, L] int32, 'pixel_values' [N, S, S, 3] float32 (N may be 0)}."""
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = r
+        mask[b, :len(r)] = 1
+    s = image_size
+    pv = np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+
+
 class BatchProcessor:
     """`__call__(prompts, images)` for a processor with `encode(prompt)`, `image(img)`,
     `image_size` and `pad_id` (what right-pads the rows); `image_marker` is what stands for an
@@ -80,12 +94,4 @@ class BatchProcessor:
             prompts = [prompts]
         rows, pixels = encode_rows(prompts, images, self.encode, self.image, _one_image_or_list,
                                    self.image_marker)
-        length = max(len(r) for r in rows)
-        ids = np.full((len(rows), length), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
-            mask[b, :len(r)] = 1
-        s = self.image_size
-        pv = np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.float32)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+        return pad_batch(rows, pixels, self.pad_id, self.image_size)

@@ -28,7 +28,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from owl_jax.families.batching import open_image
+from owl_jax.families.batching import open_image, pad_batch
 from owl_jax.families.owl3 import cut as cut_lib
 from owl_jax.families.owl3.model import media_id
 from owl_jax.families.owl3.video import MAX_FRAMES, Video, as_video, frame_image
@@ -200,12 +200,4 @@ class Owl3Processor:
             prompts = [prompts]
             images = None if images is None else [images]
         rows, pixels = self.encode_batch(list(prompts), images)
-        length = max(len(r) for r in rows)
-        ids = np.full((len(rows), length), self.pad_id, np.int32)
-        mask = np.zeros((len(rows), length), np.int32)
-        for b, r in enumerate(rows):
-            ids[b, :len(r)] = r
-            mask[b, :len(r)] = 1
-        s = self.image_size
-        pv = np.stack(pixels) if pixels else np.zeros((0, s, s, 3), np.float32)
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv}
+        return pad_batch(rows, pixels, self.pad_id, self.image_size)
