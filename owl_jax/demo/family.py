@@ -15,6 +15,25 @@ Turns = list  # [(question, answer), ...]
 COMMON_DATA = dict(kind="pipeline", augment=False, workers=0, threads=2, seed=0)
 
 
+def warmup_stage(c, a, p: dict, fmt: str, **data) -> None:
+    """The text warm-up every family's demo starts with: the LLM alone, on the text-only
+    conversations (instruction format `fmt`) and the plain-text lines, packed; `data` adds the
+    family's own pipeline settings (its template)."""
+    c.trainable = ("language_model/.*",)
+    c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
+    c.batch.global_size = max(a.batch // 2, 1)
+    c.batch.seq_len = 128
+    c.data = dict(COMMON_DATA, packing=True, **data, sources=[
+        dict(spec=f"instruct:{p['text_conversations']}?format={fmt}", weight=1.0),
+        dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
+    ])
+
+
+def instruction_source(p: dict, fmt: str) -> dict:
+    """Stage 2's source: the demo's instruction set with its images."""
+    return dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoFamily:
     """title             the model's name in the demo's messages

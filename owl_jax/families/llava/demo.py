@@ -54,14 +54,7 @@ def stage(c, a, p: dict) -> None:
     LLaVA's templates and loss masks (`template`)."""
     fmt = DEMO.instruction_format
     if a.stage == "warmup":
-        c.trainable = ("language_model/.*",)
-        c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
-        c.batch.global_size = max(a.batch // 2, 1)
-        c.batch.seq_len = 128
-        c.data = dict(family.COMMON_DATA, packing=True, template="vicuna_v1", sources=[
-            dict(spec=f"instruct:{p['text_conversations']}?format={fmt}", weight=1.0),
-            dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
-        ])
+        family.warmup_stage(c, a, p, fmt, template="vicuna_v1")
     elif a.stage == "stage1":
         c.trainable = ("vision_tower/.*", "multi_modal_projector/.*")
         c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 50
@@ -74,7 +67,7 @@ def stage(c, a, p: dict) -> None:
         c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 30
         c.batch.seq_len = 112
         c.data = dict(family.COMMON_DATA, packing=False, template="vicuna_v1", sources=[
-            dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")])
+            family.instruction_source(p, fmt)])
 
 
 DEMO = family.DemoFamily(

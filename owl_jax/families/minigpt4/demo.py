@@ -51,14 +51,7 @@ def stage(c, a, p: dict) -> None:
     """MiniGPT-4's stages (the module docstring), with its templates and sample layouts."""
     fmt = DEMO.instruction_format
     if a.stage == "warmup":
-        c.trainable = ("language_model/.*",)
-        c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
-        c.batch.global_size = max(a.batch // 2, 1)
-        c.batch.seq_len = 128
-        c.data = dict(family.COMMON_DATA, packing=True, template="minigpt4_v1", sources=[
-            dict(spec=f"instruct:{p['text_conversations']}?format={fmt}", weight=1.0),
-            dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
-        ])
+        family.warmup_stage(c, a, p, fmt, template="minigpt4_v1")
     elif a.stage == "stage1":
         c.trainable = ("visual_encoder/.*", "ln_vision/.*", "qformer/.*", "llama_proj/.*")
         c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 50
@@ -71,7 +64,7 @@ def stage(c, a, p: dict) -> None:
         c.optimizer.lr, c.optimizer.warmup_steps = 1e-3, 30
         c.batch.seq_len = 112
         c.data = dict(family.COMMON_DATA, packing=False, template="minigpt4_v1", sources=[
-            dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")])
+            family.instruction_source(p, fmt)])
 
 
 DEMO = family.DemoFamily(

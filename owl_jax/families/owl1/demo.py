@@ -46,14 +46,7 @@ def stage(c, a, p: dict) -> None:
     """mPLUG-Owl's stages (the module docstring)."""
     fmt = DEMO.instruction_format
     if a.stage == "warmup":
-        c.trainable = ("language_model/.*",)
-        c.optimizer.lr, c.optimizer.warmup_steps = 3e-3, 30
-        c.batch.global_size = max(a.batch // 2, 1)
-        c.batch.seq_len = 128
-        c.data = dict(family.COMMON_DATA, packing=True, sources=[
-            dict(spec=f"instruct:{p['text_conversations']}?format={fmt}", weight=1.0),
-            dict(spec=f"webdataset:{p['text_shards']}", task="text", weight=1.0),
-        ])
+        family.warmup_stage(c, a, p, fmt)
     elif a.stage == "stage1":
         c.trainable = ("vision_model/.*", "query_tokens", "abstractor/.*")
         c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 50
@@ -68,7 +61,7 @@ def stage(c, a, p: dict) -> None:
         c.optimizer.lr, c.optimizer.warmup_steps = 2e-3, 30
         c.batch.seq_len = 96
         c.data = dict(family.COMMON_DATA, packing=False, sources=[
-            dict(spec=f"instruct:{p['instructions']}?format={fmt}&images={p['instruct_dir']}")])
+            family.instruction_source(p, fmt)])
 
 
 DEMO = family.DemoFamily(
