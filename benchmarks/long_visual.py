@@ -1,7 +1,8 @@
 """Many images in context: mPLUG-Owl3's hyper attention against splicing the same image features
 into the token sequence (the LLaVA-Interleave way), with the same SigLIP, projector and LLM.
 
-    python benchmarks/long_visual.py [--images 8,32,128,400] [--image_size 84] [--smoke]
+    python benchmarks/long_visual.py [--images 8,32,128,400] [--image_size 84] [--budget_gb 2,8]
+    python benchmarks/long_visual.py --image_size 384 --images 8,32,128,400 --max_tokens 6000
 
 Both models are one `Owl3` module: the hyper model reads the images through its hyper layers
 (each image is one placeholder of a few tokens in the text); the splice model is the same
@@ -17,10 +18,15 @@ For each number of images N it measures, in this run:
     temporaries - aliased), compiled only, so points too large to run are still sized;
   - decode tokens/s with the images in context (a compiled loop of --new_tokens greedy steps);
 and prints every figure as a ratio, splice / hyper (latency, memory) or hyper / splice
-(tokens/s). A splice point whose prefill needs more than --max_gb is sized, not run. Then, in
-the memory budget of the splice model at --budget_images images (the whole prefill, and the
-part beyond the weights), the most images the hyper model fits (by bisection over compiled
-prefills).
+(tokens/s). A splice point whose prefill needs more than --max_gb, or whose sequence is longer
+than --max_tokens, is sized, not run. Then, for each memory budget (--budget_gb; by default the
+splice prefill at the largest N both ran), the most images each model's prefill fits in it
+(over compiled prefills, by doubling and bisection) and their ratio.
+
+Both prefills are the engine's: chunked image encoding (IMAGE_CHUNK images at a time),
+blockwise attention over long sequences (`owl_jax.layers.blockwise`), the head on the last
+position; the hyper model goes from pixels to its hyper layers' keys / values a chunk of
+images at a time (`Owl3.prompt_inputs`).
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from owl_jax.decoder.llama import TextConfig, init_cache  # noqa: E402
 from owl_jax.encoders.siglip import SiglipConfig  # noqa: E402
 from owl_jax.families.owl3.config import Owl3Config  # noqa: E402
 from owl_jax.families.owl3.model import Owl3, dummy_inputs, media_id  # noqa: E402
+from owl_jax.layers.masks import CacheMask  # noqa: E402
 
 GIB = 2.0 ** 30
 PLACEHOLDER = 3      # text tokens of an `<|image|>` placeholder (BPE pieces <| image |>)
@@ -106,28 +113,28 @@ class Bench:
         self.total = self.length + new_tokens
         self.new_tokens = new_tokens
         s = cfg.vision.image_size
-        self.pixels = rng.standard_normal((n, s, s, 3)).astype(np.float32)
+        self.pixel_shape, self.rng = (n, s, s, 3), rng
         self._prefill = jax.jit(self.prefill_fn)
         self._decode = jax.jit(self.decode_fn)
 
     def prefill_fn(self, params, ids, pixels):
         m, l, s = self.model, self.length, self.total
-        feats = m.apply({"params": params}, pixels, method="encode_images")   # [N, P, D]
         pos = jnp.arange(l)[None]
         if self.splice:
+            feats = m.apply({"params": params}, pixels, method="encode_images")   # [N, P, D]
             x = m.apply({"params": params}, jnp.maximum(ids, 0), method="embed_tokens")
             flat = feats.reshape(-1, feats.shape[-1])
-            at = jnp.cumsum(self.is_image) - 1
-            x = jnp.where(self.is_image[None, :, None], flat[jnp.clip(at, 0)][None], x)
+            at = np.maximum(np.cumsum(self.is_image) - 1, 0)     # feature of each slot
+            x = jnp.where(self.is_image[None, :, None], flat[at][None], x)
             visual = None
-        else:
-            x = m.apply({"params": params}, ids, method="embed")
-            visual = m.apply({"params": params}, ids, feats, pos, method="visual_context")
+        else:  # as the engine's prefill
+            x, visual = m.apply({"params": params}, ids, pixels, pos, method="prompt_inputs")
         cache = init_cache(self.cfg.text, 1, s, x.dtype)
-        mask = (jnp.arange(s)[None, :] <= jnp.arange(l)[:, None])[None]
-        logits, cache = m.apply({"params": params}, x, pos, mask, cache, 0, method="decode",
-                                visual=visual)
-        return jnp.argmax(logits[0, -1]), cache, visual
+        mask = CacheMask(jnp.ones((1, s), bool), jnp.arange(l))   # as the engine's prefill
+        hidden, cache = m.apply({"params": params}, x, pos, mask, cache, 0, True,
+                                method="decode", visual=visual)
+        logits = m.apply({"params": params}, hidden[:, -1], method="head")
+        return jnp.argmax(logits[0]), cache, visual
 
     def decode_fn(self, params, token, cache, visual):
         m, s = self.model, self.total
@@ -146,12 +153,15 @@ class Bench:
                                                             out))[2]
 
     def prefill_bytes(self) -> float:
-        mem = self._prefill.lower(self.params, self.ids, self.pixels).compile().memory_analysis()
+        """XLA's size of the compiled prefill (nothing is allocated: abstract pixels)."""
+        px = jax.ShapeDtypeStruct(self.pixel_shape, jnp.float32)
+        mem = self._prefill.lower(self.params, self.ids, px).compile().memory_analysis()
         return float(mem.argument_size_in_bytes + mem.output_size_in_bytes
                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
     def warm(self) -> None:
         """Compiles and runs the prefill and the decode loop once."""
+        self.pixels = self.rng.standard_normal(self.pixel_shape).astype(np.float32)
         self.state = jax.block_until_ready(self._prefill(self.params, self.ids, self.pixels))
         jax.block_until_ready(self._decode(self.params, *self.state))
 
@@ -182,13 +192,20 @@ def alternate(benches, repeats: int) -> list[dict]:
     return [{"first_s": min(f), "tok_s": max(r)} for f, r in zip(first, rate)]
 
 
-def most_images(size, budget: float, lo: int, hi: int) -> tuple[int, bool]:
-    """The most images whose prefill needs at most `budget` bytes (size(n) -> bytes), by
-    bisection in [lo, hi] to 2%; (n, True) when even hi fits, (0, False) when lo does not."""
-    if size(hi) <= budget:
-        return hi, True
-    if size(lo) > budget:
+def most_images(size, budget: float, limit: int) -> tuple[int, bool]:
+    """The most images whose prefill needs at most `budget` bytes (size(n) -> bytes): doubling
+    from 1, then bisection to 2%; (limit, True) when even `limit` fits, (0, False) when 1
+    does not."""
+    if size(1) > budget:
         return 0, False
+    lo = 1
+    while True:
+        hi = min(2 * lo, limit)
+        if size(hi) > budget:
+            break
+        if hi == limit:
+            return limit, True
+        lo = hi
     while hi - lo > max(1, lo // 50):
         mid = (lo + hi) // 2
         if size(mid) <= budget:
@@ -196,10 +213,6 @@ def most_images(size, budget: float, lo: int, hi: int) -> tuple[int, bool]:
         else:
             hi = mid
     return lo, False
-
-
-def param_bytes(params) -> float:
-    return float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
 
 
 def main(argv=None) -> int:
@@ -215,13 +228,18 @@ def main(argv=None) -> int:
                     help="timed runs per point and side, alternating (best counts)")
     ap.add_argument("--max_gb", type=float, default=6.0,
                     help="splice points whose compiled prefill needs more are sized, not run")
-    ap.add_argument("--budget_images", type=int, default=0,
-                    help="the memory budget: the splice model's prefill at this many images "
-                         "(default: the largest N both ran)")
+    ap.add_argument("--budget_gb", default="",
+                    help="memory budgets in GiB, comma-separated, in which each model's most "
+                         "images are found (default: the splice prefill at the largest N both "
+                         "ran)")
+    ap.add_argument("--max_images", type=int, default=4096,
+                    help="the most images the budget search tries")
+    ap.add_argument("--max_tokens", type=int, default=0,
+                    help="splice points over this many tokens are sized, not run (0: no limit)")
     ap.add_argument("--smoke", action="store_true", help="tiny models and counts (tests)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.images, args.new_tokens, args.repeats = "2,4", 4, 1
+        args.images, args.new_tokens, args.repeats, args.max_images = "2,4", 4, 1, 64
     counts = [int(x) for x in args.images.split(",")]
     cfg, splice_cfg = configs(args)
     rng = np.random.default_rng(0)
@@ -244,13 +262,14 @@ def main(argv=None) -> int:
     for n in counts:
         h, s = hyper_at(n), splice_at(n)
         hm, sm = h.prefill_bytes(), s.prefill_bytes()
-        runs_splice = sm <= args.max_gb * GIB
+        runs_splice = sm <= args.max_gb * GIB and (not args.max_tokens
+                                                     or s.length <= args.max_tokens)
         hr, *sr = alternate([h, s] if runs_splice else [h], args.repeats)
         line = (f"N={n:4d}: hyper {h.length} tokens, first token {hr['first_s']:.3g} s, "
                 f"prefill memory {hm / GIB:.3g} GiB, decode {hr['tok_s']:.3g} tok/s | splice "
                 f"{s.length} tokens, prefill memory {sm / GIB:.3g} GiB")
         if not runs_splice:
-            print(line + f" (over --max_gb {args.max_gb}: not run) | memory splice/hyper "
+            print(line + " (over --max_gb / --max_tokens: not run) | memory splice/hyper "
                          f"{sm / hm:.3g}x", flush=True)
             continue
         sr = sr[0]
@@ -262,25 +281,23 @@ def main(argv=None) -> int:
                      f"{hr['tok_s'] / sr['tok_s']:.3g}x", flush=True)
     if largest_both is not None:
         print(f"largest N both ran: {largest_both}")
-    b = args.budget_images or largest_both or counts[0]
-    total = splice_at(b).prefill_bytes()
-    weights = {"hyper": param_bytes(params), "splice": param_bytes(sparams)}
-    sizes: dict[int, float] = {}
+    budgets = [float(x) * GIB for x in args.budget_gb.split(",")] if args.budget_gb else [
+        splice_at(largest_both or counts[0]).prefill_bytes()]
+    for budget in budgets:
+        fits = {}
+        for name, at in (("splice", splice_at), ("hyper", hyper_at)):
+            sizes: dict[int, float] = {}
 
-    def hyper_bytes(n):
-        if n not in sizes:
-            sizes[n] = hyper_at(n).prefill_bytes()
-        return sizes[n]
-    hi = max(counts[-1], b) * 16
-    for what, budget, extra in (
-            ("the whole prefill (weights included)", total, 0.0),
-            ("beyond the weights (activations, caches, pixels)", total - weights["splice"],
-             weights["hyper"])):
-        n_h, capped = most_images(lambda n: hyper_bytes(n) - extra, budget, 1, hi)
-        at_least = ">= " if capped else ""
-        print(f"memory budget {budget / GIB:.3g} GiB, {what}: the splice prefill at {b} images; "
-              f"hyper fits {at_least}{n_h} images: {at_least}{n_h / b:.3g}x more images",
-              flush=True)
+            def size(n, at=at, sizes=sizes):
+                if n not in sizes:
+                    sizes[n] = at(n).prefill_bytes()
+                return sizes[n]
+            fits[name] = most_images(size, budget, args.max_images)
+        (n_s, cap_s), (n_h, cap_h) = fits["splice"], fits["hyper"]
+        ratio = f"{n_h / n_s:.3g}x" if n_s else "-"
+        print(f"memory budget {budget / GIB:.3g} GiB (the whole prefill, weights included): splice "
+              f"fits {'>= ' * cap_s}{n_s} images, hyper {'>= ' * cap_h}{n_h}: "
+              f"{'>= ' * (cap_h and not cap_s)}{ratio} more images", flush=True)
     return 0
 
 

@@ -2,6 +2,8 @@
 LlamaForCausalLM on the same weights: greedy, repetition penalty, no-repeat-ngram, beam search),
 HF's top-k / top-p warpers, a full-recomputation greedy loop through `Owl.__call__`, and
 row-by-row consistency of batches with different lengths and image counts."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 
 from owl_jax.generate import sampling
 from owl_jax.generate import GenerationConfig, Generator, bucket_length
+from owl_jax.generate.config import MAX_STOPS, stop_ids
 from owl_jax.families.owl1.model import Owl
 from owl_jax.testing.models import FAST, VOCAB, prompt_rows, random_params, small_config, to_hf
 
@@ -158,6 +161,27 @@ def test_eos_stops_its_row_only(model, batch):
     assert out[0].finish_reason == "eos" and out[0].token_ids == free[0].token_ids[:k]
     for o, f in zip(out[1:], free[1:]):
         assert o.finish_reason == "length" and o.token_ids == f.token_ids
+
+
+def test_several_stop_ids_stop_each_row_at_the_first_of_them(model, batch):
+    cfg, _, gen = model
+    rows, px = batch
+    free = gen.generate(rows, px, GenerationConfig(max_new_tokens=8, eos_token_id=-1))
+    # row 0 stops at one id, row 1 at another; a third id nobody makes
+    a = next(t for t in free[0].token_ids[2:] if t not in free[1].token_ids)
+    b = next(t for t in free[1].token_ids[1:] if t not in free[0].token_ids)
+    stops = (cfg.text.vocab_size + 3, a, b)
+    for beam in (False, True):   # one beam is greedy; its hypotheses close at any stop id
+        out = gen.generate(rows, px, GenerationConfig(max_new_tokens=8, eos_token_id=stops),
+                           force_beam_search=beam)
+        for g, f, t in zip(out, free, (a, b)):
+            assert g.finish_reason == "eos" and g.token_ids == f.token_ids[:f.token_ids.index(t)]
+    # None: the model config's eos_token_id and stop_token_ids
+    np.testing.assert_array_equal(stop_ids(cfg.text), [cfg.text.eos_token_id, -1, -1, -1])
+    qwen = dataclasses.replace(cfg.text, stop_token_ids=(a, b))
+    np.testing.assert_array_equal(stop_ids(qwen), [cfg.text.eos_token_id, a, b, -1])
+    with pytest.raises(ValueError, match="eos_token_id"):
+        stop_ids(cfg.text, tuple(range(MAX_STOPS + 1)))
 
 
 def test_streaming_grows_to_the_final_answer(model, batch):

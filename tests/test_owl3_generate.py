@@ -15,6 +15,7 @@ import owl_jax
 from owl_jax import checkpoint as ckpt
 from owl_jax import families
 from owl_jax.cli import generate as cli
+from owl_jax.generate.config import stop_ids
 from owl_jax.generate.cpu import decode_kernels
 from owl_jax.families.owl3 import config as owl3_config
 from owl_jax.families.owl3 import cut as cut_lib
@@ -90,6 +91,18 @@ def test_tied_checkpoint_loads_with_its_tokenizer(owl):
         np.testing.assert_array_equal(
             np.asarray(screen["head"]),
             np.asarray(owl.params["language_model"]["embed_tokens"]["embedding"]).T)
+
+
+def test_generation_stops_at_im_end_and_endoftext(owl, ckpt_dir):
+    """As the official `generate` (terminators <|endoftext|> and <|im_end|>), kept through a
+    checkpoint's config.json; an official config naming a list of eos ids stops at all."""
+    tok = owl.tokenizer
+    want = {tok.token_id("<|im_end|>"), tok.token_id("<|endoftext|>")}
+    assert set(stop_ids(owl.config.text).tolist()) - {-1} == want
+    d = owl3_config.to_dict(owl.config)
+    assert owl3_config.from_dict(d).text == owl.config.text
+    listed = owl3_config.from_dict({**d, "eos_token_id": [7, 9], "bos_token_id": 5}).text
+    assert (listed.eos_token_id, listed.stop_token_ids) == (7, (9, 5))
 
 
 def test_batched_media_greedy_equals_recomputation(owl):

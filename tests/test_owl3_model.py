@@ -12,7 +12,9 @@ from owl_jax.families.owl3 import config as owl3_config
 from owl_jax.families.owl3.model import Owl3, media_id
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "owl3")
-CASES = ("three_tiles", "leading_image", "text_only")
+# a cut image's three tiles, one image first, no image, three images, an 8-frame video (241101:
+# between its frame markers)
+CASES = ("three_tiles", "leading_image", "text_only", "three_images", "video_frames")
 
 
 def load_golden(version):
@@ -54,27 +56,37 @@ def test_forward_matches_official(version):
                                    atol=1e-4, rtol=1e-4, err_msg=f"{version} {name}")
 
 
-@pytest.mark.parametrize("version", ["240728", "241101"])
-def test_engine_greedy_matches_official_and_padded_rows(version):
+@pytest.mark.parametrize("version,blocks", [("240728", False), ("241101", False),
+                                            ("240728", True), ("241101", True)])
+def test_engine_greedy_matches_official_and_padded_rows(version, blocks, monkeypatch):
     """owl_jax.generate.Generator (visual K/V computed once at prefill, read by every step)
     gives the official generate's greedy tokens; in a left-padded batch with different image
-    counts every row gives what it gives alone."""
+    counts every row gives what it gives alone. With `blocks`, the prefill encodes two
+    images at a time (the last chunk overlapping) and every prefill attention runs block by
+    block (owl_jax.layers.blockwise, blocks that do not divide the lengths)."""
+    from owl_jax.families.owl3 import model as owl3_model
     from owl_jax.generate import GenerationConfig, Generator
+    from owl_jax.generate.config import stop_ids
+    from owl_jax.layers import blockwise
     from owl_jax.testing.models import FAST
+    if blocks:
+        for name, value in (("MIN_BLOCKWISE", 0), ("Q_BLOCK", 4), ("K_BLOCK", 6)):
+            monkeypatch.setattr(blockwise, name, value)
+        monkeypatch.setattr(owl3_model, "IMAGE_CHUNK", 2)
     cfg, params, cases = load_golden(version)
     gen = Generator(cfg, params, compiler_options=FAST)
-    gc = GenerationConfig(max_new_tokens=6, eos_token_id=cfg.text.eos_token_id)
+    gc = GenerationConfig(max_new_tokens=6)  # the official terminators: eos and <|endoftext|>
+    stops = set(stop_ids(cfg.text).tolist())
     rows = [marked_ids(cases, n).tolist() for n in CASES]
     px = [pixels(cases, n) for n in CASES]
     alone = []
     for name, row, p in zip(CASES, rows, px):
         got = gen.generate([row], p, gc)[0].token_ids
         want = cases[f"{name}/tokens"].tolist()
-        if cfg.text.eos_token_id in want:
-            want = want[:want.index(cfg.text.eos_token_id)]
+        want = want[:min([want.index(t) for t in stops if t in want] or [len(want)])]
         assert got == want, (version, name)
         alone.append(got)
-    order = [2, 0, 1]  # text-only first: the image rows are left-padded by different amounts
+    order = [2, 0, 1, 4, 3]  # text-only first: image rows left-padded by different amounts
     batch_px = np.concatenate([px[i] for i in order if px[i] is not None])
     together = gen.generate([rows[i] for i in order], batch_px, gc)
     assert [g.token_ids for g in together] == [alone[i] for i in order]

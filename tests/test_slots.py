@@ -58,6 +58,7 @@ def test_slots_match_generate_token_for_token(name):
             for i, ((ids, px), b) in enumerate(zip(prompts, budgets))]
     for i in (1, 3, 4):  # these stop at an EOS of their own: their third free-running token
         reqs[i].eos_token_id = _alone(gen, *prompts[i], reqs[i]).token_ids[2]
+    reqs[4].eos_token_id = (VOCAB + 7, reqs[4].eos_token_id)   # several stop ids
     engine = SlotEngine(gen, slots=3, steps_per_call=2, prefill_rows=2)
     # three start together, the rest join mid-way (as slots free up)
     _run(engine, reqs, join_after=[0, 0, 0, 1, 2, 2, 5])

@@ -31,13 +31,13 @@ of every image's keys; batch first, so generation can pick rows of it).
 """
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from owl_jax.decoder.llama import LlamaMLP, TextConfig
+from owl_jax.layers import blockwise
 from owl_jax.layers.attention import apply_rope, attention, cached_attention, rope_cos_sin
 from owl_jax.layers.core import Dense, LoraSpec, RMSNorm, constrain
 
@@ -79,35 +79,18 @@ def visual_mask(q_positions, visual, fusion: str, q_segments=None):
     return seen
 
 
-# einsum operand specs of keys / values by layout: [B, Lk, Hkv, D] or kv head major
-# [B, Hkv, Lk, D] (the visual keys)
-_KEYS = {False: "bkhd", True: "bhkd"}
+@flax.struct.dataclass
+class TileMask:
+    """The visual keys' mask from the tiles each query sees (tiles bool [B, L, T], P keys per
+    tile), structured for `owl_jax.layers.blockwise`."""
+    tiles: jax.Array
+    per_tile: int = flax.struct.field(pytree_node=False)
 
+    def dense(self):
+        return jnp.repeat(self.tiles, self.per_tile, axis=-1)
 
-def _scores(q, k, mask, kv_major=False):
-    """fp32 scaled scores [B, Hkv, G, Lq, Lk], masked; q [B, Lq, H, D], k [B, Lk, Hkv, D]
-    (or [B, Hkv, Lk, D] when kv_major)."""
-    b, lq, h, d = q.shape
-    hkv = k.shape[1 if kv_major else 2]
-    q = q.reshape(b, lq, hkv, h // hkv, d)
-    s = jnp.einsum(f"bqhgd,{_KEYS[kv_major]}->bhgqk", q, k) / jnp.asarray(math.sqrt(d), q.dtype)
-    s = s.astype(jnp.float32)
-    return jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-
-
-def joint_attention(q, parts):
-    """One softmax over several key sets: parts = [(k, v, mask [B, Lq, Lk], kv_major)], k and
-    v [B, Lk, Hkv, D] (or [B, Hkv, Lk, D] when kv_major)."""
-    b, lq, h, d = q.shape
-    scores = [_scores(q, k, m, major) for k, _, m, major in parts]
-    p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-    out, at = 0, 0
-    for (k, v, _, major), s in zip(parts, scores):
-        n = s.shape[-1]
-        out = out + jnp.einsum(f"bhgqk,{_KEYS[major]}->bqhgd",
-                               p[..., at:at + n].astype(v.dtype), v)
-        at += n
-    return out.reshape(b, lq, h, d)
+    def block(self, q_idx, k_idx):
+        return self.tiles[:, q_idx][:, :, k_idx // self.per_tile]
 
 
 class HyperAttention(nn.Module):
@@ -175,24 +158,23 @@ class HyperAttention(nn.Module):
             vk = kv["k"].astype(self.dtype)                       # [B, Hkv, T * P, D]
             vv = kv["v"].astype(self.dtype)
             tiles = visual_mask(side["positions"], visual, self.fusion, side.get("segment_ids"))
-            p = vk.shape[2] // tiles.shape[-1]
-            vmask = jnp.repeat(tiles, p, axis=-1)  # [B, L, T * P]
+            seen = blockwise.Keys(vk, vv, TileMask(tiles, vk.shape[2] // tiles.shape[-1]),
+                                  "bhkd")
             if self.fusion == "gate":
                 ctx_t = self._text_attention(q, k, v, mask, new_cache)
-                ctx_v = joint_attention(q, [(vk, vv, vmask, True)])
+                ctx_v = blockwise.attend(q, [seen])
                 g = jax.nn.sigmoid(self.gate_proj(ctx_t, deterministic))
                 mixed = ctx_t * (1 - g) + ctx_v * g
                 o = jnp.where(tiles.any(-1)[:, :, None, None], mixed, ctx_t)
             else:
                 if new_cache is None:
-                    tk, tv = k, v
-                else:  # [Hkv * B, S, D] -> [B, S, Hkv, D]
-                    s = new_cache["k"].shape[1]
-                    tk = new_cache["k"].astype(self.dtype).reshape(hkv, b, s, hd).transpose(
-                        1, 2, 0, 3)
-                    tv = new_cache["v"].astype(self.dtype).reshape(hkv, b, s, hd).transpose(
-                        1, 2, 0, 3)
-                o = joint_attention(q, [(vk, vv, vmask, True), (tk, tv, mask, False)])
+                    text = blockwise.Keys(k, v, mask)
+                else:  # [Hkv * B, S, D] viewed as [Hkv, B, S, D]
+                    view = (hkv, b, new_cache["k"].shape[1], hd)
+                    text = blockwise.Keys(new_cache["k"].astype(self.dtype).reshape(view),
+                                          new_cache["v"].astype(self.dtype).reshape(view),
+                                          mask, "hbkd")
+                o = blockwise.attend(q, [seen, text])
         o = self.o_proj(o.reshape(b, l, h * hd), deterministic)
         return o, new_cache
 

@@ -44,6 +44,7 @@ class TextConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # ids besides eos_token_id that end generation
     qkv_bias: bool = False              # Qwen2: biases on q/k/v projections (none on o_proj)
     tie_word_embeddings: bool = False   # the head reads embed_tokens (no lm_head param)
 

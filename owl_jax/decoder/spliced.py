@@ -3,8 +3,8 @@
 
 A family's model subclasses `SplicedVLM`, builds its image path and `language_model`
 (owl_jax.decoder.llama.Llama over cfg.text) in `setup`, and defines `encode_images`; the
-forward pass and the generation engine's methods (`embed`, `decode`, `head`, `embed_tokens`)
-are these.
+forward pass and the generation engine's methods (`prompt_inputs`, `decode`, `head`,
+`embed_tokens`) are these.
 """
 from __future__ import annotations
 
@@ -66,6 +66,13 @@ class SplicedVLM(nn.Module):
         out, _ = self.language_model(x, positions, segment_mask(segment_ids),
                                      deterministic=deterministic, return_hidden=return_hidden)
         return out
+
+    def prompt_inputs(self, input_ids, pixel_values, positions):
+        """What a prefill feeds the decoder: (the embeddings [B, L, D], the visual context).
+        pixel_values [N, H, W, 3] in batch order, or None."""
+        image_embeds = None if pixel_values is None else self.encode_images(pixel_values)
+        return (self.embed(input_ids, image_embeds),
+                self.visual_context(input_ids, image_embeds, positions))
 
     def visual_context(self, input_ids, image_embeds, positions):
         """What every decode step needs of the images, per row (a pytree whose leaves lead

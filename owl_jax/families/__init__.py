@@ -33,8 +33,9 @@ class Family:
     model             the linen Module class: model(cfg, dtype=, param_dtype=, scan_layers=,
                       remat_policy=, lora=, lora_targets=); it has __call__(input_ids,
                       pixel_values, segment_ids, positions, deterministic), encode_images,
-                      embed(ids, image_embeds), embed_tokens, decode, head, and its decoder as
-                      `language_model` (owl_jax.decoder.llama.Llama over cfg.text)
+                      embed(ids, image_embeds), prompt_inputs(ids, pixel_values, positions)
+                      -> (embeddings, visual context), embed_tokens, decode, head, and its
+                      decoder as `language_model` (owl_jax.decoder.llama.Llama over cfg.text)
     dummy_inputs(cfg) (input_ids, pixel_values [1, 1, H, W, 3]) that create every parameter
     processor(tokenizer, cfg)  prompts + images -> {input_ids (-1 at image slots),
                       attention_mask, pixel_values}; `.image(img)`; `.encode(prompt)` -> ids

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from owl_jax.generate import sampling
+from owl_jax.generate.config import is_stop
 from owl_jax.decoder.llama import select_cache_rows
 
 _ROW_KEYS = ("kv_valid", "pos0", "seen", "hist", "visual")  # and the cache (`select_cache_rows`)
@@ -68,7 +69,7 @@ def step(st, logits, knobs, spec):
     src = top_i // v
     tok = (top_i % v).astype(jnp.int32)
     rank = jnp.arange(2 * nb)[None]
-    is_eos = tok == knobs["eos"]
+    is_eos = is_stop(tok, knobs["eos"])
     done = st["done"]
     lp = knobs["length_penalty"]
     length = (t + 1).astype(jnp.float32)
@@ -121,7 +122,7 @@ def _add(fin, ok, score, seq, length, nb):
     }
 
 
-def finish(st, n_rows, length_penalty, eos_id):
+def finish(st, n_rows, length_penalty, stops):
     """Host side (numpy): BeamSearchScorer.finalize, then the best hypothesis per prompt, as
     (token_ids, finish_reason) pairs: the new tokens without the EOS, and "eos" or "length"."""
     out = []
@@ -139,7 +140,7 @@ def finish(st, n_rows, length_penalty, eos_id):
                     hyps.append((score, seq))
                     hyps = sorted(hyps, key=lambda h: h[0])[-nb:]
         best = max(hyps, key=lambda h: h[0])[1]
-        if best and best[-1] == eos_id:
+        if best and best[-1] in stops:
             out.append((best[:-1], "eos"))
         else:
             out.append((best, "length"))

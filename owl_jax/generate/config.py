@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+import numpy as np
+
+MAX_STOPS = 4   # stop token ids a request may name (padded with -1, which no token equals)
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -18,7 +23,8 @@ class GenerationConfig:
     length_penalty: float = 1.0
     early_stopping: bool = True
     seed: int = 0
-    eos_token_id: int | None = None   # None: the model config's (2 for LLaMA)
+    # a stop id or several; None: the model config's eos_token_id and stop_token_ids
+    eos_token_id: int | tuple[int, ...] | None = None
     # Repetition penalty / no-repeat-ngram over prompt + new tokens (HF generate on input_ids);
     # False: over [BOS] + new tokens only, as the official mPLUG-Owl generate (inputs_embeds).
     penalize_prompt: bool = True
@@ -87,3 +93,26 @@ class Spec:
     def plain_greedy(self) -> bool:
         """Greedy with no processor that needs the logits (penalty, n-gram ban) and no beams."""
         return not (self.sample or self.penalty or self.ngram or self.beam_search)
+
+
+def stop_ids(text_cfg, eos_token_id=None) -> np.ndarray:
+    """int32 [MAX_STOPS]: the ids that end a row (`eos_token_id`: one id, several, or None for
+    the decoder config's eos_token_id and stop_token_ids), padded with -1."""
+    if eos_token_id is None:
+        ids = (text_cfg.eos_token_id, *text_cfg.stop_token_ids)
+    elif isinstance(eos_token_id, (int, np.integer)):
+        ids = (int(eos_token_id),)
+    else:
+        ids = tuple(int(i) for i in eos_token_id)
+    if not 0 < len(ids) <= MAX_STOPS:
+        raise ValueError(f"eos_token_id: 1 to {MAX_STOPS} stop ids, got {eos_token_id!r}")
+    return np.array(ids + (-1,) * (MAX_STOPS - len(ids)), np.int32)
+
+
+def is_stop(tokens, stops):
+    """bool, tokens' shape: which tokens are among `stops` ([MAX_STOPS], or one row of them
+    per leading row of `tokens`: [B, MAX_STOPS] for tokens [B, ...])."""
+    stops = jnp.asarray(stops)
+    if stops.ndim == 2:
+        stops = stops.reshape(stops.shape[0], *(1,) * (tokens.ndim - 1), stops.shape[1])
+    return (tokens[..., None] == stops).any(-1)

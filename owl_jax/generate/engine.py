@@ -10,10 +10,11 @@ Layout of a batch (every row ends at the same cache slot, so one scalar slot ind
   row's numbers do not depend on its padding; padded keys are masked out for every query.
 - Prompt lengths are bucketed (`bucket_length`), as are the token capacity Tc, the batch size
   and the image count, so a new prompt length rarely means a new compile.
-- Prefill runs the LLM over the whole prompt (images spliced in, the model's `embed`), computes
-  the head on the last position only and picks the first token. The model's `visual_context`
-  (None for splice families; a cross-attention family's image keys / values) is computed there
-  once and handed to every later `decode` call as `state["visual"]`, one entry per row. The decode loop is one
+- Prefill runs the LLM over the whole prompt (the model's `prompt_inputs`: images spliced in),
+  computes the head on the last position only and picks the first token. Long prompts attend
+  block by block (`owl_jax.layers.blockwise`). The visual context (None for splice families;
+  a cross-attention family's image keys / values) is computed there once and handed to every
+  later `decode` call as `state["visual"]`, one entry per row. The decode loop is one
   `jax.lax.while_loop` inside one jitted function: feed the last token, write its K/V into the
   preallocated cache in place, pick the next token, stop a row at EOS or at its budget, stop the
   loop when every row is done. The state is donated so the cache is never copied.
@@ -45,12 +46,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from owl_jax.generate import beam as beam_lib
 from owl_jax.generate import sampling
 from owl_jax.generate.buckets import bucket_length, pow2
-from owl_jax.generate.config import Generation, GenerationConfig, Spec
+from owl_jax.generate.config import Generation, GenerationConfig, Spec, is_stop, stop_ids
 from owl_jax.generate.cpu import decode_kernels, greedy_screen, speculative
 from owl_jax.generate.cpu.decode_kernels import COMPILER_OPTIONS as KERNEL_COMPILER_OPTIONS
 from owl_jax import families
 from owl_jax.decoder import llama as llama_lib
-from owl_jax.layers.masks import cache_mask
+from owl_jax.layers.masks import CacheMask, cache_mask
 
 
 # -------------------------------------------------------------------------------------------
@@ -200,18 +201,15 @@ class Generator(speculative.SpeculativeDecoding):
         token."""
         self.traces += 1
         b, lb = ids.shape
-        image_embeds = None
-        if pixel_values is not None:
-            image_embeds = self.model.apply({"params": params}, pixel_values.astype(self.dtype),
-                                            method="encode_images")
-        x = self.model.apply({"params": params}, ids, image_embeds, method="embed")
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-        visual = self.model.apply({"params": params}, ids, image_embeds, positions,
-                                  method="visual_context")
+        if pixel_values is not None:
+            pixel_values = pixel_values.astype(self.dtype)
+        x, visual = self.model.apply({"params": params}, ids, pixel_values, positions,
+                                     method="prompt_inputs")
         kv_valid = jnp.concatenate([valid.astype(bool), jnp.ones((b, slots - lb), bool)], 1)
         cache = llama_lib.init_cache(self.cfg.text, b, slots, self.dtype)
         cache = self._constrain_cache(cache)
-        mask = cache_mask(kv_valid, jnp.arange(lb))
+        mask = CacheMask(kv_valid, jnp.arange(lb))  # long prompts attend block by block
         hidden, cache = self._lm(params, x, positions, mask, cache, 0, True, visual)
         logits = self._head(params, hidden[:, -1]).astype(jnp.float32)
         tc = slots - lb
@@ -261,7 +259,7 @@ class Generator(speculative.SpeculativeDecoding):
                                   top_p=knobs["top_p"] if spec.top_p else None)
         done = state["done"]
         tok = jnp.where(done, self.cfg.text.pad_token_id, tok)
-        eos = ~done & (tok == knobs["eos"])
+        eos = ~done & is_stop(tok, knobs["eos"])
         count = state["count"] + (~done).astype(jnp.int32)
         new = dict(state, tokens=state["tokens"].at[:, t].set(tok), count=count,
                    eos_hit=state["eos_hit"] | eos, done=done | eos | (count >= state["budget"]),
@@ -399,12 +397,12 @@ class Generator(speculative.SpeculativeDecoding):
                                                  uniform_budget=spec.beam_search,
                                                  spare=spec.draft)
         px = self._pad_images(pixel_values)
-        eos = self.cfg.text.eos_token_id if config.eos_token_id is None else config.eos_token_id
+        eos = stop_ids(self.cfg.text, config.eos_token_id)
         knobs = {"temperature": jnp.float32(max(config.temperature, 1e-6)),
                  "top_p": jnp.float32(config.top_p),
                  "penalty": jnp.float32(config.repetition_penalty),
                  "length_penalty": jnp.float32(config.length_penalty),
-                 "seed": jnp.uint32(config.seed % 2**32), "eos": jnp.int32(eos),
+                 "seed": jnp.uint32(config.seed % 2**32), "eos": jnp.asarray(eos),
                  "penalize_prompt": jnp.bool_(config.penalize_prompt)}
         with (jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext(),
               jax.default_matmul_precision(self.matmul_precision)):

@@ -17,9 +17,9 @@ Layout (one row per slot, each request at its own length, so one index per row):
   per-row `cache_index`) and which keys it may see (slots <= length). What a previous occupant
   left beyond `length` is never read.
 - Prefill runs waiting requests together (right-padded to a length bucket, images encoded and
-  spliced as the model's `embed` does), picks each one's first token, and `insert` copies each
-  row's KV cache (and the model's per-row `visual_context`, for families that have one) into a
-  free slot. Shapes: prefill compiles once per (rows, length bucket, image count) bucket, insert
+  spliced as the model's `prompt_inputs` does), picks each one's first token, and `insert`
+  copies each row's KV cache (and its visual context, for families that have one) into a free
+  slot. Shapes: prefill compiles once per (rows, length bucket, image count) bucket, insert
   once per prefill shape, the step once.
 - A step is one compiled call that runs `steps_per_call` decode steps over all slots (a scan);
   rows that are not live compute and are ignored. Each slot carries its own sampling settings
@@ -29,7 +29,7 @@ Layout (one row per slot, each request at its own length, so one index per row):
   row's own key `fold_in(key(seed), t)` for its t-th token, on one row's logits: a request
   gets the tokens `Generator.generate` gives it alone, whatever else shares the batch.
 
-The model pieces (`embed`, `encode_images`, `visual_context`, `decode`, `head`, the cache
+The model pieces (`prompt_inputs`, `decode`, `head`, the cache
 sharding over a `tensor` mesh axis, the CPU decode kernels) are the `Generator`'s.
 """
 from __future__ import annotations
@@ -47,7 +47,9 @@ import numpy as np
 from owl_jax.decoder import llama as llama_lib
 from owl_jax.generate import sampling
 from owl_jax.generate.buckets import bucket_length, pow2
+from owl_jax.generate.config import MAX_STOPS, is_stop, stop_ids
 from owl_jax.generate.engine import Generator
+from owl_jax.layers.masks import CacheMask
 
 
 @dataclasses.dataclass
@@ -60,12 +62,13 @@ class SlotRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
-    eos_token_id: int | None = None   # None: the model config's
+    eos_token_id: int | tuple[int, ...] | None = None   # None: the model config's stop ids
     # set by the engine
     budget: int = 0                   # new tokens it may make (max_new_tokens, the context)
     tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # "eos", "length" or "cancelled" once finished
     id: int = -1
+    stops: Any = None                 # int32 [MAX_STOPS] (generate.config.stop_ids)
 
 
 @dataclasses.dataclass
@@ -153,8 +156,7 @@ class SlotEngine:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got "
                              f"{req.temperature}, {req.top_p}")
         req.budget = min(req.max_new_tokens, self.max_len - n)
-        if req.eos_token_id is None:
-            req.eos_token_id = self.cfg.text.eos_token_id
+        req.stops = stop_ids(self.cfg.text, req.eos_token_id)
         if req.id < 0:
             req.id = next(_ids)
         return req
@@ -201,7 +203,7 @@ class SlotEngine:
                 self.state = self._insert(
                     self.state, prefix, np.int32(i), np.int32(slot), np.int32(len(r.ids)),
                     np.int32(r.budget), np.float32(r.temperature), np.float32(r.top_p),
-                    np.uint32(r.seed % 2**32), np.int32(r.eos_token_id))
+                    np.uint32(r.seed % 2**32), r.stops)
                 self.live[slot] = r
                 events.append(self._take(slot, first[i:i + 1]))
         return events
@@ -228,7 +230,7 @@ class SlotEngine:
             t = int(t)
             if t < 0:
                 break
-            if t == r.eos_token_id:
+            if t in r.stops:
                 reason = "eos"
                 break
             new.append(t)
@@ -290,7 +292,8 @@ class SlotEngine:
                 "last": zeros(jnp.int32), "count": zeros(jnp.int32),
                 "budget": zeros(jnp.int32), "active": zeros(bool),
                 "temperature": zeros(jnp.float32), "top_p": jnp.ones((s,), jnp.float32),
-                "seed": zeros(jnp.uint32), "eos": zeros(jnp.int32)}
+                "seed": zeros(jnp.uint32),
+                "eos": jnp.full((s, MAX_STOPS), -1, jnp.int32)}
 
     @staticmethod
     def _choose(logits, temperature, top_p, seed, count):
@@ -314,17 +317,14 @@ class SlotEngine:
         context (or None) and its first token."""
         gen, model = self.gen, self.gen.model
         b, lb = ids.shape
-        image_embeds = None
-        if pixel_values is not None:
-            image_embeds = model.apply({"params": params}, pixel_values.astype(gen.dtype),
-                                       method="encode_images")
-        x = model.apply({"params": params}, ids, image_embeds, method="embed")
         idx = jnp.arange(lb, dtype=jnp.int32)
         positions = jnp.broadcast_to(idx, (b, lb))
-        visual = model.apply({"params": params}, ids, image_embeds, positions,
-                             method="visual_context")
+        if pixel_values is not None:
+            pixel_values = pixel_values.astype(gen.dtype)
+        x, visual = model.apply({"params": params}, ids, pixel_values, positions,
+                                method="prompt_inputs")
         cache = gen._constrain_cache(llama_lib.init_cache(self.cfg.text, b, lb, gen.dtype))
-        mask = (idx[None, :] <= idx[:, None])[None] & (idx[None, :] < lens[:, None])[:, None]
+        mask = CacheMask(idx[None, :] < lens[:, None], idx)  # right padding never seen
         hidden, cache = gen._lm(params, x, positions, mask, cache, 0, True, visual)
         last = jnp.take_along_axis(hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
         logits = gen._head(params, last).astype(jnp.float32)
@@ -350,7 +350,7 @@ class SlotEngine:
             new["visual"] = jax.tree.map(lambda v, p: v.at[slot].set(p[row].astype(v.dtype)),
                                          state["visual"], prefix["visual"])
         for name, value in (("length", n), ("last", first), ("count", 1), ("budget", budget),
-                            ("active", (first != eos) & (budget > 1)),
+                            ("active", ~is_stop(first, eos) & (budget > 1)),
                             ("temperature", temperature), ("top_p", top_p), ("seed", seed),
                             ("eos", eos)):
             new[name] = state[name].at[slot].set(value)
@@ -373,7 +373,7 @@ class SlotEngine:
                                st["top_p"], st["seed"], st["count"])
             count = st["count"] + act
             length = st["length"] + act
-            done = (tok == st["eos"]) | (count >= st["budget"]) | (length >= t_max)
+            done = is_stop(tok, st["eos"]) | (count >= st["budget"]) | (length >= t_max)
             new = dict(st, cache=gen._constrain_cache(cache), count=count, length=length,
                        last=jnp.where(act, tok, st["last"]), active=act & ~done)
             return new, jnp.where(act, tok, -1)

@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from owl_jax.layers import ops
+from owl_jax.layers import blockwise, ops
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
@@ -62,10 +62,17 @@ def cached_attention(q, k, v, mask):
     q [B, Lq, H, D]; k and v [Hkv * B, S, D] (kv head major, then batch row:
     see `owl_jax.decoder.llama.init_cache`); mask bool [B, Lq, S]. Both matmuls read the cache as
     stored, with no unit dimension to squeeze at batch 1: otherwise XLA (CPU) transposes or
-    copies the whole cache of every layer at every decode step.
+    copies the whole cache of every layer at every decode step. A structured mask
+    (`CacheMask`) over many keys takes the blockwise path (`owl_jax.layers.blockwise`).
     """
     b, lq, h, d = q.shape
     hkv = k.shape[0] // b
+    if hasattr(mask, "block"):  # a structured mask (layers.masks.CacheMask)
+        if lq * k.shape[1] >= blockwise.MIN_BLOCKWISE:
+            view = (hkv, b, k.shape[1], d)
+            return blockwise.attend(q, [blockwise.Keys(k.reshape(view), v.reshape(view), mask,
+                                                       "hbkd")])
+        mask = mask.dense()
     g = h // hkv
     q = q.reshape(b, lq, hkv, g, d).transpose(2, 0, 3, 1, 4).reshape(hkv * b, g * lq, d)
     mask = jnp.broadcast_to(mask[None, :, None], (hkv, b, g, lq, mask.shape[-1]))

@@ -1,9 +1,12 @@
 """Attention masks and RoPE positions for full sequences, packed rows and cached decoding.
 
-All masks are bool [B, Lq, Lk], True where a query may attend a key.
+All masks are bool [B, Lq, Lk], True where a query may attend a key. `CacheMask` is
+`cache_mask`'s structured form: blockwise attention (`owl_jax.layers.blockwise`) reads it a
+block at a time, without the whole table.
 """
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -40,3 +43,19 @@ def cache_mask(kv_valid, q_slots):
     s = kv_valid.shape[1]
     causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # [Lq, S]
     return causal[None] & kv_valid[:, None, :]
+
+
+@flax.struct.dataclass
+class CacheMask:
+    """`cache_mask(kv_valid, q_slots)` without the [Lq, S] table (kv_valid bool [B, S], q_slots
+    int [Lq])."""
+    kv_valid: jax.Array
+    q_slots: jax.Array
+
+    def dense(self):
+        return cache_mask(self.kv_valid, self.q_slots)
+
+    def block(self, q_idx, k_idx):
+        """bool [B, qb, kb] for queries q_idx [qb] and key slots k_idx [kb]."""
+        seen = k_idx[None, :] <= self.q_slots[q_idx][:, None]
+        return seen[None] & self.kv_valid[:, k_idx][:, None, :]

@@ -144,6 +144,7 @@ def _preprocessor_size(p: dict) -> int | None:
 def to_official_dict(cfg: OwlConfig) -> dict:
     """The official composite config.json for `cfg` (loadable by MplugOwlConfig)."""
     t = dataclasses.asdict(cfg.text)
+    del t["stop_token_ids"]   # LLaMA stops at eos only
     if t["num_key_value_heads"] is None:  # LLaMA v1: the 4.28-era config has no such field
         del t["num_key_value_heads"]
     text = dict(t, model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",

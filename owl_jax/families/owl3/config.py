@@ -45,7 +45,7 @@ QWEN2_7B = TextConfig(vocab_size=151851, hidden_size=3584, intermediate_size=189
                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                       max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1e6,
                       bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-                      qkv_bias=True)
+                      stop_token_ids=(151643,), qkv_bias=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +99,18 @@ class Owl3Config:
 
 def tiny(vocab_size: int = 256, version: str = "240728", **text_kw) -> Owl3Config:
     """Small, non-default sizes everywhere (GQA, rope theta, biases), for tests and demos: 4
-    layers of which 1 and 3 (1-based) are hyper layers; a 3-layer SigLIP read at layer -2."""
+    layers of which 1 and 3 (1-based) are hyper layers; a 3-layer SigLIP read at layer -2.
+    Generation stops at eos and at bos (Qwen2's <|endoftext|>), as the official code."""
+    text = {**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=512, rope_theta=50000.0, bos_token_id=vocab_size - 3,
+                   eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 3, qkv_bias=True),
+            **text_kw}
+    text.setdefault("stop_token_ids", (text["bos_token_id"],))
     return Owl3Config(
         vision=SiglipConfig(hidden_size=32, intermediate_size=80, num_hidden_layers=3,
                             num_attention_heads=4, image_size=28, patch_size=14),
-        text=TextConfig(**{**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
-                                  num_hidden_layers=4, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=512,
-                                  rope_theta=50000.0, bos_token_id=vocab_size - 3,
-                                  eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 3,
-                                  qkv_bias=True), **text_kw}),
+        text=TextConfig(**text),
         hyper_layers=(1, 3), version=version)
 
 
@@ -134,8 +136,10 @@ def from_dict(d: dict, where: str = "config.json", version: str | None = None) -
     if "rope_theta" in rope:
         c["rope_theta"] = rope["rope_theta"]
     eos = c.get("eos_token_id", 151645)
-    eos = eos[0] if isinstance(eos, list) else eos
+    eos, *more = eos if isinstance(eos, list) else [eos]
     bos = c.get("bos_token_id", 151643)
+    # the official `generate` stops at <|im_end|> (eos) and at <|endoftext|> (Qwen2's bos id)
+    stops = tuple(dict.fromkeys(i for i in [*more, bos] if i != eos))
     text = TextConfig(
         vocab_size=_int(c, "vocab_size", where), hidden_size=_int(c, "hidden_size", where),
         intermediate_size=_int(c, "intermediate_size", where),
@@ -144,7 +148,7 @@ def from_dict(d: dict, where: str = "config.json", version: str | None = None) -
         num_key_value_heads=c["num_key_value_heads"] or c["num_attention_heads"],
         max_position_embeddings=_int(c, "max_position_embeddings", where),
         rms_norm_eps=float(c["rms_norm_eps"]), rope_theta=float(c["rope_theta"]),
-        bos_token_id=bos, eos_token_id=eos,
+        bos_token_id=bos, eos_token_id=eos, stop_token_ids=stops,
         pad_token_id=c.get("pad_token_id", bos) if c.get("pad_token_id") is not None else bos,
         qkv_bias=True, tie_word_embeddings=bool(c["tie_word_embeddings"]))
     v = {**HF_SIGLIP_DEFAULTS, **(d.get("vision_config") or OWL3_VISION)}

@@ -24,6 +24,8 @@ from owl_jax.encoders.siglip import SiglipVisionTransformer
 from owl_jax.layers.core import LoraSpec
 from owl_jax.layers.masks import segment_mask, segment_positions
 
+IMAGE_CHUNK = 8   # images encoded at once at inference (SigLIP's activations scale with it)
+
 
 def media_id(token):
     """The id that marks `token` as the start of an image placeholder."""
@@ -80,11 +82,26 @@ class Owl3(nn.Module):
                                     block_of=hyper.block_of(c.hyper_layers, c.fusion))
 
     def encode_images(self, pixel_values, deterministic: bool = True):
-        """pixel_values [..., H, W, 3] (normalized, NHWC) -> [..., P, D_text]."""
+        """pixel_values [..., H, W, 3] (normalized, NHWC) -> [..., P, D_text]. At inference,
+        IMAGE_CHUNK images at a time (one chunk's activations live at once)."""
         lead = pixel_values.shape[:-3]
-        feats = self.vision_model(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
-        out = self.vision2text_model(feats)
+        px = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+        n = px.shape[0]
+        if n <= IMAGE_CHUNK or not deterministic or self.is_initializing():
+            out = self._encode(px, deterministic)
+        else:
+            out = jnp.zeros((n, self.cfg.tokens_per_image, self.cfg.text.hidden_size),
+                            self.dtype)
+
+            def chunk(i, out):  # the last chunk moves back to end at n (overlap recomputed)
+                start = jnp.minimum(i * IMAGE_CHUNK, n - IMAGE_CHUNK)
+                feats = self._encode(jax.lax.dynamic_slice_in_dim(px, start, IMAGE_CHUNK))
+                return jax.lax.dynamic_update_slice_in_dim(out, feats.astype(out.dtype), start, 0)
+            out = jax.lax.fori_loop(0, -(-n // IMAGE_CHUNK), chunk, out)
         return out.reshape(*lead, *out.shape[1:])
+
+    def _encode(self, px, deterministic: bool = True):
+        return self.vision2text_model(self.vision_model(px))
 
     def embed(self, input_ids, image_embeds=None):
         """Token embeddings; images stay out of the sequence (media slots keep their token)."""
@@ -108,15 +125,62 @@ class Owl3(nn.Module):
             feats = jnp.take_along_axis(image_embeds, tile[:, :, None, None], axis=1)
         else:
             feats = image_embeds[tile]                       # [B, T, P, D]
-        offset = 1 if self.cfg.fusion == "gate" else 0       # MI-Rope: start (+1 in 240728)
-        out = {"starts": starts, "valid": valid}
+        out = {"starts": starts, "valid": valid, **self._hyper_kv(feats, starts)}
         if segments is not None:
             out["segments"] = segments
-        for i, layer in enumerate(self.language_model.layers):
-            if i + 1 in self.cfg.hyper_layers:
-                k, v = layer.visual_kv(feats, starts + offset)
-                out[f"layers_{i}"] = {"k": k, "v": v}
         return out
+
+    def _hyper_layers(self):
+        return [(i, layer) for i, layer in enumerate(self.language_model.layers)
+                if i + 1 in self.cfg.hyper_layers]
+
+    def _hyper_kv(self, feats, starts):
+        """{layers_i: {k, v}} of every hyper layer for tiles feats [B, T, P, D] whose
+        placeholders start at `starts` [B, T]."""
+        offset = 1 if self.cfg.fusion == "gate" else 0       # MI-Rope: start (+1 in 240728)
+        out = {}
+        for i, layer in self._hyper_layers():
+            k, v = layer.visual_kv(feats, starts + offset)
+            out[f"layers_{i}"] = {"k": k, "v": v}
+        return out
+
+    def prompt_inputs(self, input_ids, pixel_values, positions):
+        """What a prefill feeds the decoder: (token embeddings, the visual context), as
+        `visual_context(input_ids, encode_images(pixel_values), positions)` computes it but
+        IMAGE_CHUNK tiles at a time, from pixels to each hyper layer's keys / values, so the
+        images' features never exist all at once: what grows with the images is their pixels
+        and the hyper layers' K/V. pixel_values [N, H, W, 3] in batch order, or None."""
+        x = self.embed(input_ids)
+        if pixel_values is None:
+            return x, None
+        if self.is_initializing():
+            return x, self.visual_context(input_ids, self.encode_images(pixel_values), positions)
+        n = pixel_values.shape[0]
+        tile, starts, valid, _ = media_layout(input_ids, positions, n, per_row=False)
+        b, t = tile.shape
+        c = min(IMAGE_CHUNK, t)
+        per_row = -(-t // c)
+        p, tc = self.cfg.tokens_per_image, self.cfg.text
+        shape = (b, tc.kv_heads, t * p, tc.head_dim)
+        kv = {f"layers_{i}": {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+              for i, _ in self._hyper_layers()}
+
+        def chunk(j, kv):
+            row, at = j // per_row, jnp.minimum((j % per_row) * c, t - c)
+
+            def compute(kv):
+                images = jax.lax.dynamic_slice_in_dim(tile[row], at, c)
+                feats = self.encode_images(pixel_values[images])[None]       # [1, c, P, D]
+                new = self._hyper_kv(feats, jax.lax.dynamic_slice_in_dim(starts[row], at, c)[None])
+                return jax.tree.map(
+                    lambda buf, x: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype),
+                                                                (row, 0, at * p, 0)), kv, new)
+            # a row's slots past its own images hold nothing: skip them
+            seen = jax.lax.dynamic_slice_in_dim(valid[row], at, c).any()
+            return jax.lax.cond(seen, compute, lambda kv: kv, kv)
+
+        kv = jax.lax.fori_loop(0, b * per_row, chunk, kv)
+        return x, {"starts": starts, "valid": valid, **kv}
 
     def __call__(self, input_ids, pixel_values=None, segment_ids=None, positions=None,
                  deterministic: bool = True, return_hidden: bool = False):

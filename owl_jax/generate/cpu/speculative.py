@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from owl_jax import families
+from owl_jax.generate.config import is_stop
 from owl_jax.generate.cpu import decode_kernels, lookup, self_draft
 
 
@@ -110,7 +111,7 @@ class SpeculativeDecoding:
         lb = self._prompt_slots(st)
         t = st["step"]
         j = jnp.arange(tok.shape[1])[None, :]
-        eos = (tok == knobs["eos"]) & (j < n[:, None])
+        eos = is_stop(tok, knobs["eos"]) & (j < n[:, None])
         n = jnp.where(eos.any(1), jnp.argmax(eos, 1).astype(jnp.int32) + 1, n)
         n = jnp.minimum(n, st["budget"] - st["count"])
         hit = jnp.any(eos & (j < n[:, None]), 1)

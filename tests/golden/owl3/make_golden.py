@@ -8,7 +8,8 @@ OWL3_CODE, under transformers 4.37.2 and torch (CPU):
 
 Writes, per version, tests/golden/owl3/<version>/: config.json, model.safetensors (the
 official state_dict, fp32), and cases.npz (per case: input_ids, media_offset, pixel_values NCHW,
-logits of the forward pass, greedy tokens of `language_model.generate`).
+logits of the forward pass, greedy tokens of `language_model.generate`) for 0 images, one
+image, a cut image's three tiles, three images and an 8-frame video.
 
 240728 is the official code as released. 241101's torch code is not public; its model is
 the same code with the two changes the 241101 release describes (and the PaddleMIX port of it
@@ -156,7 +157,18 @@ CASES = {
                     42, 7, 8],
     "leading_image": [*PLACEHOLDER, 12, 13, 14, 15, 16],
     "text_only": [VOCAB - 3, 30, 31, 32, 33, 34],
+    "three_images": [VOCAB - 3, 5, *PLACEHOLDER, 9, 10, *PLACEHOLDER, 11, *PLACEHOLDER, 12, 13,
+                     7],
 }
+FRAME_MARKERS = [240, 241]   # <|start_video_frame|>, <|end_video_frame|> (241101 only)
+
+
+def video_case(version):
+    """An 8-frame video: one placeholder per frame, between the frame markers in 241101."""
+    frames = PLACEHOLDER * 8
+    if version == "241101":
+        frames = [FRAME_MARKERS[0], *frames, FRAME_MARKERS[1]]
+    return [VOCAB - 3, 20, *frames, 21, 22, 7]
 
 
 def main():
@@ -174,7 +186,7 @@ def main():
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   os.path.join(out, "model.safetensors"))
         arrays = {}
-        for name, ids in CASES.items():
+        for name, ids in {**CASES, "video_frames": video_case(version)}.items():
             mo, starts = media_offset_of(ids)
             n = len(starts)
             px = torch.randn(max(n, 1), 3, 28, 28) if n else None
