@@ -117,7 +117,8 @@ class OwlPipeline:
                  top_p: float = 1.0, repetition_penalty: float = 1.0,
                  no_repeat_ngram_size: int = 0, num_beams: int = 1,
                  length_penalty: float = 1.0, early_stopping: bool = True, seed: int = 0,
-                 penalize_prompt: bool = True, eos_token_id: int | None = None,
+                 penalize_prompt: bool = True,
+                 eos_token_id: int | tuple[int, ...] | None = None,
                  prompt_lookup_num_tokens: int = 0, self_draft_tokens: int = 4,
                  stream: Callable | None = None) -> Generation | list[Generation]:
         """Generates for one prompt (returns one Generation) or a list of prompts with a list of

@@ -1,5 +1,5 @@
-"""owl-serve over real HTTP on tiny random checkpoints (owl1 and LLaVA): the official `openai`
-client streamed and not, with and without images, answers equal to `load_pretrained(...)
+"""owl-serve over real HTTP on tiny random checkpoints (owl1, LLaVA, mPLUG-Owl3): the official
+`openai` client streamed and not, with and without images, answers equal to `load_pretrained(...)
 .generate` on the same conversation; bad requests answered 4xx with OpenAI's error body while
 other requests go on; the bounded queue (429) and shutdown (503); 100 concurrent streams with
 half of them dropped (the rest complete, no slot leaks); a non-streamed request whose client
@@ -25,6 +25,7 @@ from owl_jax.generate.slots import SlotEngine
 from owl_jax.serve.app import ServeOptions, create_app
 from owl_jax.serve.background import BackgroundServer
 from owl_jax.serve.scheduler import Scheduler
+from owl_jax.testing.bpe import write_tokenizer
 from owl_jax.testing.models import FAST, random_params
 from owl_jax.testing.spm import train_tiny_tokenizer
 
@@ -74,9 +75,17 @@ def pipelines(tmp_path_factory, tokenizer_dir):
 
     def get(name):
         if name not in made:
-            cfg = families.get(name).tiny(vocab_size=384, num_key_value_heads=2)
+            tok_dir, kw = tokenizer_dir, {}
+            if name == "owl3":  # a Qwen2-style BPE tokenizer.json and its special ids
+                tok_dir = str(tmp_path_factory.mktemp("bpe"))
+                write_tokenizer(tok_dir)
+                tok = families.get(name).load_tokenizer(tok_dir)
+                kw = dict(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                          bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+            cfg = families.get(name).tiny(**{"vocab_size": 384, "num_key_value_heads": 2,
+                                             **kw})
             path = str(tmp_path_factory.mktemp(name))
-            save_checkpoint(path, random_params(cfg, seed=1), cfg, tokenizer_dir=tokenizer_dir)
+            save_checkpoint(path, random_params(cfg, seed=1), cfg, tokenizer_dir=tok_dir)
             made[name] = owl_jax.load_pretrained(path, compiler_options=FAST)
         return made[name]
     return get
@@ -104,8 +113,10 @@ def serve(pipelines):
         server.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("name", ["owl1", "llava"])
+@pytest.mark.parametrize("name", ["owl1", "llava", "owl3"])
 def test_openai_client_streamed_and_not_with_and_without_images(serve, name):
+    """owl3 (images outside the sequence, a cut image's tiles as views): every slot keeps a
+    visual context; requests with and without images share the slots."""
     s = serve(name)
     client = s.client()
     models = client.models.list()
@@ -126,8 +137,9 @@ def test_openai_client_streamed_and_not_with_and_without_images(serve, name):
         assert out.choices[0].finish_reason in ("stop", "length")
         u = out.usage
         assert u.completion_tokens <= 8 and u.total_tokens == u.prompt_tokens + u.completion_tokens
-        ids = s.owl.processor.encode(s.owl.family.build_prompt(question, len(images)))
-        assert u.prompt_tokens == len(ids)
+        batch = s.owl.prepare(s.owl.family.build_prompt(question, len(images)),
+                              [image_of(u) for u in images])   # Owl3: a cut image's text
+        assert u.prompt_tokens == int(np.sum(batch["attention_mask"]))
         chunks = list(client.chat.completions.create(
             model=s.name, messages=messages, max_tokens=8, temperature=0, stream=True,
             stream_options={"include_usage": True}))

@@ -44,8 +44,10 @@ def _run(engine, pending, join_after):
         steps += 1
 
 
-@pytest.mark.parametrize("name", ["owl1", "llava"])
+@pytest.mark.parametrize("name", ["owl1", "llava", "owl3"])
 def test_slots_match_generate_token_for_token(name):
+    """owl3 keeps its images outside the sequence: every slot holds a visual context (of
+    max_views images), text-only requests included."""
     cfg = families.get(name).tiny(vocab_size=VOCAB, num_key_value_heads=2)
     params = random_params(cfg, seed=5)
     gen = Generator(cfg, params, compiler_options=FAST)
@@ -59,7 +61,8 @@ def test_slots_match_generate_token_for_token(name):
     for i in (1, 3, 4):  # these stop at an EOS of their own: their third free-running token
         reqs[i].eos_token_id = _alone(gen, *prompts[i], reqs[i]).token_ids[2]
     reqs[4].eos_token_id = (VOCAB + 7, reqs[4].eos_token_id)   # several stop ids
-    engine = SlotEngine(gen, slots=3, steps_per_call=2, prefill_rows=2)
+    engine = SlotEngine(gen, slots=3, steps_per_call=2, prefill_rows=2, max_views=4)
+    assert engine.visual == (name == "owl3")
     # three start together, the rest join mid-way (as slots free up)
     _run(engine, reqs, join_after=[0, 0, 0, 1, 2, 2, 5])
     reasons = set()

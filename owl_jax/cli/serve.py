@@ -42,6 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests that may wait for a slot; more are answered 429")
     p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-views", type=int, default=32,
+                   help="for models that keep images outside the sequence (mPLUG-Owl3): the "
+                        "most image views one request makes (a cut image gives its tiles and a "
+                        "global view); every slot keeps their keys / values")
     p.add_argument("--max-tokens", type=int, default=256,
                    help="answer length when a request gives no max_tokens")
     p.add_argument("--allowed-local-media-path", default=None,
@@ -68,7 +72,8 @@ def build(args):
         compiler_options={"xla_backend_optimization_level": 0} if args.fast_compile else None)
     owl._need_tokenizer()
     engine = SlotEngine(owl.generator, slots=args.slots, max_len=args.max_len,
-                        steps_per_call=args.steps_per_call, prefill_rows=args.prefill_rows)
+                        steps_per_call=args.steps_per_call, prefill_rows=args.prefill_rows,
+                        max_views=args.max_views)
     engine.warmup()  # compile the decode step before taking requests
     name = args.served_model_name or os.path.basename(os.path.normpath(args.ckpt))
     options = ServeOptions(model_name=name, max_images=args.max_images,

@@ -36,7 +36,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from owl_jax.decoder.llama import LlamaMLP, TextConfig
+from owl_jax.decoder.llama import LlamaMLP, TextConfig, write_cache
 from owl_jax.layers import blockwise
 from owl_jax.layers.attention import apply_rope, attention, cached_attention, rope_cos_sin
 from owl_jax.layers.core import Dense, LoraSpec, RMSNorm, constrain
@@ -144,12 +144,8 @@ class HyperAttention(nn.Module):
         if cache is not None:
             k_new = k.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)
             v_new = v.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)
-            new_cache = {
-                "k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype),
-                                                  (0, cache_index, 0)),
-                "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype),
-                                                  (0, cache_index, 0)),
-            }
+            new_cache = {"k": write_cache(cache["k"], k_new, cache_index, hkv),
+                         "v": write_cache(cache["v"], v_new, cache_index, hkv)}
         visual = None if side is None else side.get("visual")
         if visual is None:
             o = self._text_attention(q, k, v, mask, new_cache)

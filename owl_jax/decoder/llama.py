@@ -94,8 +94,8 @@ class LlamaAttention(nn.Module):
             # mask hides slots that are not written yet.
             k_new = k.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)   # [Hkv * B, L, D]
             v_new = v.transpose(2, 0, 1, 3).reshape(hkv * b, l, hd)   # [Hkv * B, L, D]
-            new_cache = {"k": _write_cache(cache["k"], k_new, cache_index, hkv),
-                         "v": _write_cache(cache["v"], v_new, cache_index, hkv)}
+            new_cache = {"k": write_cache(cache["k"], k_new, cache_index, hkv),
+                         "v": write_cache(cache["v"], v_new, cache_index, hkv)}
             o = cached_attention(q, new_cache["k"].astype(self.dtype),
                                  new_cache["v"].astype(self.dtype), mask)
         o = proj("o_proj", c.hidden_size, ("heads", "embed"))(o.reshape(b, l, h * hd),
@@ -103,7 +103,7 @@ class LlamaAttention(nn.Module):
         return o, new_cache
 
 
-def _write_cache(cache, new, index, hkv: int):
+def write_cache(cache, new, index, hkv: int):
     """Writes `new` [Hkv * B, L, D] into `cache` [Hkv * B, S, D] at slot `index`: a scalar
     (every row at the same slot) or int [B], one slot per batch row (continuous batching,
     where each row is a request of its own length)."""

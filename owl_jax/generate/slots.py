@@ -90,11 +90,15 @@ class SlotEngine:
     tokens (default and at most the model's context). steps_per_call: decode steps per
     compiled call (more: fewer host round trips; fewer: a finished slot is refilled sooner).
     prefill_rows: most requests prefilled in one call (default: slots).
+    max_views: for a model that keeps a visual context (cross-attention: mPLUG-Owl3), the most
+    images (pixel views: a cut image's tiles and global view, a video's frames) one request may
+    hold. Every slot keeps that many images' context, and such requests are prefilled one at
+    a time with their images padded to that count, so one slot layout serves every request.
     """
 
     def __init__(self, generator: Generator, slots: int = 8, max_len: int | None = None,
                  steps_per_call: int = 4, prefill_rows: int | None = None,
-                 bucket=bucket_length):
+                 bucket=bucket_length, max_views: int = 32):
         if slots < 1 or steps_per_call < 1:
             raise ValueError(f"slots and steps_per_call must be >= 1, got {slots}, "
                              f"{steps_per_call}")
@@ -106,6 +110,10 @@ class SlotEngine:
         self.steps_per_call = steps_per_call
         self.prefill_rows = min(prefill_rows or slots, slots)
         self.bucket = bucket
+        self.max_views = max_views
+        self.visual = self._keeps_visual_context()
+        if self.visual:
+            self.prefill_rows = 1
         jit = functools.partial(jax.jit, compiler_options=generator.compiler_options)
         self._prefill = jit(self._prefill_fn)
         self._insert = jit(self._insert_fn, donate_argnums=(0,))
@@ -131,6 +139,19 @@ class SlotEngine:
         """Requests hold slots, or a call's tokens are still to be read."""
         return self.active > 0 or self._pending is not None
 
+    def _keeps_visual_context(self) -> bool:
+        """Whether the model's prefill returns a visual context (traced shapes only)."""
+        s = self.cfg.vision.image_size
+        ids = jnp.array([[-1] * self.cfg.image_tokens + [self.cfg.text.bos_token_id]], jnp.int32)
+        pos = jnp.arange(ids.shape[1])[None]
+
+        def inputs(params, px):
+            return self.gen.model.apply({"params": params}, ids, px, pos,
+                                        method="prompt_inputs")
+        _, visual = jax.eval_shape(inputs, self.gen._call_params,
+                                   jax.ShapeDtypeStruct((1, s, s, 3), self.gen.dtype))
+        return visual is not None
+
     def _context(self):
         mesh = self.gen.mesh
         return contextlib.ExitStack() if mesh is None else jax.set_mesh(mesh)
@@ -150,6 +171,10 @@ class SlotEngine:
         if n_slots != n_img * self.cfg.image_tokens:
             raise ValueError(f"the prompt reserves {n_slots} image slots but {n_img} images "
                              f"were given ({self.cfg.image_tokens} slots each)")
+        if self.visual and n_img > self.max_views:
+            raise ValueError(f"the request makes {n_img} image views (a cut image's tiles and "
+                             f"global view count apart); this engine holds at most "
+                             f"{self.max_views} per request")
         if req.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
         if req.temperature < 0 or not 0.0 < req.top_p <= 1.0:
@@ -191,7 +216,15 @@ class SlotEngine:
             temp[i], top_p[i], seed[i] = r.temperature, r.top_p, r.seed % 2**32
             if r.pixel_values is not None and len(r.pixel_values):
                 pixels.append(np.asarray(r.pixel_values, np.float32))
-        px = self.gen._pad_images(np.concatenate(pixels) if pixels else None)
+        px = np.concatenate(pixels) if pixels else None
+        if self.visual:  # always max_views images: zeros past the request's own (never seen)
+            s = self.cfg.vision.image_size
+            padded = np.zeros((self.max_views, s, s, 3), np.float32)
+            if px is not None:
+                padded[:len(px)] = px
+            px = padded
+        else:
+            px = self.gen._pad_images(px)
         events = []
         with self._context(), jax.default_matmul_precision(self.gen.matmul_precision):
             prefix = self._prefill(self.gen._call_params, ids, lens, px, temp, top_p, seed)
@@ -209,16 +242,11 @@ class SlotEngine:
         return events
 
     def _ensure_visual(self, visual):
-        """Slot rows for the model's per-row visual context, made at its first use."""
-        want = jax.tree.map(lambda v: (self.slots,) + tuple(v.shape[1:]), visual)
-        if "visual" in self.state:
-            have = jax.tree.map(lambda v: tuple(v.shape), self.state["visual"])
-            if have != want:
-                raise ValueError(f"this request's visual context has shapes {want}, the "
-                                 f"slots hold {have}")
-            return
-        self.state = dict(self.state, visual=jax.tree.map(
-            lambda v: jnp.zeros((self.slots,) + tuple(v.shape[1:]), v.dtype), visual))
+        """Slot rows for the model's per-row visual context, made at its first use (every
+        prefill's has one shape: max_views images)."""
+        if "visual" not in self.state:
+            self.state = dict(self.state, visual=jax.tree.map(
+                lambda v: jnp.zeros((self.slots,) + tuple(v.shape[1:]), v.dtype), visual))
 
     def _take(self, slot: int, toks) -> Event:
         """Host bookkeeping for the tokens a slot made (-1: it was not live)."""

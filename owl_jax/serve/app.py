@@ -70,12 +70,13 @@ class ChatService:
             raise bad_request(f"At most {opts.max_images} image(s) may be provided in one "
                               f"prompt; this one has {len(chat.images)}.", "messages",
                               "too_many_images")
-        processor = self.owl.processor
-        pixels = [processor.image(media.load(url, param, opts.allowed_local_media_path))
+        images = [media.load(url, param, opts.allowed_local_media_path)
                   for url, param in chat.images]
-        prompt = self.owl.family.build_prompt(chat.turns, len(pixels))
-        ids = processor.encode(prompt)
-        req = SlotRequest(ids, np.stack(pixels) if pixels else None,
+        # the offline pipeline's processor: the family's image views (Owl3 cuts) and ids
+        batch = self.owl.prepare(self.owl.family.build_prompt(chat.turns, len(images)), images)
+        ids = np.asarray(batch["input_ids"][0])[np.asarray(batch["attention_mask"][0]) > 0]
+        pixels = batch.get("pixel_values")
+        req = SlotRequest(ids.tolist(), pixels if pixels is not None and len(pixels) else None,
                           max_new_tokens=chat.max_tokens or opts.max_tokens_default,
                           temperature=chat.temperature, top_p=chat.top_p,
                           seed=0 if chat.seed is None else chat.seed)
