@@ -237,14 +237,36 @@ def test_analytic_forward_flops_match_xla_count():
     # The training multipliers: fully trained = 3x forward; frozen LLM crossed by gradients
     # = 2x its matmuls; frozen module with nothing trainable upstream = 1x.
     full = flops_lib.train_flops_per_step(cfg, global_batch=1, seq_len=seq, images_per_row=1,
-                                          trainable_tops={"vision_model", "language_model",
-                                                          "abstractor"})
+                                          trainable={"vision_model", "language_model",
+                                                     "abstractor"})
     stage1 = flops_lib.train_flops_per_step(cfg, global_batch=1, seq_len=seq, images_per_row=1,
-                                            trainable_tops={"vision_model", "abstractor"})
+                                            trainable={"vision_model", "abstractor"})
     llm = f[2]
     assert full["llm"] == pytest.approx(3 * llm.weights + 3 * llm.attention)
     assert stage1["llm"] == pytest.approx(2 * llm.weights + 3 * llm.attention)
     lora = flops_lib.train_flops_per_step(cfg, global_batch=1, seq_len=seq, images_per_row=1,
-                                          trainable_tops=set(), lora_rank=4,
+                                          trainable=set(), lora_rank=4,
                                           lora_targets=("q_proj", "v_proj"))
     assert lora["vision"] == pytest.approx(f[0].weights + f[0].attention)
+
+
+def test_owl3_stage1_trains_per_image_params_inside_a_frozen_llm():
+    """mPLUG-Owl3's stage 1 trains the projector and the hyper layers' v_kv_proj / gate, which
+    live under language_model: the LLM is still frozen (crossed by gradients: 2x its
+    matmuls), the per-image K/V projection trained (3x)."""
+    from owl_jax import families
+    cfg = families.get("owl3").tiny()
+    seq = 64
+    paths = ["vision2text_model/linear_1/kernel",
+             "language_model/layers_0/self_attn/v_kv_proj/kernel",
+             "language_model/layers_2/self_attn/gate_proj/bias"]
+    stage1 = flops_lib.train_flops_per_step(cfg, global_batch=1, seq_len=seq, images_per_row=1,
+                                            trainable=paths)
+    llm = flops_lib.llm_flops(cfg.text, seq)
+    assert stage1["llm"] == pytest.approx(2 * llm.weights + 3 * llm.attention)
+    kv = dict((n, m) for n, _, m in families.get("owl3").image_flops(cfg))["hyper_kv"]
+    assert kv.weights > 0 and stage1["hyper_kv"] == pytest.approx(3 * kv.weights)
+    stage2 = flops_lib.train_flops_per_step(
+        cfg, global_batch=1, seq_len=seq, images_per_row=1,
+        trainable=paths + ["language_model/layers_1/mlp/up_proj/kernel"])
+    assert stage2["llm"] == pytest.approx(3 * llm.weights + 3 * llm.attention)

@@ -106,7 +106,7 @@ def dry_run(config, peak_tflops: float | None = None, step_time: float | None = 
     fl = flops_lib.train_flops_per_step(
         cfg, global_batch=int(config.batch.global_size), seq_len=int(config.batch.seq_len),
         images_per_row=int(config.batch.max_images_per_row),
-        trainable_tops=flops_lib.trainable_tops_of(tr.paths(layout.abstract.trainable)),
+        trainable=tr.paths(layout.abstract.trainable),
         lora_rank=int(config.lora.rank), lora_targets=tuple(config.lora.targets))
 
     gib = 2.0 ** 30

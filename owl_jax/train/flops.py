@@ -14,11 +14,14 @@ at half the S x S products (MaxText's convention since 2025). Embedding lookups,
 elementwise ops are not counted. This is MODEL FLOPs (MFU): rematerialisation is not counted.
 
 The image path is the family's: `Family.image_flops(cfg)` lists its per-image modules in order
-(name, their top-level param names, ModuleFlops), built from the tower functions here.
+(name, their params, ModuleFlops), built from the tower functions here. A module's params are
+top-level names, or path patterns (fnmatch) for per-image params that live inside another
+module (mPLUG-Owl3's `language_model/*/v_kv_proj/*`): training those does not train the LLM.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 
 from owl_jax import families
 
@@ -81,35 +84,42 @@ def _train_cost(m: ModuleFlops, weights_trained: bool, grad_flows: bool) -> floa
     return fwd + dx + dw
 
 
+def _owns(pattern: str, path: str) -> bool:
+    """A top-level name owns itself and everything under it; a pattern with a "/" matches."""
+    if "/" in pattern:
+        return fnmatch.fnmatchcase(path, pattern)
+    return path == pattern or path.startswith(pattern + "/")
+
+
 def train_flops_per_step(cfg, *, global_batch: int, seq_len: int,
-                         images_per_row: int, trainable_tops: set[str], lora_rank: int = 0,
+                         images_per_row: int, trainable, lora_rank: int = 0,
                          lora_targets: tuple[str, ...] = ()) -> dict[str, float]:
     """Model FLOPs of one optimizer step over the global batch, split by module: the family's
     image modules (e.g. 'vision', 'abstractor'), 'llm' and 'total'.
 
-    trainable_tops: top-level param names with fully trained weights; LoRA adapters
-    (lora_rank > 0) are trained in the LLM. Images: every row runs `images_per_row` images
-    (padding slots included, as the step computes them).
+    trainable: the trained params, as paths ("language_model/layers_0/mlp/...") or top-level
+    names (all of it); LoRA adapters (lora_a / lora_b leaves) count through lora_rank > 0.
+    Images: every row runs `images_per_row` images (padding slots included, as the step
+    computes them).
     """
+    trainable = [p for p in trainable if p.split("/")[-1] not in ("lora_a", "lora_b")]
     n_img = global_batch * images_per_row
     out, upstream = {}, False
+    inner = []   # path patterns of per-image params inside other modules
     # dX through a module is needed when anything trainable is upstream of or inside it
     # (the first module's own input needs no gradient, but its upper layers do when it trains).
-    for name, tops, m in families.of_config(cfg).image_flops(cfg):
-        trained = bool(set(tops) & trainable_tops)
+    for name, owned, m in families.of_config(cfg).image_flops(cfg):
+        inner += [o for o in owned if "/" in o]
+        trained = any(_owns(o, p) for o in owned for p in trainable)
         upstream = upstream or trained
         out[name] = _train_cost(m, trained, upstream) * n_img
-    llm_t = families.DECODER in trainable_tops
+    llm_t = any(_owns(families.DECODER, p) and not any(_owns(o, p) for o in inner)
+                for p in trainable)
     lora_t = lora_rank > 0
     llm_m = llm_flops(cfg.text, seq_len, lora_rank if lora_t else 0, lora_targets)
     out["llm"] = _train_cost(llm_m, llm_t, upstream or llm_t or lora_t) * global_batch
     out["total"] = sum(out.values())
     return out
-
-
-def trainable_tops_of(paths: list[str]) -> set[str]:
-    """Top-level module names whose non-LoRA weights are trained."""
-    return {p.split("/")[0] for p in paths if p.split("/")[-1] not in ("lora_a", "lora_b")}
 
 
 PEAK_TFLOPS_BF16 = {  # dense bf16 per device (no sparsity)

@@ -232,7 +232,7 @@ def train(config, workdir: str) -> dict:
     fl = flops_lib.train_flops_per_step(
         cfg, global_batch=int(config.batch.global_size), seq_len=int(config.batch.seq_len),
         images_per_row=int(config.batch.max_images_per_row),
-        trainable_tops=flops_lib.trainable_tops_of(tr.paths(layout.abstract.trainable)),
+        trainable=tr.paths(layout.abstract.trainable),
         lora_rank=int(config.lora.rank), lora_targets=tuple(config.lora.targets))
     peak = float(config.peak_tflops) or flops_lib.peak_tflops(jax.devices()[0].device_kind)
     tokens_per_step = int(config.batch.global_size) * int(config.batch.seq_len)

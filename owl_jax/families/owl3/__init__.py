@@ -26,7 +26,9 @@ def image_flops(cfg: config.Owl3Config):
             ("projector", ("vision2text_model",),
              flops.projector_flops(cfg.projector, v.hidden_size, cfg.text.hidden_size,
                                    cfg.tokens_per_image)),
-            ("hyper_kv", ("language_model",), hyper_kv)]
+            # the gate's params ride along: training them does not train the LLM either
+            ("hyper_kv", ("language_model/*/self_attn/v_kv_proj/*",
+                          "language_model/*/self_attn/gate_proj/*"), hyper_kv)]
 
 
 FAMILY = Family(name="owl3", config_type=config.Owl3Config, load_config=config.load,
