@@ -1,5 +1,6 @@
 """notebooks/inference.ipynb runs top to bottom (nbclient, the current python's kernel) on a tiny
-checkpoint built here: a tiny sentencepiece tokenizer and random Owl (or MiniGPT-4) weights."""
+checkpoint built here: a tiny sentencepiece tokenizer and random Owl (or MiniGPT-4) weights, or
+a BPE tokenizer.json and random mPLUG-Owl3 weights."""
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from PIL import Image
 
 from owl_jax.checkpoint import save_checkpoint
+from owl_jax.testing.bpe import write_tokenizer
 from owl_jax.testing.spm import train_tiny_tokenizer
 
 pytestmark = pytest.mark.slow  # runs the notebook in a kernel process
@@ -15,29 +17,35 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(__file__)), "notebooks",
                         "inference.ipynb")
 
 
-@pytest.fixture(scope="module", params=["owl1", "minigpt4"])
+@pytest.fixture(scope="module", params=["owl1", "minigpt4", "owl3"])
 def tiny_ckpt(tmp_path_factory, request):
     from owl_jax import families
     from owl_jax.testing.models import random_params, small_config
     import dataclasses
     root = tmp_path_factory.mktemp("nb")
-    train_tiny_tokenizer(str(root / "tok"), vocab_size=384)
+    if request.param == "owl3":   # Qwen2's tokenizer.json
+        write_tokenizer(str(root / "tok"))
+        tok = families.get("owl3").load_tokenizer(str(root / "tok"))
+        cfg = families.get("owl3").tiny(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                        bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+    else:
+        train_tiny_tokenizer(str(root / "tok"), vocab_size=384)
     if request.param == "owl1":
         cfg = small_config()
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=384))
-    else:
+    elif request.param == "minigpt4":
         cfg = families.get(request.param).tiny(vocab_size=384)
     save_checkpoint(str(root / "ckpt"), random_params(cfg, seed=1), cfg,
                     tokenizer_dir=str(root / "tok"))
     img = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
     Image.fromarray(img).save(root / "image.png")
-    return str(root / "ckpt"), str(root / "image.png")
+    return str(root / "ckpt"), str(root / "image.png"), cfg
 
 
 def test_inference_notebook_runs(tiny_ckpt, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
-    ckpt, image = tiny_ckpt
+    ckpt, image, cfg = tiny_ckpt
     monkeypatch.setenv("OWL_CKPT", ckpt)
     monkeypatch.setenv("OWL_IMAGE", image)
     monkeypatch.setenv("OWL_MAX_NEW_TOKENS", "6")
@@ -52,7 +60,9 @@ def test_inference_notebook_runs(tiny_ckpt, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the image was not shown"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "LLM 2 layers x 64" in text and "Human: What colors do you see?" in text
+    t = cfg.text
+    assert f"LLM {t.num_hidden_layers} layers x {t.hidden_size}" in text
+    assert "Human: What colors do you see?" in text
 
     # the answer printed by the notebook is what the API gives for the same question
     import owl_jax
