@@ -2,6 +2,7 @@
 chunks and labels, re-derived here by hand), interleaved / video records, the data pipeline's
 packed rows (images stay with their sample), and packed rows whose samples each get the logits
 they get alone."""
+import fnmatch
 import json
 import os
 
@@ -224,5 +225,10 @@ def test_image_flops_count_every_hyper_layers_kv_projection():
                   for i in cfg.hyper_layers)
     got = {name: (tops, m) for name, tops, m in fam.image_flops(cfg)}
     assert list(got) == ["vision", "projector", "hyper_kv"]
-    assert got["hyper_kv"][0] == ("language_model",)
+    # its params, by path pattern: exactly the hyper layers' v_kv_proj and gate
+    paths = ["/".join(str(k.key) for k in kp)
+             for kp, _ in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]]
+    owned = [p for p in paths if any(fnmatch.fnmatchcase(p, o) for o in got["hyper_kv"][0])]
+    assert owned and all(p.split("/")[3] in ("v_kv_proj", "gate_proj") for p in owned)
+    assert len(owned) == 4 * len(cfg.hyper_layers)   # kernel and bias of each
     assert got["hyper_kv"][1].weights == 2 * cfg.tokens_per_image * kernels
