@@ -96,15 +96,17 @@ def test_cancel_frees_the_slot_and_the_next_request_is_unaffected():
 
 
 @pytest.mark.slow
-def test_slots_with_tensor_sharded_params_match_generate(tmp_path):
+@pytest.mark.parametrize("name", ["llava", "owl3"])
+def test_slots_with_tensor_sharded_params_match_generate(tmp_path, name):
     """Params restored into a 2-way `tensor` sharding (2 host CPU devices, a subprocess): the
-    slot engine gives the single-device generate's tokens, requests joining mid-way."""
+    slot engine gives the single-device generate's tokens, requests joining mid-way (owl3:
+    its visual context computed and kept on the sharded model too)."""
     import os
     import subprocess
     import sys
     import textwrap
     from owl_jax.checkpoint import save_checkpoint
-    cfg = families.get("llava").tiny(vocab_size=VOCAB, num_key_value_heads=2)
+    cfg = families.get(name).tiny(vocab_size=VOCAB, num_key_value_heads=2)
     params = random_params(cfg, seed=4)
     save_checkpoint(str(tmp_path / "ckpt"), params, cfg)
     gen = Generator(cfg, params, compiler_options=FAST)
