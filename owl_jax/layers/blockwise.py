@@ -13,7 +13,8 @@ scores exist one [Q_BLOCK, K_BLOCK] tile at a time (flash attention's schedule i
 a running max and sum per query, the values accumulated in fp32), so a prefill over a long
 sequence or over many images' features needs memory linear in their length rather than the
 [Lq, Lk] score table per head (it is differentiable: training's long visual attention takes it
-too). Otherwise the dense path computes the whole table. The two agree
+too). Otherwise the dense path computes the whole table. On TPU / GPU a fused kernel (Pallas,
+cuDNN) would do the same schedule faster; this is the portable path, measured on CPU only. The two agree
 to rounding (the sums run in another order), except for a query that sees no key at all, which
 callers ignore (left padding; text before any image): the dense path gives it the mean of the
 values (every score is the same large negative number), the blockwise path zeros.
