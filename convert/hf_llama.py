@@ -13,11 +13,13 @@ from tqdm import tqdm
 from owl_jax.convert import keymap
 from owl_jax.convert.torch_io import CheckpointError, CheckpointReader, np_dtype
 from owl_jax.checkpoint import host_array
+from owl_jax.decoder.hf_config import text_from_dict
 from owl_jax.decoder.llama import TextConfig
 
 
 def read_text_config(directory: str) -> TextConfig:
-    """TextConfig from a HF LlamaConfig json. Variants owl_jax does not implement are refused."""
+    """TextConfig from a HF LlamaConfig json (`owl_jax.decoder.hf_config`). Variants owl_jax
+    does not implement are refused."""
     path = os.path.join(directory, "config.json")
     try:
         with open(path) as f:
@@ -27,38 +29,10 @@ def read_text_config(directory: str) -> TextConfig:
                               ) from None
     if c.get("model_type") not in (None, "llama"):
         raise CheckpointError(f"{path}: model_type {c.get('model_type')!r}, expected 'llama'")
-    need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads")
-    missing = [k for k in need if k not in c]
-    if missing:
-        raise CheckpointError(f"{path}: missing {missing}")
-    rope = c.get("rope_parameters") or {}
-    scaling = c.get("rope_scaling")
-    rope_type = rope.get("rope_type") or (scaling or {}).get("rope_type") or \
-        (scaling or {}).get("type") or "default"
-    unsupported = []
-    if rope_type != "default":
-        unsupported.append(f"rope type {rope_type!r}")
-    if c.get("hidden_act", "silu") != "silu":
-        unsupported.append(f"hidden_act {c['hidden_act']!r}")
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        unsupported.append("attention / MLP biases")
-    hd = c.get("head_dim")
-    if hd is not None and hd != c["hidden_size"] // c["num_attention_heads"]:
-        unsupported.append(f"head_dim {hd} != hidden_size / num_attention_heads")
-    if unsupported:
-        raise CheckpointError(f"{path}: unsupported LLaMA variant: {', '.join(unsupported)}")
-    kw = {k: c[k] for k in need}
-    for k in ("num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
-              "eos_token_id"):
-        if isinstance(c.get(k), (int, float)) and not isinstance(c.get(k), bool):
-            kw[k] = c[k]
-    theta = rope.get("rope_theta", c.get("rope_theta"))
-    if theta is not None:
-        kw["rope_theta"] = float(theta)
-    if isinstance(c.get("pad_token_id"), int) and c["pad_token_id"] >= 0:
-        kw["pad_token_id"] = c["pad_token_id"]
-    return TextConfig(**kw)
+    try:
+        return text_from_dict(c, path, tied_ok=True)   # read_llama_params unties the head
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_llama_params(directory: str, text: TextConfig, dtype: str | None = None,

@@ -448,7 +448,7 @@ def jax_to_torch(src: str, dst: str, layout: str | None = None, dtype: str | Non
                      desc="jax->torch", disable=not progress):
         writer.add(k[strip:], y)
     llama_files = writer.close()
-    from owl_jax.families.llava.config import text_to_dict
+    from owl_jax.decoder.hf_config import text_to_dict
     _write_json(os.path.join(llama_dst, "config.json"),
                 dict(text_to_dict(cfg.text), torch_dtype=written.name))
     ckpt.copy_tokenizer_files(src, llama_dst)

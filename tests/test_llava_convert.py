@@ -49,7 +49,8 @@ def _state(module, dtype=np.float32):
 
 def test_hf_default_tables_are_transformers_defaults():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-    for table, hf in ((lc.HF_LLAMA_DEFAULTS, LlamaConfig()),
+    from owl_jax.decoder.hf_config import LLAMA_DEFAULTS
+    for table, hf in ((LLAMA_DEFAULTS, LlamaConfig()),
                       (lc.HF_CLIP_VISION_DEFAULTS, CLIPVisionConfig()),
                       (lc.HF_LLAVA_DEFAULTS, LlavaConfig())):
         for k, v in table.items():

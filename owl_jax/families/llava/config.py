@@ -22,6 +22,7 @@ import os
 
 from owl_jax.connectors.projector import KINDS as PROJECTORS
 from owl_jax.families import read_json
+from owl_jax.decoder.hf_config import int_field, text_from_dict, text_to_dict
 from owl_jax.decoder.llama import TextConfig
 from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD, VisionConfig
 
@@ -29,10 +30,6 @@ STRATEGIES = ("default", "full")     # default: drop the CLS token; full: keep i
 ASPECT_RATIOS = ("square", "pad")    # pad: expand to a square with the mean colour first
 
 # transformers' class defaults, applied where a config.json leaves a field out.
-HF_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=32, num_attention_heads=32,
-                         max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
-                         bos_token_id=1, eos_token_id=2, hidden_act="silu")
 HF_CLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                num_attention_heads=12, image_size=224, patch_size=32,
                                num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
@@ -119,60 +116,6 @@ def tiny(vocab_size: int = 256, **text_kw) -> LlavaConfig:
 # Blocks shared by both layouts
 
 
-def _int(d: dict, key: str, where: str) -> int:
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{where}: {key} must be an integer, got {v!r}")
-    return v
-
-
-def text_from_dict(d: dict, where: str, pad_fallback=None) -> TextConfig:
-    """A HF LlamaConfig dict -> TextConfig; LLaMA variants owl-jax does not run are errors."""
-    c = {**HF_LLAMA_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    problems = []
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        problems.append(f"rope type {rope_type!r}")
-    if c["hidden_act"] != "silu":
-        problems.append(f"hidden_act {c['hidden_act']!r}")
-    if d.get("attention_bias") or d.get("mlp_bias"):
-        problems.append("attention / MLP biases")
-    if d.get("tie_word_embeddings"):
-        problems.append("tie_word_embeddings (LLaVA's LLaMA has an untied lm_head)")
-    hd = d.get("head_dim")
-    if hd is not None and hd != c["hidden_size"] // c["num_attention_heads"]:
-        problems.append(f"head_dim {hd} != hidden_size / num_attention_heads")
-    if problems:
-        raise ValueError(f"{where}: unsupported LLaMA variant: {', '.join(problems)}")
-    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "max_position_embeddings", "bos_token_id")
-    kw = {k: _int(c, k, where) for k in sizes}
-    eos = c["eos_token_id"]
-    kw["eos_token_id"] = eos[0] if isinstance(eos, list) else eos
-    if d.get("num_key_value_heads") is not None:
-        kw["num_key_value_heads"] = _int(d, "num_key_value_heads", where)
-    kw["rms_norm_eps"] = float(c["rms_norm_eps"])
-    kw["rope_theta"] = float(rope.get("rope_theta", c["rope_theta"]))
-    for pad in (d.get("pad_token_id"), pad_fallback):
-        if isinstance(pad, int) and pad >= 0:  # early LLaMA configs say -1: pad with unk (0)
-            kw["pad_token_id"] = pad
-            break
-    return TextConfig(**kw)
-
-
-def text_to_dict(t: TextConfig) -> dict:
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"],
-                vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
-                num_attention_heads=t.num_attention_heads, num_key_value_heads=t.kv_heads,
-                head_dim=t.head_dim, max_position_embeddings=t.max_position_embeddings,
-                rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta, hidden_act="silu",
-                bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
-                pad_token_id=t.pad_token_id, tie_word_embeddings=False,
-                attention_bias=False, mlp_bias=False)
-
-
 def vision_from_dict(d: dict, where: str) -> VisionConfig:
     """A HF CLIPVisionConfig dict (or a CLIPConfig holding one) -> VisionConfig, CLIP's eps."""
     if isinstance(d.get("vision_config"), dict):
@@ -186,7 +129,7 @@ def vision_from_dict(d: dict, where: str) -> VisionConfig:
                          f"(the ViT runs QuickGELU)")
     sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "image_size", "patch_size", "num_channels")
-    return VisionConfig(**{k: _int(c, k, where) for k in sizes},
+    return VisionConfig(**{k: int_field(c, k, where) for k in sizes},
                         layer_norm_eps=float(c["layer_norm_eps"]))
 
 
@@ -306,12 +249,12 @@ def from_original_dict(d: dict, clip: dict, clip_preprocessor: dict | None = Non
     if d.get("mm_use_im_start_end"):
         raise ValueError("config.json mm_use_im_start_end=true is not supported")
     vision = vision_from_dict(clip, "CLIP tower config.json")
-    if _int(d, "mm_hidden_size", "config.json") != vision.hidden_size:
+    if int_field(d, "mm_hidden_size", "config.json") != vision.hidden_size:
         raise ValueError(f"config.json mm_hidden_size {d['mm_hidden_size']} != the CLIP "
                          f"tower's hidden_size {vision.hidden_size}")
     return LlavaConfig(
         vision=vision, text=text_from_dict(d, "config.json"), projector=projector,
-        vision_feature_layer=_int(d, "mm_vision_select_layer", "config.json"),
+        vision_feature_layer=int_field(d, "mm_vision_select_layer", "config.json"),
         vision_feature_select_strategy="default" if feature == "patch" else "full",
         image_token_index=d.get(_IMAGE_TOKEN_KEY), image_aspect_ratio=aspect,
         **_image_stats(clip_preprocessor))

@@ -25,7 +25,7 @@ from owl_jax.connectors.qformer import QFormerConfig
 from owl_jax.decoder.llama import TextConfig
 from owl_jax.encoders.vit import CLIP_MEAN, CLIP_STD, VisionConfig
 from owl_jax.families import read_json
-from owl_jax.families.llava.config import text_from_dict, text_to_dict
+from owl_jax.decoder.hf_config import int_field, text_from_dict, text_to_dict
 
 LN_VISION_EPS = 1e-5     # LAVIS `ln_vision`: torch's LayerNorm default
 EVA_HEAD_DIM = 88        # EVA ViT-g: 1408 / 16 heads
@@ -110,13 +110,6 @@ def tiny(vocab_size: int = 256, **text_kw) -> MiniGPT4Config:
 # transformers' Blip2Config form
 
 
-def _int(d: dict, key: str, where: str) -> int:
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{where}: {key} must be an integer, got {v!r}")
-    return v
-
-
 def vision_from_dict(d: dict, where: str) -> VisionConfig:
     c = {**HF_VISION_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
     if c["hidden_act"] != "gelu":
@@ -127,7 +120,7 @@ def vision_from_dict(d: dict, where: str) -> VisionConfig:
                          f"query / value biases)")
     sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "image_size", "patch_size")
-    return eva_vision(**{k: _int(c, k, where) for k in sizes},
+    return eva_vision(**{k: int_field(c, k, where) for k in sizes},
                       layer_norm_eps=float(c["layer_norm_eps"]))
 
 
@@ -142,7 +135,7 @@ def qformer_from_dict(d: dict, encoder_hidden_size: int, num_query_tokens: int,
                          f"feeds the Q-Former its queries only)")
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "cross_attention_frequency")
-    return QFormerConfig(**{k: _int(c, k, where) for k in sizes},
+    return QFormerConfig(**{k: int_field(c, k, where) for k in sizes},
                          layer_norm_eps=float(c["layer_norm_eps"]),
                          hidden_dropout_prob=float(c["hidden_dropout_prob"]),
                          encoder_hidden_size=encoder_hidden_size,
@@ -162,7 +155,7 @@ def from_hf_dict(d: dict) -> MiniGPT4Config:
                          f"{d['text_config'].get('model_type')!r} is not supported (MiniGPT-4 "
                          f"runs a LLaMA / Vicuna)")
     vision = vision_from_dict(d["vision_config"], "config.json vision_config")
-    queries = _int({**{"num_query_tokens": 32}, **d}, "num_query_tokens", "config.json")
+    queries = int_field({**{"num_query_tokens": 32}, **d}, "num_query_tokens", "config.json")
     stats = {k: tuple(float(x) for x in d[key]) for k, key in
              (("image_mean", _MEAN_KEY), ("image_std", _STD_KEY)) if d.get(key) is not None}
     return MiniGPT4Config(

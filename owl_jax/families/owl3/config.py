@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 
+from owl_jax.decoder.hf_config import int_field
 from owl_jax.decoder.llama import TextConfig
 from owl_jax.encoders.siglip import SIGLIP_MEAN, SIGLIP_STD, SiglipConfig
 from owl_jax.families import read_json
@@ -114,13 +115,6 @@ def tiny(vocab_size: int = 256, version: str = "240728", **text_kw) -> Owl3Confi
         hyper_layers=(1, 3), version=version)
 
 
-def _int(d: dict, key: str, where: str) -> int:
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{where}: {key} must be an integer, got {v!r}")
-    return v
-
-
 def from_dict(d: dict, where: str = "config.json", version: str | None = None) -> Owl3Config:
     """An official mPLUGOwl3Config dict -> Owl3Config. `version`: the code version when the
     dict does not record it (default 240728)."""
@@ -141,12 +135,13 @@ def from_dict(d: dict, where: str = "config.json", version: str | None = None) -
     # the official `generate` stops at <|im_end|> (eos) and at <|endoftext|> (Qwen2's bos id)
     stops = tuple(dict.fromkeys(i for i in [*more, bos] if i != eos))
     text = TextConfig(
-        vocab_size=_int(c, "vocab_size", where), hidden_size=_int(c, "hidden_size", where),
-        intermediate_size=_int(c, "intermediate_size", where),
-        num_hidden_layers=_int(c, "num_hidden_layers", where),
-        num_attention_heads=_int(c, "num_attention_heads", where),
+        vocab_size=int_field(c, "vocab_size", where),
+        hidden_size=int_field(c, "hidden_size", where),
+        intermediate_size=int_field(c, "intermediate_size", where),
+        num_hidden_layers=int_field(c, "num_hidden_layers", where),
+        num_attention_heads=int_field(c, "num_attention_heads", where),
         num_key_value_heads=c["num_key_value_heads"] or c["num_attention_heads"],
-        max_position_embeddings=_int(c, "max_position_embeddings", where),
+        max_position_embeddings=int_field(c, "max_position_embeddings", where),
         rms_norm_eps=float(c["rms_norm_eps"]), rope_theta=float(c["rope_theta"]),
         bos_token_id=bos, eos_token_id=eos, stop_token_ids=stops,
         pad_token_id=c.get("pad_token_id", bos) if c.get("pad_token_id") is not None else bos,
@@ -155,7 +150,7 @@ def from_dict(d: dict, where: str = "config.json", version: str | None = None) -
     vw = f"{where}: vision_config"
     if v["hidden_act"] != "gelu_pytorch_tanh":
         raise ValueError(f"{vw}.hidden_act {v['hidden_act']!r} is not supported")
-    vision = SiglipConfig(**{k: _int(v, k, vw) for k in (
+    vision = SiglipConfig(**{k: int_field(v, k, vw) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "image_size", "patch_size", "num_channels")}, layer_norm_eps=float(v["layer_norm_eps"]))
     version = str(d.get(_VERSION_KEY) or version or "240728")
