@@ -154,18 +154,6 @@ def _copy_files(src: str, dst: str, names) -> None:
 # params -> torch
 
 
-def _merge_lora(params: dict, lora_meta: dict | None) -> None:
-    """Unmerged LoRA adapters -> merged kernels, in place."""
-    if not lora_meta:
-        return
-    scale = float(lora_meta["alpha"]) / int(lora_meta["rank"])
-    for path in [p for p in flatten(params) if p[-1] == "lora_a"]:
-        module = path[:-1]
-        a, b = pop_path(params, path), pop_path(params, module + ("lora_b",))
-        kernel = get_path(params, module + ("kernel",))
-        set_path(params, module + ("kernel",), lora_lib.merge_kernel(kernel, a, b, scale))
-
-
 def write_tensors(params: dict, entries: list[keymap.Entry], directory: str, heads: int,
                   fmt: str, shard_size, dtype=None, progress: bool = True) -> list[str]:
     """Pops each entry's param as it is written (fused q / k / v after the last of them)."""
@@ -212,7 +200,7 @@ def jax_to_torch(src: str, dst: str, layout: str | None = None, dtype: str | Non
     layout = layout or default_layout(cfg, meta)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown LLaVA layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    _merge_lora(params, meta.get("lora"))
+    lora_lib.merge_params(params, meta.get("lora"))
     if layout == "hf":
         if cfg.image_token_index is None:
             raise CheckpointError(f"{src}: the llava-hf layout needs an image token row in the "

@@ -111,3 +111,17 @@ def merge_kernel(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray,
     Same arithmetic as `merge_torch_layout` on the transposes (so both paths agree)."""
     merged = merge_torch_layout(kernel.T, lora_a.T, lora_b.T, scale)
     return np.ascontiguousarray(merged.T)
+
+
+def merge_params(params: dict, lora_meta: dict | None) -> None:
+    """Every unmerged adapter pair (`lora_a` / `lora_b` leaves, a checkpoint's `lora` meta:
+    rank and alpha) merged into its module's kernel, in place (jax-to-torch of a LoRA run)."""
+    if not lora_meta:
+        return
+    from owl_jax.convert.keymap import flatten, get_path, pop_path, set_path
+    scale = float(lora_meta["alpha"]) / int(lora_meta["rank"])
+    for path in [p for p in flatten(params) if p[-1] == "lora_a"]:
+        module = path[:-1]
+        a, b = pop_path(params, path), pop_path(params, module + ("lora_b",))
+        kernel = get_path(params, module + ("kernel",))
+        set_path(params, module + ("kernel",), merge_kernel(kernel, a, b, scale))

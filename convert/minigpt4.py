@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from owl_jax import checkpoint as ckpt
 from owl_jax.connectors.qformer import QFormerConfig
-from owl_jax.convert import hf_llama
+from owl_jax.convert import hf_llama, lora as lora_lib
 from owl_jax.convert.keymap import (cast_aligned, check_keys, flatten, get_path, pop_path,
                                     set_path)
 from owl_jax.convert.torch_io import (CheckpointError, CheckpointReader, ShardedWriter,
@@ -374,19 +374,6 @@ def _write_json(path: str, d: dict) -> None:
         json.dump(d, f, indent=2)
 
 
-def merge_lora(params: dict, lora_meta: dict | None) -> None:
-    """Unmerged LoRA adapters -> merged kernels, in place."""
-    if not lora_meta:
-        return
-    from owl_jax.convert import lora as lora_lib
-    scale = float(lora_meta["alpha"]) / int(lora_meta["rank"])
-    for path in [p for p in flatten(params) if p[-1] == "lora_a"]:
-        module = path[:-1]
-        a, b = pop_path(params, path), pop_path(params, module + ("lora_b",))
-        kernel = get_path(params, module + ("kernel",))
-        set_path(params, module + ("kernel",), lora_lib.merge_kernel(kernel, a, b, scale))
-
-
 def default_layout(meta: dict) -> str:
     return meta.get("source_layout") if meta.get("source_layout") in LAYOUTS else "hf"
 
@@ -400,7 +387,7 @@ def jax_to_torch(src: str, dst: str, layout: str | None = None, dtype: str | Non
     cfg, params, meta = ckpt.load_checkpoint(src)
     if not isinstance(cfg, MiniGPT4Config):
         raise CheckpointError(f"{src}: not a MiniGPT-4 checkpoint ({type(cfg).__name__})")
-    merge_lora(params, meta.get("lora"))
+    lora_lib.merge_params(params, meta.get("lora"))
     layout = layout or default_layout(meta)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown MiniGPT-4 layout {layout!r}; known: {', '.join(LAYOUTS)}")

@@ -201,18 +201,7 @@ def jax_to_torch(src: str, dst: str, dtype: str | None = None, fmt: str = "bin",
     Unmerged LoRA adapters are merged. Returns the weight file names."""
     return_freed_memory_promptly()
     cfg, params, meta = ckpt.load_checkpoint(src)
-    lora_meta = meta.get("lora")
-    if lora_meta:
-        scale = float(lora_meta["alpha"]) / int(lora_meta["rank"])
-        for path, a in list(keymap.flatten(params).items()):
-            if path[-1] != "lora_a":
-                continue
-            module = path[:-1]
-            b = keymap.pop_path(params, module + ("lora_b",))
-            keymap.pop_path(params, path)
-            kernel = keymap.get_path(params, module + ("kernel",))
-            keymap.set_path(params, module + ("kernel",),
-                            lora_lib.merge_kernel(kernel, a, b, scale))
+    lora_lib.merge_params(params, meta.get("lora"))
     entries = owl_keymap.official_entries(cfg)
     leftover = sorted(set("/".join(p) for p in keymap.flatten(params))
                       - {e.path_str for e in entries})
