@@ -14,6 +14,15 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: runs tools in subprocesses (seconds to minutes)")
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny LLaMA-style sentencepiece tokenizer.model (384 ids), one per test module."""
+    from owl_jax.testing.spm import train_tiny_tokenizer
+    d = tmp_path_factory.mktemp("tok")
+    train_tiny_tokenizer(str(d), vocab_size=384)
+    return str(d)
+
+
 @pytest.fixture
 def broken_compiler(monkeypatch, tmp_path):
     """An x86-64 CPU with AVX2 and AVX-512 whose C++ compiler always fails, and an empty

@@ -23,7 +23,6 @@ from owl_jax.checkpoint import save_checkpoint
 from owl_jax.generate import GenerationConfig, Generator
 from owl_jax.layers.masks import segment_mask
 from owl_jax.testing.models import FAST, VOCAB, random_params
-from owl_jax.testing.spm import train_tiny_tokenizer
 
 FAMILIES = ["owl1", "llava", "minigpt4", "owl3"]
 SERVED = FAMILIES  # families whose engine and checkpoint paths are checked here
@@ -138,13 +137,6 @@ def test_engine_carries_the_visual_context_to_every_decode_step():
     # not vacuous: other images (the same ids) give another answer
     other = rng.standard_normal((2, s, s, 3)).astype(np.float32)
     assert gen.generate([rows[2]], other, gc)[0].token_ids != together[2].token_ids
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tiny_tokenizer(str(d), vocab_size=384)
-    return str(d)
 
 
 @pytest.fixture(scope="module")

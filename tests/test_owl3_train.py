@@ -18,15 +18,12 @@ from owl_jax.data.conversation import InstructionReader, sample_frames
 from owl_jax.families.owl3 import samples
 from owl_jax.families.owl3.model import Owl3, media_id
 from owl_jax.testing.models import FAST, random_params
-from owl_jax.testing.spm import train_tiny_tokenizer
 from owl_jax.tokenizer import OwlTokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tiny_tokenizer(str(d), vocab_size=384)
-    return OwlTokenizer.from_dir(str(d))
+def tok(tokenizer_dir):
+    return OwlTokenizer.from_dir(tokenizer_dir)
 
 
 def expected(tok, chunks):

@@ -27,7 +27,6 @@ from owl_jax.serve.background import BackgroundServer
 from owl_jax.serve.scheduler import Scheduler
 from owl_jax.testing.bpe import write_tokenizer
 from owl_jax.testing.models import FAST, random_params
-from owl_jax.testing.spm import train_tiny_tokenizer
 
 pytestmark = pytest.mark.xdist_group("serve")  # one worker builds the servers once
 
@@ -60,13 +59,6 @@ class Served:
         prompt = self.owl.family.build_prompt(question, len(images))
         return self.owl.generate(prompt, [image_of(u) for u in images],
                                  max_new_tokens=max_tokens, self_draft_tokens=0).text
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tiny_tokenizer(str(d), vocab_size=384)
-    return str(d)
 
 
 @pytest.fixture(scope="module")
